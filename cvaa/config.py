@@ -1,0 +1,376 @@
+"""One source of defaults: frozen dataclasses for every part of cvaa.
+
+YAML files and ``--set a.b=v`` overrides only change existing fields; an unknown key is an
+error that names it. The resolved config serialises to a plain dict (for MLflow and for
+every checkpoint) and back unchanged::
+
+    cfg = load_config(preset="cpu", overrides=["drr.sad_mm=900", "optim.lr_g=1e-4"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+The defaults are the paper's setting (arXiv 2408.09736, section III): 2 mm isotropic CT
+centre-cropped to 128^3, clipped to [-1000, 4096] HU, min-max normalised; 128^2 X-rays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (names the key)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where cases come from and how they are split.
+
+    Args:
+        n_phantoms: number of synthetic lumbar phantoms the embedded default generates.
+        phantom_implant_fraction: fraction of phantoms that carry pedicle screws and rods.
+        test_fraction: fraction of *patients* held out for the test split.
+        seed: seeds the split and the phantom generator.
+    """
+
+    n_phantoms: int = 64
+    phantom_implant_fraction: float = 0.3
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """CT preprocessing (paper section III.A).
+
+    Args:
+        spacing_mm: isotropic voxel spacing after resampling.
+        size: edge of the cube crop, in voxels (field of view = size * spacing_mm).
+        crop_center: ``volume`` centres the crop on the volume centre; ``body`` on the
+            centroid of the body found by thresholding (table and air ignored).
+        body_threshold_hu: voxels above this are candidate body tissue for ``body``.
+        clip_hu: HU window kept; also the min-max normalisation range.
+        pad_hu: value used where the crop reaches outside the scanned volume (air).
+    """
+
+    spacing_mm: float = 2.0
+    size: int = 128
+    crop_center: Literal["volume", "body"] = "volume"
+    body_threshold_hu: float = -500.0
+    clip_hu: tuple[float, float] = (-1000.0, 4096.0)
+    pad_hu: float = -1000.0
+
+
+@dataclass(frozen=True)
+class DRRConfig:
+    """Biplanar DRR geometry and physics (see ``cvaa.data.drr``).
+
+    Args:
+        mu_water_per_mm: linear attenuation of water; mu = mu_water * (1 + HU / 1000).
+        sad_mm: source-to-isocentre distance.
+        sid_mm: source-to-detector distance.
+        detector_pixels: detector edge in pixels (square detector).
+        pixel_pitch_mm: detector pixel pitch; ``0`` derives it so the detector covers the
+            crop's field of view at the isocentre (fov * sid / sad / pixels).
+        step_mm: sampling step along each ray.
+        log_scale: fixed divisor of the line integral, mapping it to [0, 1] (never the
+            per-image maximum, which would destroy dose information).
+        source: ``full`` renders from the whole resampled CT, ``cube`` from the crop only.
+        photons: I0 for Beer-Lambert with Poisson noise; ``0`` renders noise-free.
+        blur_sigma_px: detector blur (Gaussian sigma in pixels) applied with noise.
+        seed: seeds the noise.
+    """
+
+    mu_water_per_mm: float = 0.02
+    sad_mm: float = 1000.0
+    sid_mm: float = 1500.0
+    detector_pixels: int = 128
+    pixel_pitch_mm: float = 0.0
+    step_mm: float = 1.0
+    log_scale: float = 12.0
+    source: Literal["full", "cube"] = "full"
+    photons: float = 0.0
+    blur_sigma_px: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Generator and discriminator sizes (see ``cvaa.models``).
+
+    Args:
+        generator: registry name: ``cvaa``, ``x2ct``, ``3dcnn`` or ``psr``.
+        stem_channels: channels of the encoder stem (X2CT-GAN: 64).
+        growth: DenseNet growth rate (X2CT-GAN: 32).
+        dense_layers: DenseNet layers per encoder stage, one entry per scale.
+        encoder_channels: channels after each encoder stage's transition.
+        decoder_channels: decoder channels at each scale, deepest first.
+        disc_channels: PatchGAN widths (k4 convs), the last conv maps to 1.
+    """
+
+    generator: str = "cvaa"
+    stem_channels: int = 64
+    growth: int = 32
+    dense_layers: tuple[int, ...] = (6, 12, 24, 16, 6)
+    encoder_channels: tuple[int, ...] = (128, 256, 512, 512, 512)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    disc_channels: tuple[int, ...] = (64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (X2CT-GAN's: LSGAN 0.1, MSE 10, projection L1 10)."""
+
+    adv: float = 0.1
+    rec: float = 10.0
+    proj: float = 10.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam for G and D (paper section III.B: 2e-4, beta 0.5 / 0.99)."""
+
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.99
+    constant_epochs: int = 100
+    decay_epochs: int = 100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop settings."""
+
+    epochs: int = 200
+    batch_size: int = 4
+    seed: int = 0
+    figure_every: int = 10
+    num_workers: int = 1
+    use_gpu: bool = False
+    accelerator_type: str = ""
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    drr: DRRConfig = field(default_factory=DRRConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (tuples become lists), ready for YAML/JSON/MLflow."""
+        return _to_builtin(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "dict") -> "Config":
+        """Build a config from a (possibly partial) nested dict; unknown keys are errors."""
+        return _merge(cls(), data, prefix="", source=source)
+
+    def override(self, overrides: Sequence[str] | Mapping[str, Any], *,
+                 source: str = "--set") -> "Config":
+        """Apply dotted overrides, ``["a.b=v", ...]`` or ``{"a.b": v}``."""
+        items = overrides.items() if isinstance(overrides, Mapping) else map(_split, overrides)
+        cfg = self
+        for key, value in items:
+            cfg = _merge(cfg, _nest(key, value), prefix="", source=source)
+        return cfg
+
+    def flat(self) -> dict[str, Any]:
+        """``{"drr.sad_mm": 1000.0, ...}``: every leaf under its dotted key."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (all when none), e.g. for caching."""
+        data = self.to_dict()
+        chosen = {s: data[s] for s in (sections or tuple(data))}
+        blob = json.dumps(chosen, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Presets are overrides of the defaults, so the dataclasses stay the one source of values.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper: 2 mm, 128^3 crop (256 mm field of view), 128^2 X-rays, X2CT-GAN widths.
+    "paper": {},
+    # CPU demo and tests: the same 256 mm field of view at 8 mm, 32^3, narrow networks.
+    "cpu": {
+        "data": {"n_phantoms": 32},
+        "preprocess": {"spacing_mm": 8.0, "size": 32},
+        "drr": {"detector_pixels": 32, "step_mm": 4.0},
+        "model": {
+            "stem_channels": 8,
+            "growth": 4,
+            "dense_layers": (1, 1, 1),
+            "encoder_channels": (16, 24, 32),
+            "decoder_channels": (32, 16, 8),
+            "disc_channels": (8, 16, 32),
+        },
+        "optim": {"constant_epochs": 3, "decay_epochs": 3},
+        "train": {"epochs": 6, "batch_size": 4, "figure_every": 2},
+    },
+}
+
+
+def load_config(preset: str = "paper", config_file: str | Path | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Resolve defaults <- preset <- YAML file <- dotted overrides.
+
+    Example:
+        >>> load_config("cpu", overrides=["preprocess.size=16"]).preprocess.size
+        16
+    """
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; valid presets: {sorted(PRESETS)}")
+    cfg = Config.from_dict(PRESETS[preset], source=f"preset {preset!r}")
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        cfg = _merge(cfg, data, prefix="", source=str(path))
+    return cfg.override(overrides)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI/YAML scalar; unlike plain YAML, ``1e-4`` is a float."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _split(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    return key.strip(), parse_value(value)
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(obj: Any, data: Mapping[str, Any], *, prefix: str, source: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown config key {dotted!r}; "
+                              f"valid keys here: {sorted(known)}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            changes[key] = _merge(current, value, prefix=f"{dotted}.", source=source)
+        else:
+            changes[key] = _coerce(value, hints[key], dotted, source)
+    return replace(obj, **changes)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the field's type hint, converting where lossless."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}={value!r} is not a valid {_hint_name(hint)}")
+
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}={value!r} must be one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None) and value is None:
+                return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key, source)
+                except ConfigError:
+                    continue
+        fail()
+    if origin is tuple:
+        if isinstance(value, str):
+            value = parse_value(value) if value.strip().startswith("[") else [
+                parse_value(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            fail()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, source) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} needs {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if hint is int:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        fail()
+    if hint is float:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, str):
+            value = parse_value(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail()
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail()
+    return value
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _to_builtin(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_builtin(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_builtin(v) for v in obj]
+    return obj
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "PreprocessConfig", "DRRConfig", "ModelConfig",
+    "LossConfig", "OptimConfig", "TrainConfig", "PRESETS", "load_config", "parse_value",
+]

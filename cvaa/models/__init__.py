@@ -1,0 +1,1 @@
+"""Generators (CVAA-GAN and baselines) and the conditional 3D PatchGAN discriminator."""
