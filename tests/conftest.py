@@ -1,0 +1,62 @@
+"""Shared fixtures: the real CTs in ../shared/data (read-only) and a real S3 server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CVAA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real CT test data (read-only: never write next to it)."""
+    if not (SHARED_DATA / "ct").is_dir():
+        pytest.fail(f"real CT test data not found at {SHARED_DATA}; set CVAA_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_ct_paths(shared_data) -> dict[str, Path]:
+    return {
+        "abdomen": shared_data / "ct" / "abdomen_lumbar_3mm.nii.gz",
+        "aorta": shared_data / "ct" / "thorax_aorta_1p5mm.nii.gz",
+        "pulmonary": shared_data / "ct" / "thorax_pulmonary_1p5mm.nii.gz",
+        "dicom": shared_data / "dicom_series",
+        "mr": shared_data / "mr" / "abdomen_mr.nii.gz",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on loopback for the whole session, stopped by PID at the end.
+
+    Sets the AWS_* variables (endpoint, keys) so boto3's standard chain finds it.
+    """
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test."""
+    import re
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "bucket"
+    client = s3_server.client()
+    client.create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,90 @@
+from dataclasses import FrozenInstanceError
+
+import pytest
+
+from cvaa.config import Config, ConfigError, PRESETS, load_config, parse_value
+
+
+def test_defaults_are_the_paper_setting():
+    cfg = load_config("paper")
+    assert cfg.preprocess.spacing_mm == 2.0 and cfg.preprocess.size == 128
+    assert cfg.preprocess.clip_hu == (-1000.0, 4096.0)
+    assert cfg.drr.detector_pixels == 128
+    assert (cfg.optim.lr_g, cfg.optim.beta1, cfg.optim.beta2) == (2e-4, 0.5, 0.99)
+
+
+def test_cpu_preset_is_small_with_the_same_field_of_view():
+    cpu, paper = load_config("cpu"), load_config("paper")
+    assert cpu.preprocess.size <= 64
+    assert cpu.preprocess.size * cpu.preprocess.spacing_mm == pytest.approx(
+        paper.preprocess.size * paper.preprocess.spacing_mm)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_round_trip_through_dict(preset):
+    cfg = load_config(preset, overrides=["drr.sad_mm=900", "model.dense_layers=[2,2,2]"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["model"]["dense_layers"] == [2, 2, 2]
+
+
+def test_frozen():
+    cfg = Config()
+    with pytest.raises(FrozenInstanceError):
+        cfg.drr.sad_mm = 5.0  # type: ignore[misc]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["optim.lr_g=1e-4", "preprocess.size=64",
+                                 "preprocess.crop_center=body", "train.use_gpu=true",
+                                 "preprocess.clip_hu=-1024,3071"])
+    assert cfg.optim.lr_g == 1e-4 and isinstance(cfg.optim.lr_g, float)
+    assert cfg.preprocess.size == 64 and cfg.preprocess.crop_center == "body"
+    assert cfg.train.use_gpu is True
+    assert cfg.preprocess.clip_hu == (-1024.0, 3071.0)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("drr.sad_mn=900", "'drr.sad_mn'"),
+    ("nosuch.key=1", "'nosuch'"),
+    ("preprocess.size=big", "preprocess.size"),
+    ("preprocess.crop_center=middle", "preprocess.crop_center"),
+    ("preprocess.clip_hu=1,2,3", "preprocess.clip_hu"),
+    ("train.use_gpu=3", "train.use_gpu"),
+    ("justtext", "section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_config(overrides=[override])
+
+
+def test_yaml_file_and_unknown_key(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("drr:\n  sid_mm: 1400\noptim:\n  lr_d: 1e-4\n")
+    cfg = load_config("cpu", config_file=good, overrides=["drr.sid_mm=1300"])
+    assert cfg.drr.sid_mm == 1300.0  # --set wins over the file
+    assert cfg.optim.lr_d == 1e-4    # "1e-4" is a string to plain YAML; we read a float
+    assert cfg.preprocess.size == PRESETS["cpu"]["preprocess"]["size"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drr:\n  sidmm: 1400\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'drr\.sidmm'"):
+        load_config(config_file=bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(KeyError, match="paper"):
+        load_config("huge")
+
+
+def test_parse_value():
+    assert parse_value("1e-4") == 1e-4
+    assert parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("cvaa") == "cvaa"
+
+
+def test_hash_changes_with_the_section_it_covers():
+    a = load_config("cpu")
+    b = a.override(["drr.sad_mm=900"])
+    c = a.override(["optim.lr_g=1e-3"])
+    assert a.hash("preprocess", "drr") != b.hash("preprocess", "drr")
+    assert a.hash("preprocess", "drr") == c.hash("preprocess", "drr")
