@@ -104,14 +104,25 @@ class DRRConfig:
 class ModelConfig:
     """Generator and discriminator sizes (see ``cvaa.models``).
 
+    The encoder has one stage per entry of ``dense_layers``; with ``n`` stages an ``S^2``
+    X-ray gives feature maps at ``S, S/2, ..., S/2^n`` (stem + one per stage), and the
+    decoder has one level per scale, deepest first, so ``decoder_channels`` has ``n + 1``
+    entries. The paper preset follows X2CT-GAN: 128^2 -> 4^2 in five stages, decoder
+    256@4^3 ... 16@128^3.
+
     Args:
         generator: registry name: ``cvaa``, ``x2ct``, ``3dcnn`` or ``psr``.
         stem_channels: channels of the encoder stem (X2CT-GAN: 64).
         growth: DenseNet growth rate (X2CT-GAN: 32).
-        dense_layers: DenseNet layers per encoder stage, one entry per scale.
+        dense_layers: DenseNet layers per encoder stage, one entry per stage.
         encoder_channels: channels after each encoder stage's transition.
-        decoder_channels: decoder channels at each scale, deepest first.
+        decoder_channels: decoder channels at each scale, deepest first (stages + 1).
+        unet_channels: 3D U-Net widths of the ``3dcnn`` baseline, full resolution first.
+        psr_channels: 2D U-Net widths of the ``psr`` baseline, full resolution first.
         disc_channels: PatchGAN widths (k4 convs), the last conv maps to 1.
+        disc_expand_channels: channels of each X-ray's 2D->3D expansion inside D.
+        checkpoint: recompute decoder activations in the backward pass (activation
+            checkpointing): about a third more compute for a much lower memory peak.
     """
 
     generator: str = "cvaa"
@@ -119,13 +130,23 @@ class ModelConfig:
     growth: int = 32
     dense_layers: tuple[int, ...] = (6, 12, 24, 16, 6)
     encoder_channels: tuple[int, ...] = (128, 256, 512, 512, 512)
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16, 16)
+    unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    psr_channels: tuple[int, ...] = (64, 128, 256, 512, 512)
     disc_channels: tuple[int, ...] = (64, 128, 256, 512)
+    disc_expand_channels: int = 8
+    checkpoint: bool = False
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights (X2CT-GAN's: LSGAN 0.1, MSE 10, projection L1 10)."""
+    """Loss weights of the generator (paper section II.B; X2CT-GAN's values).
+
+    Args:
+        adv: LSGAN adversarial term (eq. 1); unused by generators trained without D.
+        rec: voxel-wise MSE reconstruction term.
+        proj: L1 between mean projections along the three axes.
+    """
 
     adv: float = 0.1
     rec: float = 10.0
@@ -218,8 +239,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "growth": 4,
             "dense_layers": (1, 1, 1),
             "encoder_channels": (16, 24, 32),
-            "decoder_channels": (32, 16, 8),
+            "decoder_channels": (32, 16, 8, 8),
+            "unet_channels": (8, 16, 32),
+            "psr_channels": (8, 16, 32),
             "disc_channels": (8, 16, 32),
+            "disc_expand_channels": 4,
         },
         "optim": {"constant_epochs": 3, "decay_epochs": 3},
         "train": {"epochs": 6, "batch_size": 4, "figure_every": 2},

@@ -1,0 +1,198 @@
+"""Building blocks shared by the generators and the discriminator.
+
+Blocks take ``spatial_dims`` (2 or 3) so the 2D X-ray encoders and the 3D decoders share
+code. Normalisation is instance norm throughout G (paper section III.B) with learnable
+affine parameters; a convolution followed by a norm has no bias (the norm would cancel it,
+leaving a parameter that never receives a gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+Activation = Literal["relu", "lrelu"] | None
+
+
+def _check_dims(spatial_dims: int) -> None:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def conv_type(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv2d`` or ``nn.Conv3d``."""
+    _check_dims(spatial_dims)
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+
+
+def instance_norm(spatial_dims: int, channels: int) -> nn.Module:
+    """Instance norm with learnable scale and shift."""
+    _check_dims(spatial_dims)
+    norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
+    return norm(channels, affine=True)
+
+
+def activation(kind: Activation) -> nn.Module:
+    """ReLU, LeakyReLU(0.2) (the PatchGAN's) or identity; in place to spare memory."""
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "lrelu":
+        return nn.LeakyReLU(0.2, inplace=True)
+    if kind is None:
+        return nn.Identity()
+    raise ValueError(f"act must be 'relu', 'lrelu' or None, got {kind!r}")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv -> InstanceNorm -> activation (the paper's "basic 3D convolution block").
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels, out_channels: channels in and out.
+        kernel_size, stride: of the convolution; padding defaults to ``kernel_size // 2``.
+        norm: add instance norm (and drop the conv bias).
+        act: ``relu``, ``lrelu`` or None.
+
+    Example:
+        >>> ConvNormAct(3, 4, 8)(torch.zeros(1, 4, 8, 8, 8)).shape
+        torch.Size([1, 8, 8, 8, 8])
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 kernel_size: int = 3, stride: int = 1, padding: int | None = None,
+                 norm: bool = True, act: Activation = "relu") -> None:
+        _check_positive(in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride)
+        padding = kernel_size // 2 if padding is None else padding
+        layers: list[nn.Module] = [conv_type(spatial_dims)(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            bias=not norm)]
+        if norm:
+            layers.append(instance_norm(spatial_dims, out_channels))
+        layers.append(activation(act))
+        super().__init__(*layers)
+
+
+class UpConv(nn.Sequential):
+    """Up-convolution: transposed conv (kernel 2, stride 2) -> InstanceNorm -> ReLU.
+
+    Doubles every spatial extent. A stride-2 kernel-2 transposed conv does not overlap
+    (no checkerboard) and, unlike upsample + conv, keeps no full-resolution input for the
+    backward pass.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        _check_positive(in_channels=in_channels, out_channels=out_channels)
+        _check_dims(spatial_dims)
+        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        super().__init__(up(in_channels, out_channels, 2, stride=2, bias=False),
+                         instance_norm(spatial_dims, out_channels), nn.ReLU(inplace=True))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC layer: IN-ReLU-Conv1x1 (bottleneck) -> IN-ReLU-Conv3x3 (growth).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the concatenated input.
+        growth: channels added by the layer.
+        bottleneck: width of the 1x1 conv as a multiple of ``growth`` (DenseNet-BC: 4).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, growth: int,
+                 bottleneck: int = 4) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, growth=growth, bottleneck=bottleneck)
+        conv = conv_type(spatial_dims)
+        width = bottleneck * growth
+        self.layers = nn.Sequential(
+            instance_norm(spatial_dims, in_channels), nn.ReLU(inplace=True),
+            conv(in_channels, width, 1, bias=False),
+            instance_norm(spatial_dims, width), nn.ReLU(inplace=True),
+            conv(width, growth, 3, padding=1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, C + growth, *S)."""
+        return torch.cat([x, self.layers(x)], dim=1)
+
+
+class DenseBlock(nn.Sequential):
+    """``n_layers`` DenseLayers; output channels ``in_channels + n_layers * growth``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, n_layers: int, growth: int,
+                 bottleneck: int = 4) -> None:
+        _check_positive(n_layers=n_layers)
+        super().__init__(*(DenseLayer(spatial_dims, in_channels + i * growth, growth, bottleneck)
+                           for i in range(n_layers)))
+        self.out_channels = in_channels + n_layers * growth
+
+
+class UNet(nn.Module):
+    """Plain U-Net: double conv per level, max-pool down, up-conv + skip concat up.
+
+    Used by the baselines: 3D for 3DCNN (Kasten et al. 2020), 2D for PSR (Henzler et al.
+    2018). The output has no activation.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels, out_channels: channels in and out.
+        channels: widths per level, full resolution first; the input's spatial extent
+            must be divisible by ``2 ** (len(channels) - 1)``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int]) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, out_channels=out_channels)
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least 2 levels, got {tuple(channels)}")
+        for c in channels:
+            _check_positive(channels=c)
+        self.levels = len(channels)
+
+        def double(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(ConvNormAct(spatial_dims, cin, cout),
+                                 ConvNormAct(spatial_dims, cout, cout))
+
+        pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
+        self.pool = pool(2)
+        self.down = nn.ModuleList(
+            [double(in_channels, channels[0])]
+            + [double(channels[i - 1], channels[i]) for i in range(1, len(channels))])
+        self.up = nn.ModuleList(
+            [UpConv(spatial_dims, channels[i], channels[i - 1]) for i in range(len(channels) - 1, 0, -1)])
+        self.merge = nn.ModuleList(
+            [double(2 * channels[i - 1], channels[i - 1]) for i in range(len(channels) - 1, 0, -1)])
+        self.out = conv_type(spatial_dims)(channels[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, *S) -> (B, out_channels, *S)."""
+        factor = 2 ** (self.levels - 1)
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(f"UNet input extent {tuple(x.shape[2:])} must be divisible by {factor}")
+        skips = []
+        for i, down in enumerate(self.down):
+            x = down(x if i == 0 else self.pool(x))
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.out(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["ConvNormAct", "UpConv", "DenseLayer", "DenseBlock", "UNet", "conv_type",
+           "instance_norm", "activation", "count_parameters"]

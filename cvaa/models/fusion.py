@@ -1,0 +1,128 @@
+"""Cross-view fusion of the decoder: VAA, FD and the CVAA module (paper II.A.2).
+
+At each decoder scale below the deepest, the inputs are the two views' shallow features
+``F1`` (PA) and ``F2`` (lateral), already expanded to 3D in the shared frame, and the deep
+features ``U`` up-convolved from the previous decoder level; all are ``(B, C, D, H, W)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import ConvNormAct, UpConv
+
+
+def _check_channels(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class ViewAttentionAlignment(nn.Module):
+    """View Attention Alignment (VAA): per-voxel softmax weights over the two views.
+
+    ``S_i = ReLU(Conv3d(cat(U, F_i)))`` (structure-aware view features, one conv per view);
+    ``M = Conv3d(cat(S_1, S_2), k=7, p=3, out=2)``; ``W = softmax(M)`` over the 2 channels;
+    ``coarse = W_0 * F_1 + W_1 * F_2``.
+
+    Args:
+        channels: channels of ``U``, ``F_1``, ``F_2`` (and of ``coarse``).
+
+    Example:
+        >>> x = torch.rand(1, 4, 6, 6, 6)
+        >>> ViewAttentionAlignment(4)(x, x, x).shape
+        torch.Size([1, 4, 6, 6, 6])
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        _check_channels(channels=channels)
+        self.structure = nn.ModuleList(
+            ConvNormAct(3, 2 * channels, channels, norm=False) for _ in range(2))
+        self.mix = nn.Conv3d(2 * channels, 2, kernel_size=7, padding=3)
+
+    def weights(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(B, 2, D, H, W)``; they sum to 1 at every voxel."""
+        s1 = self.structure[0](torch.cat([u, f1], dim=1))          # (B, C, D, H, W)
+        s2 = self.structure[1](torch.cat([u, f2], dim=1))          # (B, C, D, H, W)
+        return torch.softmax(self.mix(torch.cat([s1, s2], dim=1)), dim=1)
+
+    def forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        """Coarse features ``(B, C, D, H, W)``."""
+        w = self.weights(u, f1, f2)
+        return w[:, 0:1] * f1 + w[:, 1:2] * f2
+
+
+class FineDistillation(nn.Module):
+    """Fine Distillation (FD): a per-voxel gate in (0, 1) on the coarse features.
+
+    ``fine = sigmoid(Conv3d(cat(coarse, U), k=3, p=1, out=1)) * coarse``.
+
+    Args:
+        channels: channels of ``coarse`` and ``U``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        _check_channels(channels=channels)
+        self.gate = nn.Conv3d(2 * channels, 1, kernel_size=3, padding=1)
+
+    def weights(self, coarse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Distillation weights ``(B, 1, D, H, W)`` in (0, 1)."""
+        return torch.sigmoid(self.gate(torch.cat([coarse, u], dim=1)))
+
+    def forward(self, coarse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Fine features ``(B, C, D, H, W)``."""
+        return self.weights(coarse, u) * coarse
+
+
+class CVAAModule(nn.Module):
+    """One decoder level: VAA + FD, then ``UpConv(Conv3dBlock(cat(coarse, fine, F1+F2, U)))``.
+
+    The addition-fused ``F1 + F2`` keeps the traditional view alignment for feature
+    diversity and ``U`` acts as a residual path (paper II.A.2).
+
+    Args:
+        channels: channels ``C`` of ``U``, ``F_1``, ``F_2``.
+        out_channels: channels after the up-convolution; ``None`` for the full-resolution
+            level, which has no up-convolution.
+        checkpoint: recompute VAA, FD and the merge in the backward pass instead of keeping
+            their activations (trades about a third more compute for memory).
+
+    Example:
+        >>> x = torch.rand(1, 4, 6, 6, 6)
+        >>> CVAAModule(4, 2)(x, x, x).shape
+        torch.Size([1, 2, 12, 12, 12])
+    """
+
+    def __init__(self, channels: int, out_channels: int | None,
+                 checkpoint: bool = False) -> None:
+        super().__init__()
+        _check_channels(channels=channels)
+        if out_channels is not None:
+            _check_channels(out_channels=out_channels)
+        self.vaa = ViewAttentionAlignment(channels)
+        self.fd = FineDistillation(channels)
+        self.block = ConvNormAct(3, 4 * channels, channels)
+        self.up = UpConv(3, channels, out_channels) if out_channels is not None else nn.Identity()
+        self.checkpoint = checkpoint
+
+    def _merge(self, coarse: torch.Tensor, fine: torch.Tensor, f1: torch.Tensor,
+               f2: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.up(self.block(torch.cat([coarse, fine, f1 + f2, u], dim=1)))
+
+    def forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) x 3 -> (B, out_channels, 2D, 2H, 2W) (or (B, C, D, H, W))."""
+        if self.checkpoint and torch.is_grad_enabled():
+            # Each part separately: only the part being back-propagated is ever rebuilt.
+            coarse = checkpoint(self.vaa, u, f1, f2, use_reentrant=False)
+            fine = checkpoint(self.fd, coarse, u, use_reentrant=False)
+            return checkpoint(self._merge, coarse, fine, f1, f2, u, use_reentrant=False)
+        coarse = self.vaa(u, f1, f2)
+        fine = self.fd(coarse, u)
+        return self._merge(coarse, fine, f1, f2, u)
+
+
+__all__ = ["ViewAttentionAlignment", "FineDistillation", "CVAAModule"]
