@@ -78,9 +78,13 @@ class DRRConfig:
         detector_pixels: detector edge in pixels (square detector).
         pixel_pitch_mm: detector pixel pitch; ``0`` derives it so the detector covers the
             crop's field of view at the isocentre (fov * sid / sad / pixels).
-        step_mm: sampling step along each ray.
+        step_mm: distance between sampling planes along each view's main axis; ``0``
+            puts one plane through every voxel centre (Joseph's method: exact for the
+            trilinear volume up to the ray obliquity, and 3x faster than 1 mm at 2 mm).
         log_scale: fixed divisor of the line integral, mapping it to [0, 1] (never the
-            per-image maximum, which would destroy dose information).
+            per-image maximum, which would destroy dose information). 12 = 600 mm of
+            water; beyond it e^-12 leaves < 1 photon of 10^5, so a real detector sees
+            nothing. The real lumbar CT (364 mm wide) peaks at 0.46 PA and 0.70 lateral.
         source: ``full`` renders from the whole resampled CT, ``cube`` from the crop only.
         photons: I0 for Beer-Lambert with Poisson noise; ``0`` renders noise-free.
         blur_sigma_px: detector blur (Gaussian sigma in pixels) applied with noise.
@@ -92,7 +96,7 @@ class DRRConfig:
     sid_mm: float = 1500.0
     detector_pixels: int = 128
     pixel_pitch_mm: float = 0.0
-    step_mm: float = 1.0
+    step_mm: float = 0.0
     log_scale: float = 12.0
     source: Literal["full", "cube"] = "full"
     photons: float = 0.0
