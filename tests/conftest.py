@@ -60,3 +60,15 @@ def s3_bucket(s3_server, request):
     client = s3_server.client()
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster (2 CPUs) for the session; shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,274 @@
+"""The prepared dataset: one case per CT, written by ``jobs/preprocess.py``.
+
+Layout under the output URI (a local directory or an ``s3://`` prefix)::
+
+    manifest.json            config, split, every input's outcome, summary
+    cases/<case_id>.npz      ct (D, H, W) float32 in [0, 1]; xrays (2, P, P) float32 in [0, 1]
+    cases/<case_id>.json     the case's record (metadata + config hash): written after the
+                             .npz, so its presence means the case is complete
+    rejected/<case_id>.json  why an input was rejected
+
+One file per case (rather than Parquet shards) because every case is written, skipped on a
+re-run, or replaced on its own: a crash loses at most the case in flight, resume is a
+listing, and a training worker or the evaluator reads exactly the cases it needs from a
+local disk or S3 alike. At the paper size a case is ~8 MB compressed to ~3 MB.
+
+Nothing here imports Ray: :func:`process_case` is the pure per-case work that the Ray Data
+pipeline (``cvaa.train.prepare``) maps over the inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _io
+import json
+import re
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from cvaa.config import Config
+from cvaa.data import store
+from cvaa.data.io import InvalidVolumeError, find_volumes, is_s3, read_ct
+
+MANIFEST = "manifest.json"
+# The sections of the config that decide a prepared case's content.
+PREPARED_SECTIONS = ("preprocess", "drr")
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One CT to prepare: its URI, the patient it belongs to, and a stable case id."""
+
+    uri: str
+    patient_id: str
+    case_id: str
+
+
+def case_id_for(uri: str) -> str:
+    """A readable, collision-free id: the file's stem plus a hash of the whole URI."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:48] or "case"
+    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+
+
+def config_hash(cfg: Config) -> str:
+    return cfg.hash(*PREPARED_SECTIONS)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def list_inputs(source: str) -> list[CaseInput]:
+    """The CTs named by ``source``: a directory, an ``s3://`` prefix, or a manifest file
+    (``.csv`` with a ``uri`` column and an optional ``patient_id`` column; ``.json`` with a
+    list of URIs or of ``{"uri": ..., "patient_id": ...}``, optionally under ``"cases"``).
+
+    Without a patient id, each CT is its own patient. Relative paths in a manifest are
+    relative to the manifest's directory.
+    """
+    lower = source.lower()
+    if lower.endswith((".csv", ".json")):
+        rows = _manifest_rows(source)
+    else:
+        rows = [{"uri": uri} for uri in find_volumes(source)]
+    base = source.rsplit("/", 1)[0] if is_s3(source) else str(Path(source).parent)
+    out, seen = [], set()
+    for row in rows:
+        uri = str(row["uri"]).strip()
+        if lower.endswith((".csv", ".json")) and not is_s3(uri) and not Path(uri).is_absolute():
+            uri = store.join(base, uri)
+        if uri in seen:
+            continue
+        seen.add(uri)
+        case_id = case_id_for(uri)
+        patient = str(row.get("patient_id") or "").strip() or case_id
+        out.append(CaseInput(uri, patient, case_id))
+    return out
+
+
+def _manifest_rows(source: str) -> list[dict[str, Any]]:
+    try:
+        text = store.read_text(source)
+    except Exception as exc:  # OSError locally; botocore errors are not OSErrors
+        raise InvalidVolumeError(source, f"cannot read the input manifest ({exc})") from exc
+    if source.lower().endswith(".csv"):
+        reader = csv.DictReader(_io.StringIO(text))
+        if not reader.fieldnames or "uri" not in reader.fieldnames:
+            raise InvalidVolumeError(source, "CSV manifest needs a 'uri' column "
+                                             f"(columns: {reader.fieldnames})")
+        return [dict(r) for r in reader]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidVolumeError(source, f"manifest is not valid JSON ({exc})") from exc
+    if isinstance(data, dict):
+        data = data.get("cases", data.get("inputs"))
+    if not isinstance(data, list):
+        raise InvalidVolumeError(source, "JSON manifest must be a list of URIs or of "
+                                         "{'uri', 'patient_id'} objects (or have 'cases')")
+    rows = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            rows.append({"uri": item})
+        elif isinstance(item, dict) and "uri" in item:
+            rows.append(item)
+        else:
+            raise InvalidVolumeError(source, f"manifest entry {i} has no 'uri': {item!r}")
+    return rows
+
+
+# --------------------------------------------------------------------------- per case
+
+def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
+    """Read, preprocess and render one CT, write it under ``output``; never raises.
+
+    Returns the case's record: ``status`` is ``prepared`` (with metadata) or ``rejected``
+    (with ``reason``: the bad-input message, or the crash with its exception type).
+    """
+    from cvaa.data.drr import render_prepared
+    from cvaa.data.preprocess import prepare_ct
+
+    start = time.perf_counter()
+    record: dict[str, Any] = {"case_id": item.case_id, "patient_id": item.patient_id,
+                              "source_uri": item.uri, "config_hash": config_hash(cfg)}
+    try:
+        prep = prepare_ct(read_ct(item.uri), cfg.preprocess)
+        xrays = render_prepared(prep, cfg)  # (2, P, P) float32 in [0, 1]
+        record.update(
+            status="prepared",
+            path=f"cases/{item.case_id}.npz",
+            spacing_mm=list(prep.cube.spacing_mm),
+            crop_center_mm=[round(float(v), 4) for v in prep.center_mm],
+            ct_shape=list(prep.normalized.shape),
+            xray_shape=list(xrays.shape),
+        )
+        store.write_bytes(store.join(output, record["path"]),
+                          encode_case(prep.normalized, xrays, record))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        store.write_text(store.join(output, "cases", f"{item.case_id}.json"),
+                         json.dumps(record, indent=1))
+    except InvalidVolumeError as exc:
+        record.update(status="rejected", reason=str(exc), kind="invalid_input")
+    except Exception as exc:  # any other failure is reported with its type, never lost
+        record.update(status="rejected", kind="error",
+                      reason=f"{item.uri}: {type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(limit=6))
+    if record["status"] == "rejected":
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        try:
+            store.write_text(store.join(output, "rejected", f"{item.case_id}.json"),
+                             json.dumps(record, indent=1))
+        except Exception as exc:  # the record still reaches the manifest via the driver
+            record["reason"] += f" (and writing the rejection failed: {exc})"
+    return record
+
+
+def encode_case(ct: np.ndarray, xrays: np.ndarray, meta: dict[str, Any]) -> bytes:
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, ct=ct.astype(np.float32), xrays=xrays.astype(np.float32),
+                        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return buf.getvalue()
+
+
+def decode_case(data: bytes) -> dict[str, Any]:
+    """``{"ct": (1, D, H, W), "xrays": (2, P, P), "meta": dict}`` from an encoded case."""
+    with np.load(_io.BytesIO(data)) as z:
+        return {"ct": z["ct"][None], "xrays": z["xrays"],
+                "meta": json.loads(z["meta"].tobytes().decode())}
+
+
+# --------------------------------------------------------------------------- resume, split
+
+def previous_outcomes(output: str, cfg_hash: str) -> dict[str, dict[str, Any]]:
+    """Records of cases already prepared (or rejected as bad input) under this config hash.
+
+    A crash (kind ``error``) is not remembered: the next run tries that case again.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for uri in store.list_files(output):
+        parent, name = uri.rsplit("/", 2)[-2:]
+        if not name.endswith(".json") or parent not in ("cases", "rejected"):
+            continue
+        try:
+            record = json.loads(store.read_text(uri))
+        except (ValueError, OSError):
+            continue
+        if record.get("config_hash") != cfg_hash:
+            continue
+        if record.get("status") == "rejected" and record.get("kind") != "invalid_input":
+            continue
+        out[record["case_id"]] = record
+    return out
+
+
+def split_by_patient(records: Iterable[dict[str, Any]], test_fraction: float,
+                     seed: int) -> dict[str, list[str]]:
+    """Seeded train/test split of case ids by patient: no patient on both sides."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    records = list(records)
+    patients = sorted({r["patient_id"] for r in records})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_test = int(round(len(patients) * test_fraction))
+    if test_fraction > 0 and n_test == 0 and len(patients) > 1:
+        n_test = 1
+    test_patients = {patients[i] for i in order[:n_test]}
+    split: dict[str, list[str]] = {"train": [], "test": []}
+    for r in sorted(records, key=lambda r: r["case_id"]):
+        split["test" if r["patient_id"] in test_patients else "train"].append(r["case_id"])
+    return split
+
+
+def write_manifest(output: str, manifest: dict[str, Any]) -> str:
+    uri = store.join(output, MANIFEST)
+    store.write_text(uri, json.dumps(manifest, indent=1))
+    return uri
+
+
+# --------------------------------------------------------------------------- reading
+
+class PreparedDataset:
+    """A prepared dataset, read from its manifest (local or S3).
+
+    Example:
+        >>> ds = PreparedDataset("runs/prepared")
+        >>> case = ds.load(ds.split("train")[0])
+        >>> case["ct"].shape, case["xrays"].shape
+        ((1, 128, 128, 128), (2, 128, 128))
+    """
+
+    def __init__(self, root: str):
+        self.root = str(root)
+        uri = store.join(self.root, MANIFEST)
+        try:
+            self.manifest = json.loads(store.read_text(uri))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{uri}: no prepared dataset here (run "
+                                    "jobs/preprocess.py first)") from exc
+        self.records = {r["case_id"]: r for r in self.manifest["prepared"]}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    def split(self, name: str) -> list[str]:
+        if name == "all":
+            return sorted(self.records)
+        if name not in self.manifest["split"]:
+            raise KeyError(f"unknown split {name!r}; valid: "
+                           f"{sorted(self.manifest['split']) + ['all']}")
+        return list(self.manifest["split"][name])
+
+    def load(self, case_id: str) -> dict[str, Any]:
+        record = self.records[case_id]
+        return decode_case(store.read_bytes(store.join(self.root, record["path"])))
+

@@ -1,0 +1,82 @@
+"""Turn a CT archive into a prepared training set with Ray Data.
+
+    python jobs/preprocess.py --input /data/ct --output runs/prepared
+    python jobs/preprocess.py --input s3://archive/ct --output s3://bucket/prepared --preset paper
+    python jobs/preprocess.py --input cases.csv --output runs/prepared --set preprocess.crop_center=body
+    python jobs/preprocess.py                       # embedded default: synthetic phantoms
+
+Under ``ray job submit`` (or with ``--address``) it runs on that cluster; otherwise it
+starts a local Ray. One task per CT: read -> orient -> resample -> DRR -> crop -> clip ->
+normalise -> write. Every input ends up prepared or rejected (with its reason) in
+``OUTPUT/manifest.json``; a re-run with the same config skips the cases already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+from cvaa.config import PRESETS, ConfigError, load_config  # noqa: E402
+from cvaa.data.io import InvalidVolumeError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="directory, s3://bucket/prefix, or a .csv/.json manifest "
+                                   "of CT URIs (optional patient_id); default: generate "
+                                   "data.n_phantoms synthetic lumbar phantoms")
+    p.add_argument("--output", default="runs/prepared",
+                   help="local directory or s3:// prefix (default: runs/prepared)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="config preset (default: cpu)")
+    p.add_argument("--config", help="YAML config file applied over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="dotted override, e.g. preprocess.size=64")
+    p.add_argument("--workers", type=int, help="cases in flight at once (default: all CPUs)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--phantom-dir", help="where generated phantoms are cached "
+                                         "(default: OUTPUT/../phantoms-<hash>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.config, args.overrides)
+    except (ConfigError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from cvaa.data.dataset import list_inputs
+    from cvaa.train.prepare import ensure_phantoms, init_ray, run_pipeline
+
+    init_ray(args.address)
+    source = args.input
+    if source is None:
+        source = ensure_phantoms(cfg, args.phantom_dir or default_phantom_dir(args.output, cfg))
+    try:
+        inputs = list_inputs(source)
+    except InvalidVolumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not inputs:
+        print(f"error: no CT volumes found under {source}", file=sys.stderr)
+        return 2
+    manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source)
+    return 0 if manifest["prepared"] else 1
+
+
+def default_phantom_dir(output: str, cfg) -> str:
+    from cvaa.data import store
+    from cvaa.train.prepare import phantom_key
+
+    parent = output.rstrip("/").rsplit("/", 1)[0] if "/" in output.rstrip("/") else "."
+    return store.join(parent, f"phantoms-{phantom_key(cfg)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
