@@ -171,16 +171,38 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training loop settings."""
+    """Training loop settings (paper section III.B: 200 epochs, batch 4, alternating G/D).
+
+    Args:
+        epochs: total epochs (``optim`` decides where the LR decay starts).
+        batch_size: per-worker batch.
+        seed: seeds initialisation, shuffling and the validation split.
+        val_fraction: fraction of the training *patients* held out for per-epoch
+            validation (at least one case); the test split is kept for the final table.
+        figure_every: log a slice figure (and the checkpoint as an MLflow artifact) every K
+            epochs, and at the last.
+        num_workers: Ray Train workers (DDP ranks).
+        use_gpu: one GPU per worker.
+        accelerator_type: Ray accelerator label the workers must run on (e.g. ``A40``).
+        cpus_per_worker: CPUs reserved per worker (leave some for Ray Data on small nodes).
+        precision: autocast dtype on GPU: ``bf16`` (no loss scaling needed), ``fp16``
+            (with a GradScaler) or ``fp32``. CPU always trains in fp32.
+        max_failures: worker failures survived by restoring the last checkpoint.
+        checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
+    """
 
     epochs: int = 200
     batch_size: int = 4
     seed: int = 0
+    val_fraction: float = 0.1
     figure_every: int = 10
     num_workers: int = 1
     use_gpu: bool = False
     accelerator_type: str = ""
+    cpus_per_worker: float = 1.0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_failures: int = 2
+    checkpoints_to_keep: int = 2
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cvaa.data.dataset import list_inputs
-    from cvaa.train.prepare import ensure_phantoms, init_ray, run_pipeline
+    from cvaa.train.prepare import (default_phantom_dir, ensure_phantoms, init_ray,
+                                     run_pipeline)
 
     init_ray(args.address)
     source = args.input
@@ -68,14 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source)
     return 0 if manifest["prepared"] else 1
-
-
-def default_phantom_dir(output: str, cfg) -> str:
-    from cvaa.data import store
-    from cvaa.train.prepare import phantom_key
-
-    parent = output.rstrip("/").rsplit("/", 1)[0] if "/" in output.rstrip("/") else "."
-    return store.join(parent, f"phantoms-{phantom_key(cfg)}")
 
 
 if __name__ == "__main__":

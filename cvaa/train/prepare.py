@@ -146,6 +146,14 @@ def phantom_key(cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def default_phantom_dir(output: str, cfg: Config) -> str:
+    """Where the embedded default caches its phantoms: beside ``output``."""
+    from cvaa.data import store
+
+    parent = output.rstrip("/").rsplit("/", 1)[0] if "/" in output.rstrip("/") else "."
+    return store.join(parent, f"phantoms-{phantom_key(cfg)}")
+
+
 def _phantom_row(row: dict[str, Any], cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
     import torch
 

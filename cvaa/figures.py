@@ -1,0 +1,90 @@
+"""Slice figures: mid-axial / mid-sagittal / mid-coronal (paper Fig. 2), as PNG bytes.
+
+Display follows the radiological convention of the volume axes (``(D, H, W)`` = S->I,
+A->P, R->L): axial slices with anterior up and the patient's right on the viewer's left,
+sagittal with anterior on the left, coronal with the patient's right on the left.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import numpy as np
+
+PLANES = ("axial", "sagittal", "coronal")
+
+
+def mid_slices(volume: np.ndarray) -> dict[str, np.ndarray]:
+    """The three mid-plane slices of a ``(D, H, W)`` (or ``(1, D, H, W)``) volume."""
+    v = np.asarray(volume, np.float32)
+    v = v[0] if v.ndim == 4 else v
+    d, h, w = v.shape
+    return {"axial": v[d // 2], "sagittal": v[:, :, w // 2], "coronal": v[:, h // 2, :]}
+
+
+def slice_grid(columns: Mapping[str, Sequence[np.ndarray]], row_labels: Sequence[str] = (),
+               title: str = "", vmin: float = 0.0, vmax: float = 0.45) -> bytes:
+    """A PNG with one column per entry of ``columns`` (e.g. models, then ground truth) and
+    three rows (axial, sagittal, coronal) per case.
+
+    Args:
+        columns: ``{label: [volume_case0, volume_case1, ...]}``, volumes ``(D, H, W)`` in
+            [0, 1] (normalised HU). Every column has the same number of cases.
+        row_labels: one label per case (e.g. the case id).
+        vmin, vmax: display window in normalised units (0.45 ~ 1300 HU: bone visible,
+            soft tissue distinguishable).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(columns)
+    n_cases = len(next(iter(columns.values())))
+    if any(len(v) != n_cases for v in columns.values()):
+        raise ValueError("columns: every column needs the same number of cases")
+    rows = n_cases * len(PLANES)
+    fig, axes = plt.subplots(rows, len(labels), figsize=(1.9 * len(labels), 1.9 * rows),
+                             squeeze=False)
+    for j, label in enumerate(labels):
+        for c, volume in enumerate(columns[label]):
+            for p, (plane, image) in enumerate(mid_slices(volume).items()):
+                ax = axes[c * len(PLANES) + p, j]
+                ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0 and p == 0:
+                    ax.set_title(label, fontsize=9)
+                if j == 0:
+                    case = f"{row_labels[c]}\n" if c < len(row_labels) else ""
+                    ax.set_ylabel(f"{case}{plane}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def curves_png(history: Mapping[str, Sequence[float]], title: str = "") -> bytes:
+    """Line plots of per-epoch series, one panel per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(history)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.plot(range(1, len(history[name]) + 1), history[name], marker=".")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,171 @@
+"""One GAN training step, the optimisers and the LR schedule: plain torch, no Ray.
+
+The paper trains G and D alternately (section II, "alternatively trained") with Adam
+(lr 2e-4, betas 0.5 / 0.99; section III.B) on the LSGAN objective (eq. 1) plus the
+reconstruction and projection losses (section II.B). Generators without a discriminator
+(``3dcnn``, ``psr``) take only the G step, without the adversarial term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cvaa.config import Config, OptimConfig
+from cvaa.losses import generator_loss, lsgan_d_loss
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf; training stops and keeps the last good checkpoint."""
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (what a checkpoint saves)."""
+    return getattr(module, "module", module)
+
+
+def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    """Constant for ``constant_epochs``, then linear decay towards 0 over ``decay_epochs``
+    (X2CT-GAN's schedule). ``epoch`` counts from 0."""
+    if epoch < cfg.constant_epochs or cfg.decay_epochs <= 0:
+        return 1.0
+    return max(0.0, 1.0 - (epoch - cfg.constant_epochs + 1) / (cfg.decay_epochs + 1))
+
+
+def make_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16 autocast on CUDA; fp32 elsewhere."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@dataclass
+class GANTrainer:
+    """Holds G, D (or ``None``), their optimisers and the loss scaler; steps them.
+
+    Args:
+        generator, discriminator: the models, possibly DDP-wrapped.
+        cfg: the resolved config (loss weights, optimiser, precision).
+        device: where the batches go.
+    """
+
+    generator: nn.Module
+    discriminator: nn.Module | None
+    cfg: Config
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # Agrees on finiteness across DDP ranks (all ranks must skip a step together, or the
+    # ones that step wait forever for the others' gradients). Identity on one process.
+    all_finite: Callable[[bool], bool] = staticmethod(lambda ok: ok)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        o = self.cfg.optim
+        self.opt_g = make_optimizer(self.generator.parameters(), o.lr_g, o)
+        self.opt_d = (make_optimizer(self.discriminator.parameters(), o.lr_d, o)
+                      if self.discriminator is not None else None)
+        self.base_lr = {"g": o.lr_g, "d": o.lr_d}
+        use_scaler = self.device.type == "cuda" and self.cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Apply the LR schedule for ``epoch`` (0-based)."""
+        factor = lr_factor(epoch, self.cfg.optim)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.base_lr["g"] * factor
+        if self.opt_d is not None:
+            for group in self.opt_d.param_groups:
+                group["lr"] = self.base_lr["d"] * factor
+
+    def step(self, xrays: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """One D step then one G step on a batch.
+
+        Args:
+            xrays: ``(B, 2, P, P)`` in [0, 1]; target: ``(B, 1, D, H, W)`` in [0, 1].
+
+        Returns:
+            ``{"loss_d", "loss_g", "loss_adv", "loss_rec", "loss_proj"}`` as floats.
+
+        Raises:
+            NonFiniteLossError: if any loss is NaN or inf (nothing is stepped then).
+        """
+        amp = autocast_context(self.device, self.cfg.train.precision)
+        out: dict[str, float] = {}
+        with amp:
+            fake = self.generator(xrays)                      # (B, 1, D, H, W)
+        if self.discriminator is not None:
+            # D step: real vs detached fake (LSGAN, eq. 1) in one forward (D's instance
+            # norm is per sample, so this equals two), so DDP reduces D's gradients once.
+            set_requires_grad(self.discriminator, True)
+            n = xrays.shape[0]
+            with amp:
+                scores = self.discriminator(torch.cat([xrays, xrays]),
+                                            torch.cat([target, fake.detach().to(target.dtype)]))
+                loss_d = lsgan_d_loss(scores[:n], scores[n:])
+            self._check("D", loss_d)
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_d).backward()
+            self.scaler.step(self.opt_d)
+            out["loss_d"] = float(loss_d.detach())
+            # G step: D's weights frozen; the unwrapped D avoids a DDP reduction for a
+            # forward whose parameters get no gradient.
+            set_requires_grad(self.discriminator, False)
+            with amp:
+                d_fake = unwrap(self.discriminator)(xrays, fake)
+        else:
+            d_fake = None
+        with amp:
+            loss_g, parts = generator_loss(fake, target, d_fake, self.cfg.loss)
+        self._check("G", loss_g)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        if self.discriminator is not None:
+            set_requires_grad(self.discriminator, True)
+        out["loss_g"] = float(loss_g.detach())
+        out.update({f"loss_{k}": float(v) for k, v in parts.items() if k != "total"})
+        return out
+
+    def _check(self, name: str, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if not self.all_finite(math.isfinite(value)):
+            raise NonFiniteLossError(f"{name} loss is {value} on this rank; a rank's "
+                                     f"{name} loss was NaN or inf")
+
+    # ----------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, optimisers, scaler (tensors and builtins
+        only, so ``torch.load(..., weights_only=True)`` reads it)."""
+        return {
+            "generator": unwrap(self.generator).state_dict(),
+            "discriminator": (unwrap(self.discriminator).state_dict()
+                              if self.discriminator is not None else None),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.generator).load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.discriminator is not None:
+            unwrap(self.discriminator).load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
