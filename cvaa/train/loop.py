@@ -79,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.load_state_dict(state["trainer"])
         start_epoch = int(state["epoch"]) + 1
         history = defaultdict(list, state.get("history", {}))
+        history["resumed_at_epoch"].append(float(start_epoch + 1))
         if rank == 0:
             print(f"[train] resumed from the checkpoint of epoch {state['epoch'] + 1}")
 

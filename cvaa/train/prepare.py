@@ -154,14 +154,18 @@ def default_phantom_dir(output: str, cfg: Config) -> str:
     return store.join(parent, f"phantoms-{phantom_key(cfg)}")
 
 
-def _phantom_row(row: dict[str, Any], cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    import torch
+def phantom_spacing_mm(cfg: Config) -> float:
+    """Phantoms are drawn at most 4 mm apart (finer than coarse presets, so resampling to
+    the preset averages real structure) and at the preset's spacing when that is finer."""
+    return min(4.0, cfg.preprocess.spacing_mm)
 
+
+def _phantom_row(row: dict[str, Any], cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
     from cvaa.data import phantom
 
-    torch.set_num_threads(1)
     cfg = Config.from_dict(cfg_dict)
-    uri = phantom.write_phantom_case(int(row["index"]), cfg, out_dir)
+    uri = phantom.write_phantom_case(int(row["index"]), cfg, out_dir,
+                                     spacing_mm=phantom_spacing_mm(cfg))
     return {"uri": uri}
 
 

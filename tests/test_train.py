@@ -1,0 +1,215 @@
+"""jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from cvaa import tracking
+from cvaa.config import load_config
+from cvaa.models import build_discriminator, build_generator
+from cvaa.train.driver import TrainJob, fit
+from cvaa.train.gan import GANTrainer, NonFiniteLossError, lr_factor
+from cvaa.train.loop import CHECKPOINT_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train.batch_size=2", "train.cpus_per_worker=0.5", "train.figure_every=1"]
+
+
+def _job(tmp_path, prepared, overrides, **kw):
+    cfg = load_config("cpu", overrides=TINY + overrides)
+    return TrainJob(cfg=cfg, data=prepared, run_name=kw.pop("run_name", "test-run"),
+                    storage=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                    register_name=kw.pop("register_name", "tiny"), **kw)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+def test_lr_schedule_constant_then_linear_decay():
+    o = load_config("paper").optim   # 100 constant + 100 decay
+    assert lr_factor(0, o) == lr_factor(99, o) == 1.0
+    assert lr_factor(100, o) < 1.0 and lr_factor(150, o) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(199, o) > 0.0 and lr_factor(250, o) == 0.0
+
+
+@pytest.mark.parametrize("name, adversarial", [("cvaa", True), ("3dcnn", False)])
+def test_gan_step_updates_g_and_d(name, adversarial, tmp_path):
+    cfg = load_config("cpu")
+    torch.manual_seed(0)
+    g = build_generator(name, cfg)
+    d = build_discriminator(cfg) if g.uses_discriminator else None
+    assert (d is not None) == adversarial
+    trainer = GANTrainer(g, d, cfg)
+    before_g = [p.detach().clone() for p in g.parameters()]
+    before_d = [p.detach().clone() for p in d.parameters()] if d else []
+    out = trainer.step(torch.rand(2, 2, 32, 32), torch.rand(2, 1, 32, 32, 32))
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    assert ("loss_d" in out) == adversarial and ("loss_adv" in out) == adversarial
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, g.parameters()))
+    if d:
+        assert any(not torch.equal(a, b) for a, b in zip(before_d, d.parameters()))
+        assert all(p.requires_grad for p in d.parameters())   # unfrozen after the G step
+    state = trainer.state_dict()
+    torch.save(state, tmp_path / "state.pt")
+    torch.load(tmp_path / "state.pt", weights_only=True)      # loadable without pickle
+
+
+def test_nan_loss_raises_before_any_update():
+    cfg = load_config("cpu")
+    g, d = build_generator("cvaa", cfg), build_discriminator(cfg)
+    trainer = GANTrainer(g, d, cfg)
+    before = [p.detach().clone() for p in g.parameters()]
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        trainer.step(torch.rand(1, 2, 32, 32), torch.full((1, 1, 32, 32, 32), float("nan")))
+    assert all(torch.equal(a, b) for a, b in zip(before, g.parameters()))
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+@pytest.mark.ray
+def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
+    job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2"],
+               alias="candidate")
+    out = fit(job, log=lambda *_: None)
+    assert out["epochs"] == 2
+    client = mlflow.MlflowClient(job.mlflow_uri)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["model.generator"] == "cvaa"
+    assert len(client.get_metric_history(out["run_id"], "loss_g")) == 2
+    assert len(client.get_metric_history(out["run_id"], "val/ssim")) == 2
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "evaluation")}
+    assert {"evaluation/table_i.json", "evaluation/table_i.md"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
+    assert "figures/slices_epoch_0002.png" in figures
+    assert "| CVAA-GAN |" in out["table"]
+
+    version = client.get_model_version_by_alias("tiny", "candidate")
+    assert version.run_id == out["run_id"]
+    model = tracking.load_generator("models:/tiny@candidate", job.mlflow_uri)
+    from cvaa.train.driver import load_checkpoint_generator
+    import ray.train
+    trained, state = load_checkpoint_generator(ray.train.Checkpoint(out["checkpoint"]))
+    assert state["epoch"] == 1
+    for batch in (1, 3):   # any batch size
+        x = torch.rand(batch, 2, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), trained(x))
+
+
+@pytest.mark.ray
+def test_worker_failure_resumes_from_checkpoint(tmp_path, prepared_cpu):
+    marker = tmp_path / "killed"
+    job = _job(tmp_path, prepared_cpu, ["train.epochs=3", "train.max_failures=2"],
+               inject={"kill_at_epoch": 1, "marker": str(marker)}, run_name="killed-run")
+    out = fit(job, log=lambda *_: None)
+    assert marker.exists(), "the failure was not injected"
+    assert out["epochs"] == 3
+    # Resumed at epoch 2 from the epoch-1 checkpoint, not restarted at epoch 1.
+    assert out["history"]["resumed_at_epoch"] == [2.0]
+    assert len(out["history"]["loss_g"]) == 3
+
+
+@pytest.mark.ray
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, prepared_cpu):
+    job = _job(tmp_path, prepared_cpu, ["train.epochs=4"], inject={"nan_at_epoch": 1},
+               run_name="nan-run")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2") as exc:
+        fit(job, log=lambda *_: None)
+    assert "last good checkpoint" in str(exc.value)
+    ckpts = sorted((tmp_path / "ray" / "nan-run").glob("epoch_*"))
+    assert [p.name for p in ckpts] == ["epoch_0001"]
+    state = torch.load(ckpts[-1] / CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["generator"].values())
+    run = mlflow.MlflowClient(job.mlflow_uri).search_runs(
+        [tracking.setup(job.mlflow_uri)], "tags.`mlflow.runName` = 'nan-run'")[0]
+    assert run.info.status == "FAILED"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit_against_a_local_head(tmp_path, prepared_cpu):
+    """`ray start --head` + `ray job submit --working-dir . -- python jobs/train.py`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--disable-usage-stats",
+         f"--temp-dir={tmp_path / 'ray-tmp'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 90
+        while True:
+            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address],
+                                   env=env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, probe.stderr[-2000:]
+            time.sleep(2)
+        cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address,
+               "--working-dir", str(ROOT), "--", "python", "jobs/train.py",
+               "--data", prepared_cpu, "--epochs", "1", "--run-name", "submitted",
+               "--storage", str(tmp_path / "ray"), "--mlflow-uri",
+               f"sqlite:///{tmp_path}/mlflow.db", "--register-name", "submitted",
+               "--set", "train.cpus_per_worker=0.5"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert "registered model: models:/submitted@candidate" in proc.stdout
+        assert "succeeded" in proc.stdout
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+
+def _validate_cluster(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    validate_config(prepare_config(config))
+
+
+def test_cluster_yaml_passes_rays_schema():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    _validate_cluster(config)
+    starts = " ".join(config["worker_start_ray_commands"])
+    assert '"accelerator_type:A40": 1' in starts     # what ScalingConfig(accelerator_type) asks
+    assert any("pip install" in c and "~/cvaa" in c for c in config["setup_commands"])
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.update(max_wrokers=3),
+    lambda c: c["provider"].pop("type"),
+    lambda c: c.update(setup_commands="pip install cvaa"),
+])
+def test_cluster_yaml_typos_fail(mutate):
+    import jsonschema
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    mutate(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError, KeyError, TypeError)):
+        _validate_cluster(config)
