@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cvaa.config import load_config
 from cvaa.losses import generator_loss, lsgan_d_loss
-from cvaa.models import (GENERATORS, CVAAGenerator, CVAAModule, Expand2Dto3D, Feat2D,
+from cvaa.models import (GENERATORS, ConcatConv, CVAAGenerator, CVAAModule, Expand2Dto3D, Feat2D,
                          FineDistillation, PatchDiscriminator3D, ViewAttentionAlignment,
                          build_discriminator, build_generator, expand_along)
 
@@ -70,6 +70,24 @@ def test_cvaa_generator_paper_size_forward():
         out = g(xrays(1, 128))
     assert out.shape == (1, 1, 128, 128, 128)
     assert torch.isfinite(out).all() and 0.0 < out.min() and out.max() < 1.0
+
+
+@pytest.mark.parametrize("dims, stride", [(3, 1), (3, 2), (2, 1)])
+def test_concat_conv_equals_conv_on_the_concatenation(dims, stride):
+    torch.manual_seed(0)
+    m = ConcatConv(dims, (2, 3, 1), 4, kernel_size=3, stride=stride)
+    shape = (8,) * dims
+    xs = [torch.randn(2, c, *shape, requires_grad=True) for c in (2, 3, 1)]
+    out = m(*xs)
+    grads = torch.autograd.grad(out.square().sum(), [*xs, m.conv.weight, m.conv.bias])
+    cat = torch.cat(xs, dim=1)
+    ref = m.conv(cat)                                         # the plain conv, same weight
+    ref_grads = torch.autograd.grad(ref.square().sum(), [*xs, m.conv.weight, m.conv.bias])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):                        # summed in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expected 3 inputs"):
+        m(*xs[:2])
 
 
 # --- data conventions: which axis each view projects along ---------------------------

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .baselines import PSRGenerator, UNet3DGenerator, X2CTGenerator
-from .blocks import count_parameters
+from .blocks import ConcatConv, ConvNormAct, count_parameters
 from .discriminator import PatchDiscriminator3D
 from .encoder import Expand2Dto3D, Feat2D, expand_along
 from .fusion import CVAAModule, FineDistillation, ViewAttentionAlignment
@@ -59,6 +59,6 @@ def build_discriminator(cfg: "Config") -> PatchDiscriminator3D:
 __all__ = [
     "GENERATORS", "build_generator", "build_discriminator", "count_parameters",
     "CVAAGenerator", "X2CTGenerator", "UNet3DGenerator", "PSRGenerator",
-    "PatchDiscriminator3D", "Feat2D", "Expand2Dto3D", "expand_along",
+    "PatchDiscriminator3D", "Feat2D", "Expand2Dto3D", "expand_along", "ConcatConv", "ConvNormAct",
     "ViewAttentionAlignment", "FineDistillation", "CVAAModule",
 ]

@@ -66,13 +66,13 @@ class MeanFusionLevel(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None, checkpoint: bool = False) -> None:
         super().__init__()
-        self.block = nn.Sequential(ConvNormAct(3, 2 * channels, channels),
-                                   ConvNormAct(3, channels, channels))
+        self.compress = ConvNormAct(3, (channels, channels), channels)   # over cat(U, mean)
+        self.block = ConvNormAct(3, channels, channels)
         self.up = UpConv(3, channels, out_channels) if out_channels is not None else nn.Identity()
         self.checkpoint = checkpoint
 
     def _forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-        return self.up(self.block(torch.cat([u, (f1 + f2) / 2], dim=1)))
+        return self.up(self.block(self.compress(u, (f1 + f2) / 2)))
 
     def forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) x 3 -> (B, out_channels, 2D, 2H, 2W) (or (B, C, D, H, W))."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Activation = Literal["relu", "lrelu"] | None
@@ -51,12 +52,72 @@ def activation(kind: Activation) -> nn.Module:
     raise ValueError(f"act must be 'relu', 'lrelu' or None, got {kind!r}")
 
 
-class ConvNormAct(nn.Sequential):
+class ConcatConv(nn.Module):
+    """A convolution over the channel concatenation of several inputs, without the concat.
+
+    ``ConcatConv(dims, (c1, c2), out)(x1, x2) == ConvNd(c1 + c2, out)(cat([x1, x2], 1))``
+    with the same single weight ``(out, c1 + c2, k, ...)``: each input is convolved with its
+    slice of the weight and the parts are summed. The concatenated tensor (and its
+    gradient) is never materialised, which at 128^3 spares hundreds of MB per fusion conv;
+    the inputs themselves are kept for the backward pass anyway.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of each input (an int for a single input).
+        out_channels: output channels.
+        kernel_size, stride, padding, bias: as for ``nn.Conv3d``; padding defaults to
+            ``kernel_size // 2``.
+
+    Example:
+        >>> a, b = torch.rand(1, 2, 6, 6, 6), torch.rand(1, 3, 6, 6, 6)
+        >>> m = ConcatConv(3, (2, 3), 4)
+        >>> torch.allclose(m(a, b), m.conv(torch.cat([a, b], 1)), atol=1e-6)
+        True
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int | Sequence[int], out_channels: int,
+                 kernel_size: int = 3, stride: int = 1, padding: int | None = None,
+                 bias: bool = True) -> None:
+        super().__init__()
+        splits = (in_channels,) if isinstance(in_channels, int) else tuple(in_channels)
+        if not splits:
+            raise ValueError("in_channels needs at least one entry")
+        _check_positive(**{f"in_channels[{i}]": c for i, c in enumerate(splits)})
+        _check_positive(out_channels=out_channels, kernel_size=kernel_size, stride=stride)
+        self.splits = splits
+        padding = kernel_size // 2 if padding is None else padding
+        # Holds the one weight (and its default init); applied slice by slice below.
+        self.conv = conv_type(spatial_dims)(sum(splits), out_channels, kernel_size,
+                                            stride=stride, padding=padding, bias=bias)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        """(B, c_i, *S) for each input i -> (B, out_channels, *S')."""
+        if len(xs) != len(self.splits):
+            raise ValueError(f"expected {len(self.splits)} inputs, got {len(xs)}")
+        if len(xs) == 1:
+            return self.conv(xs[0])
+        conv = self.conv
+        fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
+        out, start = None, 0
+        for x, c in zip(xs, self.splits):
+            if x.shape[1] != c:
+                raise ValueError(f"input with {x.shape[1]} channels where {c} were declared")
+            part = fn(x, conv.weight[:, start:start + c], conv.bias if out is None else None,
+                      conv.stride, conv.padding)
+            # In place: a conv's backward does not need its output.
+            out = part if out is None else out.add_(part)
+            start += c
+        return out
+
+
+class ConvNormAct(nn.Module):
     """Conv -> InstanceNorm -> activation (the paper's "basic 3D convolution block").
 
     Args:
         spatial_dims: 2 or 3.
-        in_channels, out_channels: channels in and out.
+        in_channels: input channels, or a sequence of them for several inputs that are
+            convolved as if concatenated on channels (``ConcatConv``).
+        out_channels: output channels.
         kernel_size, stride: of the convolution; padding defaults to ``kernel_size // 2``.
         norm: add instance norm (and drop the conv bias).
         act: ``relu``, ``lrelu`` or None.
@@ -66,19 +127,25 @@ class ConvNormAct(nn.Sequential):
         torch.Size([1, 8, 8, 8, 8])
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+    def __init__(self, spatial_dims: int, in_channels: int | Sequence[int], out_channels: int,
                  kernel_size: int = 3, stride: int = 1, padding: int | None = None,
                  norm: bool = True, act: Activation = "relu") -> None:
-        _check_positive(in_channels=in_channels, out_channels=out_channels,
-                        kernel_size=kernel_size, stride=stride)
-        padding = kernel_size // 2 if padding is None else padding
-        layers: list[nn.Module] = [conv_type(spatial_dims)(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-            bias=not norm)]
-        if norm:
-            layers.append(instance_norm(spatial_dims, out_channels))
-        layers.append(activation(act))
-        super().__init__(*layers)
+        super().__init__()
+        if isinstance(in_channels, int):
+            _check_positive(in_channels=in_channels, out_channels=out_channels,
+                            kernel_size=kernel_size, stride=stride)
+            pad = kernel_size // 2 if padding is None else padding
+            self.conv: nn.Module = conv_type(spatial_dims)(
+                in_channels, out_channels, kernel_size, stride=stride, padding=pad, bias=not norm)
+        else:
+            self.conv = ConcatConv(spatial_dims, in_channels, out_channels, kernel_size,
+                                   stride, padding, bias=not norm)
+        self.norm = instance_norm(spatial_dims, out_channels) if norm else nn.Identity()
+        self.act = activation(act)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *S) (or one tensor per declared input) -> (B, C_out, *S')."""
+        return self.act(self.norm(self.conv(*xs)))
 
 
 class UpConv(nn.Sequential):
@@ -136,6 +203,17 @@ class DenseBlock(nn.Sequential):
         self.out_channels = in_channels + n_layers * growth
 
 
+class _Double(nn.Module):
+    """Two ConvNormActs; the first may take several inputs (see ``ConcatConv``)."""
+
+    def __init__(self, first: ConvNormAct, second: ConvNormAct) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(*xs))
+
+
 class UNet(nn.Module):
     """Plain U-Net: double conv per level, max-pool down, up-conv + skip concat up.
 
@@ -159,9 +237,8 @@ class UNet(nn.Module):
             _check_positive(channels=c)
         self.levels = len(channels)
 
-        def double(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(ConvNormAct(spatial_dims, cin, cout),
-                                 ConvNormAct(spatial_dims, cout, cout))
+        def double(cin: int | tuple[int, int], cout: int) -> nn.Module:
+            return _Double(ConvNormAct(spatial_dims, cin, cout), ConvNormAct(spatial_dims, cout, cout))
 
         pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
         self.pool = pool(2)
@@ -171,7 +248,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(
             [UpConv(spatial_dims, channels[i], channels[i - 1]) for i in range(len(channels) - 1, 0, -1)])
         self.merge = nn.ModuleList(
-            [double(2 * channels[i - 1], channels[i - 1]) for i in range(len(channels) - 1, 0, -1)])
+            [double((channels[i - 1], channels[i - 1]), channels[i - 1])
+             for i in range(len(channels) - 1, 0, -1)])
         self.out = conv_type(spatial_dims)(channels[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +263,7 @@ class UNet(nn.Module):
             skips.append(x)
         skips.pop()
         for up, merge in zip(self.up, self.merge):
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+            x = merge(up(x), skips.pop())                     # skip concat, unmaterialised
         return self.out(x)
 
 
@@ -194,5 +272,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["ConvNormAct", "UpConv", "DenseLayer", "DenseBlock", "UNet", "conv_type",
+__all__ = ["ConcatConv", "ConvNormAct", "UpConv", "DenseLayer", "DenseBlock", "UNet", "conv_type",
            "instance_norm", "activation", "count_parameters"]

@@ -54,7 +54,8 @@ class PatchDiscriminator3D(nn.Module):
         self.expand_pa = Expand2Dto3D(1, expand_channels, VIEW_AXES[0])
         self.expand_lat = Expand2Dto3D(1, expand_channels, VIEW_AXES[1])
         layers: list[nn.Module] = []
-        c_in, extent = 1 + 2 * expand_channels, size
+        c_in: int | tuple[int, ...] = (1, expand_channels, expand_channels)
+        extent = size
         for i, c_out in enumerate(channels):
             stride = 2 if i < len(channels) - 1 else 1
             layers.append(ConvNormAct(3, c_in, c_out, kernel_size=4, stride=stride, padding=1,
@@ -79,11 +80,11 @@ class PatchDiscriminator3D(nn.Module):
         if volume.shape != (xrays.shape[0], 1, s, s, s):
             raise ValueError(f"volume must be ({xrays.shape[0]}, 1, {s}, {s}, {s}), "
                              f"got {tuple(volume.shape)}")
-        x = torch.cat([volume,
-                       self.expand_pa(xrays[:, 0:1]),      # (B, E, S, S, S), const along H
-                       self.expand_lat(xrays[:, 1:2])],    # (B, E, S, S, S), const along W
-                      dim=1)
-        return self.net(x)
+        # The first conv sees cat(volume, PA, lateral) on channels (ConcatConv: unbuilt).
+        x = self.net[0](volume,
+                        self.expand_pa(xrays[:, 0:1]),     # (B, E, S, S, S), const along H
+                        self.expand_lat(xrays[:, 1:2]))    # (B, E, S, S, S), const along W
+        return self.net[1:](x)
 
 
 __all__ = ["PatchDiscriminator3D"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import ConvNormAct, UpConv
+from .blocks import ConcatConv, ConvNormAct, UpConv
 
 
 def _check_channels(**values: int) -> None:
@@ -39,15 +39,17 @@ class ViewAttentionAlignment(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         _check_channels(channels=channels)
+        # Convs over channel concatenations take the parts separately (``ConcatConv``):
+        # same function and weights, without materialising the concatenation.
         self.structure = nn.ModuleList(
-            ConvNormAct(3, 2 * channels, channels, norm=False) for _ in range(2))
-        self.mix = nn.Conv3d(2 * channels, 2, kernel_size=7, padding=3)
+            ConvNormAct(3, (channels, channels), channels, norm=False) for _ in range(2))
+        self.mix = ConcatConv(3, (channels, channels), 2, kernel_size=7, padding=3)
 
     def weights(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(B, 2, D, H, W)``; they sum to 1 at every voxel."""
-        s1 = self.structure[0](torch.cat([u, f1], dim=1))          # (B, C, D, H, W)
-        s2 = self.structure[1](torch.cat([u, f2], dim=1))          # (B, C, D, H, W)
-        return torch.softmax(self.mix(torch.cat([s1, s2], dim=1)), dim=1)
+        s1 = self.structure[0](u, f1)                  # ReLU(Conv3d(cat(U, F1))), (B, C, D, H, W)
+        s2 = self.structure[1](u, f2)                  # ReLU(Conv3d(cat(U, F2)))
+        return torch.softmax(self.mix(s1, s2), dim=1)  # (B, 2, D, H, W)
 
     def forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """Coarse features ``(B, C, D, H, W)``."""
@@ -67,11 +69,11 @@ class FineDistillation(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         _check_channels(channels=channels)
-        self.gate = nn.Conv3d(2 * channels, 1, kernel_size=3, padding=1)
+        self.gate = ConcatConv(3, (channels, channels), 1, kernel_size=3, padding=1)
 
     def weights(self, coarse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Distillation weights ``(B, 1, D, H, W)`` in (0, 1)."""
-        return torch.sigmoid(self.gate(torch.cat([coarse, u], dim=1)))
+        return torch.sigmoid(self.gate(coarse, u))     # sigmoid(Conv3d(cat(coarse, U)))
 
     def forward(self, coarse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Fine features ``(B, C, D, H, W)``."""
@@ -105,13 +107,13 @@ class CVAAModule(nn.Module):
             _check_channels(out_channels=out_channels)
         self.vaa = ViewAttentionAlignment(channels)
         self.fd = FineDistillation(channels)
-        self.block = ConvNormAct(3, 4 * channels, channels)
+        self.block = ConvNormAct(3, (channels,) * 4, channels)
         self.up = UpConv(3, channels, out_channels) if out_channels is not None else nn.Identity()
         self.checkpoint = checkpoint
 
     def _merge(self, coarse: torch.Tensor, fine: torch.Tensor, f1: torch.Tensor,
                f2: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.up(self.block(torch.cat([coarse, fine, f1 + f2, u], dim=1)))
+        return self.up(self.block(coarse, fine, f1 + f2, u))  # Conv3dBlock(cat(...))
 
     def forward(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) x 3 -> (B, out_channels, 2D, 2H, 2W) (or (B, C, D, H, W))."""
