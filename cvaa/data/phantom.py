@@ -849,6 +849,39 @@ def phantom_shape(size: int, spacing_mm: float, margin_mm: float = 16.0) -> tupl
     return (n, n, n)
 
 
+def phantom_case_name(index: int, suffix: str = ".nii.gz") -> str:
+    """File name of case ``index`` of a phantom set: ``phantom-0007.nii.gz``."""
+    return f"phantom-{index:04d}{suffix}"
+
+
+def phantom_case(index: int, cfg: Config, *, shape: tuple[int, int, int] | None = None,
+                 spacing_mm: float | None = None,
+                 flags: list[bool] | None = None) -> tuple[Phantom, PhantomCase]:
+    """Case ``index`` of the set that ``cfg.data`` describes (seeded by ``cfg.data.seed``
+    and the index, so cases can be drawn independently and in parallel)."""
+    spacing_mm = spacing_mm or cfg.preprocess.spacing_mm
+    if shape is None:  # the crop's field of view at this spacing, plus the margin
+        crop = int(round(cfg.preprocess.size * cfg.preprocess.spacing_mm / spacing_mm))
+        shape = phantom_shape(crop, spacing_mm)
+    if flags is None:
+        flags = implant_flags(max(cfg.data.n_phantoms, index + 1),
+                              cfg.data.phantom_implant_fraction, cfg.data.seed)
+    seed = int(np.random.SeedSequence([cfg.data.seed, index]).generate_state(1)[0])
+    pid = phantom_case_name(index, "")
+    phantom = render_phantom(sample_params(seed, implants=flags[index]), shape, spacing_mm, pid)
+    return phantom, PhantomCase(pid, "", seed, flags[index])
+
+
+def write_phantom_case(index: int, cfg: Config, out_dir: str, *,
+                       spacing_mm: float | None = None) -> str:
+    """Draw case ``index`` (see :func:`phantom_case`) and write it under ``out_dir`` (local
+    or ``s3://``); returns its URI."""
+    from cvaa.data import store
+
+    phantom, _ = phantom_case(index, cfg, spacing_mm=spacing_mm)
+    return write_phantom(phantom, store.join(out_dir, phantom_case_name(index)))
+
+
 def generate_phantoms(n: int, out_dir: str | Path, cfg: Config, *,
                       shape: tuple[int, int, int] | None = None,
                       spacing_mm: float | None = None,
@@ -875,12 +908,9 @@ def generate_phantoms(n: int, out_dir: str | Path, cfg: Config, *,
     out.mkdir(parents=True, exist_ok=True)
     cases = []
     for i in range(n):
-        seed = int(np.random.SeedSequence([cfg.data.seed, i]).generate_state(1)[0])
-        pid = f"phantom-{i:04d}"
-        phantom = render_phantom(sample_params(seed, implants=flags[i]), shape, spacing_mm,
-                                 pid)
-        path = write_phantom(phantom, out / f"{pid}{suffix}")
-        cases.append(PhantomCase(pid, path, seed, flags[i]))
+        phantom, case = phantom_case(i, cfg, shape=shape, spacing_mm=spacing_mm, flags=flags)
+        path = write_phantom(phantom, out / phantom_case_name(i, suffix))
+        cases.append(PhantomCase(case.patient_id, path, case.seed, case.implants))
     with open(out / "phantoms.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(cases[0])) if cases else
                                 ["patient_id", "path", "seed", "implants"])
@@ -893,4 +923,5 @@ __all__ = [
     "LABELS", "PhantomParams", "Phantom", "PhantomCase", "sample_params", "render_phantom",
     "phantom_shape",
     "generate_phantom", "write_phantom", "implant_flags", "generate_phantoms",
+    "phantom_case", "phantom_case_name", "write_phantom_case",
 ]
