@@ -123,7 +123,8 @@ def detector_coords_mm(detector_pixels: int, pixel_pitch_mm: float) -> np.ndarra
 
 def hu_to_mu(hu: torch.Tensor, mu_water_per_mm: float) -> torch.Tensor:
     """Linear attenuation (1/mm) from HU: ``mu_water * (1 + HU / 1000)``, at least 0."""
-    return mu_water_per_mm * torch.clamp(1.0 + hu / 1000.0, min=0.0)
+    # One new tensor, then in place: this runs on every rendered volume.
+    return hu.float().mul(mu_water_per_mm / 1000.0).add_(mu_water_per_mm).clamp_(min=0.0)
 
 
 # --------------------------------------------------------------------------- sampling tables
@@ -141,6 +142,7 @@ class _Tables(NamedTuple):
     col_w: torch.Tensor     # (Np, P)
     length_mm: torch.Tensor  # (P, P): ray length each plane sample stands for
     planes_on_voxels: bool   # every main weight is 0: planes are voxel slices
+    consecutive: bool        # ... and they are consecutive slices
 
 
 def _linear(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +214,8 @@ def _tables_cached(view: str, geometry: Geometry, shape_dhw: tuple[int, int, int
     return _Tables(torch.as_tensor(main_i0, **to), torch.as_tensor(main_w, **to),
                    torch.as_tensor(row_i0, **to), torch.as_tensor(row_w, **to),
                    torch.as_tensor(col_i0, **to), torch.as_tensor(col_w, **to),
-                   torch.as_tensor(length, **to), bool((main_w == 0).all()))
+                   torch.as_tensor(length, **to), bool((main_w == 0).all()),
+                   bool((main_w == 0).all() and (np.diff(main_i0) == 1).all()))
 
 
 def _project(mu_padded: torch.Tensor, t: _Tables) -> torch.Tensor:
@@ -236,8 +239,10 @@ def _project(mu_padded: torch.Tensor, t: _Tables) -> torch.Tensor:
         hi = min(n_p, lo + chunk)
         k = hi - lo
         i0 = t.main_i0[lo:hi]
-        if t.planes_on_voxels:
-            # Planes through voxel centres: no interpolation along the main axis.
+        if t.consecutive:
+            # Planes through consecutive voxel slices: a view of the volume, no copy.
+            planes = mu_padded.narrow(1, int(i0[0]), k)                  # (B, k, Nr, Nc)
+        elif t.planes_on_voxels:
             planes = mu_padded.index_select(1, i0)                       # (B, k, Nr, Nc)
         else:
             planes = torch.lerp(mu_padded.index_select(1, i0),
@@ -278,13 +283,17 @@ def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
            else tuple(float(v) for v in isocenter_index))
     if len(iso) != 3:
         raise ValueError(f"isocenter_index must be (d, h, w), got {isocenter_index}")
-    mu = F.pad(mu_per_mm[:, 0].float(), (1, 1, 1, 1, 1, 1))             # (B, D+2, H+2, W+2)
+    mu = mu_per_mm[:, 0].float()                                          # (B, D, H, W)
     device = str(mu.device)
     out = []
     for view, perm in (("pa", (0, 2, 1, 3)), ("lateral", (0, 3, 1, 2))):
         tables = _tables_cached(view, geometry, shape, spacing, iso, device)
-        # Contiguous (main, row, col) layout: every later gather reads whole rows.
-        out.append(_project(mu.permute(*perm).contiguous(), tables))
+        # Contiguous (main, row, col) layout, padded with one voxel of air on every side:
+        # one copy, and every later gather reads whole rows.
+        permuted = mu.permute(*perm)                                      # (B, Nm, Nr, Nc)
+        padded = mu.new_zeros(permuted.shape[0], *(n + 2 for n in permuted.shape[1:]))
+        padded[:, 1:-1, 1:-1, 1:-1] = permuted
+        out.append(_project(padded, tables))
     return torch.stack(out, dim=1)                                        # (B, 2, P, P)
 
 
