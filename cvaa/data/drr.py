@@ -49,9 +49,9 @@ import torch.nn.functional as F
 
 from cvaa.config import Config, DRRConfig
 from cvaa.data.io import Volume
+from cvaa.data.preprocess import CANONICAL_DIRECTION, PreparedCT
 
 VIEWS = ("pa", "lateral")  # channel order of every X-ray pair
-CANONICAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -394,7 +394,7 @@ def render_drr(volume_hu: torch.Tensor | Volume, cfg: DRRConfig, *,
     return torch.clamp(line / cfg.log_scale, 0.0, 1.0)
 
 
-def render_prepared(prep, cfg: Config, *,
+def render_prepared(prep: PreparedCT, cfg: Config, *,
                     generator: torch.Generator | None = None) -> np.ndarray:
     """PA + lateral DRRs of a :class:`~cvaa.data.preprocess.PreparedCT`.
 

@@ -17,8 +17,8 @@ Following torchio, the random parameters are sampled first (:func:`sample_params
 frozen :class:`PhantomParams` that can be logged) and then drawn deterministically
 (:func:`render_phantom`). Drawing uses approximate signed distances of simple primitives
 (elliptic cylinders, ellipsoids, boxes, capsules) in each vertebra's local frame along a
-curved centreline: the union of a vertebra's primitives is bone, and its outer
-``cortical_mm`` is cortex.
+curved centreline: the union of a vertebra's primitives is bone, its outer millimetre is
+cortex, and voxels on a surface take the partial volume of what they cover.
 
 The volume is in the canonical orientation of :mod:`cvaa.data.preprocess` (array
 ``(D, H, W)`` = S->I, A->P, R->L; direction ``diag(1, 1, -1)``), centred on the physical
@@ -44,8 +44,7 @@ from scipy import ndimage
 
 from cvaa.config import Config
 from cvaa.data.io import Volume, check_volume, write_ct
-
-CANONICAL_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+from cvaa.data.preprocess import CANONICAL_DIRECTION
 
 # Tissue labels of the label map that comes with every phantom.
 LABELS: dict[str, int] = {
