@@ -24,10 +24,10 @@ Fast path. The source of each view lies on a volume axis (H for PA, W for latera
 points where the rays cross a plane perpendicular to that axis form a regular grid, scaled
 by the plane's magnification: the row index depends only on (plane, detector row) and the
 column index only on (plane, detector column). Trilinear sampling at those points is then
-three 1D linear interpolations (along the main axis, the rows, the columns), done with
-``index_select``/``gather`` on index tables of size ``(planes, P)``; the tables depend only
-on the geometry and the volume's shape, spacing and isocentre, so they are computed once
-and cached. Planes are ``step_mm`` apart along the main axis (Joseph's method when
+three 1D linear interpolations (along the main axis, the rows, the columns), each an
+``index_select`` of whole rows with index tables of size ``(planes, P)``; the tables depend
+only on the geometry and the volume's shape, spacing and isocentre, so they are computed
+once and cached. Cost: O(planes * P * (N + P)) per view, not O(planes * P^2 * 8). Planes are ``step_mm`` apart along the main axis (Joseph's method when
 ``step_mm`` equals the voxel size); each sample stands for a ray segment of
 ``step_mm / cos(angle of the ray to the main axis)``. Outside the volume is air (mu 0).
 
@@ -218,23 +218,21 @@ def _tables_cached(view: str, geometry: Geometry, shape_dhw: tuple[int, int, int
                    bool((main_w == 0).all() and (np.diff(main_i0) == 1).all()))
 
 
-def _project(mu_padded: torch.Tensor, t: _Tables) -> torch.Tensor:
+def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
     """Line integrals of one view.
 
     Args:
         mu_padded: ``(B, Nm + 2, Nr + 2, Nc + 2)`` attenuation (1/mm), axes permuted to
             (main, row, col), contiguous, padded with one voxel of air on every side.
         t: the view's sampling tables.
+        chunk: planes processed at a time.
 
     Returns:
         ``(B, P, P)`` dimensionless line integrals.
     """
-    b, _, _, n_c = mu_padded.shape
+    b, _, n_r, n_c = mu_padded.shape
     n_p, p = t.row_i0.shape
-    # A few planes at a time keep the intermediates in cache: on a 2-core CPU this is
-    # 3-4x faster than materialising all planes for a batch of 4 at 128^3.
-    chunk = max(4, 32 // b)
-    total = mu_padded.new_zeros(b, p, p)
+    total = mu_padded.new_zeros(b, p, p)                                  # (B, Pc, Pr)
     for lo in range(0, n_p, chunk):
         hi = min(n_p, lo + chunk)
         k = hi - lo
@@ -243,19 +241,27 @@ def _project(mu_padded: torch.Tensor, t: _Tables) -> torch.Tensor:
             # Planes through consecutive voxel slices: a view of the volume, no copy.
             planes = mu_padded.narrow(1, int(i0[0]), k)                  # (B, k, Nr, Nc)
         elif t.planes_on_voxels:
-            planes = mu_padded.index_select(1, i0)                       # (B, k, Nr, Nc)
+            planes = mu_padded.index_select(1, i0)
         else:
             planes = torch.lerp(mu_padded.index_select(1, i0),
                                 mu_padded.index_select(1, i0 + 1),
-                                t.main_w[lo:hi].view(1, k, 1, 1))        # (B, k, Nr, Nc)
-        idx = t.row_i0[lo:hi].view(1, k, p, 1).expand(b, k, p, n_c)
-        rows = torch.lerp(planes.gather(2, idx), planes.gather(2, idx + 1),
-                          t.row_w[lo:hi].view(1, k, p, 1))               # (B, k, P, Nc)
-        idx = t.col_i0[lo:hi].view(1, k, 1, p).expand(b, k, p, p)
-        samples = torch.lerp(rows.gather(3, idx), rows.gather(3, idx + 1),
-                             t.col_w[lo:hi].view(1, k, 1, p))            # (B, k, P, P)
-        total += samples.sum(1)
-    return total * t.length_mm                                            # (B, P, P)
+                                t.main_w[lo:hi].view(1, k, 1, 1))
+        # Rows: each plane's detector rows are whole rows of that plane, so one
+        # index_select over the flattened (plane, row) axis copies them (no per-element
+        # index, unlike gather).
+        plane_base = torch.arange(k, device=i0.device)[:, None]
+        rows_at = (t.row_i0[lo:hi] + plane_base * n_r).reshape(-1)        # (k * P,)
+        flat = planes.reshape(b, k * n_r, n_c)
+        rows = torch.lerp(flat.index_select(1, rows_at), flat.index_select(1, rows_at + 1),
+                          t.row_w[lo:hi].reshape(1, -1, 1))               # (B, k*P, Nc)
+        # Columns the same way, after putting them on the middle axis.
+        rows = rows.view(b, k, p, n_c).transpose(2, 3).reshape(b, k * n_c, p)
+        cols_at = (t.col_i0[lo:hi] + plane_base * n_c).reshape(-1)        # (k * P,)
+        samples = torch.lerp(rows.index_select(1, cols_at),
+                             rows.index_select(1, cols_at + 1),
+                             t.col_w[lo:hi].reshape(1, -1, 1))            # (B, k*Pc, Pr)
+        total += samples.view(b, k, p, p).sum(1)
+    return total.transpose(1, 2) * t.length_mm                            # (B, Pr, Pc)
 
 
 def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
@@ -293,7 +299,13 @@ def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
         permuted = mu.permute(*perm)                                      # (B, Nm, Nr, Nc)
         padded = mu.new_zeros(permuted.shape[0], *(n + 2 for n in permuted.shape[1:]))
         padded[:, 1:-1, 1:-1, 1:-1] = permuted
-        out.append(_project(padded, tables))
+        if padded.device.type == "cpu":
+            # One volume and 16 planes at a time keep the intermediates in the CPU's cache:
+            # at 128^3 that is 2x faster per volume than a batch of 4 in 8-plane chunks.
+            image = torch.cat([_project(v, tables, chunk=16) for v in padded.split(1)])
+        else:
+            image = _project(padded, tables, chunk=tables.row_i0.shape[0])
+        out.append(image)
     return torch.stack(out, dim=1)                                        # (B, 2, P, P)
 
 
