@@ -65,7 +65,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 
     Example:
         >>> y = torch.zeros(1, 1, 4, 4, 4)
-        >>> psnr(y + 0.1, y).item()  # MSE 0.01 -> 20 dB
+        >>> round(psnr(y + 0.1, y).item(), 4)  # MSE 0.01 -> 20 dB
         20.0
     """
     if data_range <= 0:
