@@ -232,7 +232,7 @@ def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
     """
     b, _, n_r, n_c = mu_padded.shape
     n_p, p = t.row_i0.shape
-    total = mu_padded.new_zeros(b, p, p)                                  # (B, Pc, Pr)
+    parts = []
     for lo in range(0, n_p, chunk):
         hi = min(n_p, lo + chunk)
         k = hi - lo
@@ -247,20 +247,21 @@ def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
                                 mu_padded.index_select(1, i0 + 1),
                                 t.main_w[lo:hi].view(1, k, 1, 1))
         # Rows: each plane's detector rows are whole rows of that plane, so one
-        # index_select over the flattened (plane, row) axis copies them (no per-element
-        # index, unlike gather).
-        plane_base = torch.arange(k, device=i0.device)[:, None]
-        rows_at = (t.row_i0[lo:hi] + plane_base * n_r).reshape(-1)        # (k * P,)
-        flat = planes.reshape(b, k * n_r, n_c)
-        rows = torch.lerp(flat.index_select(1, rows_at), flat.index_select(1, rows_at + 1),
-                          t.row_w[lo:hi].reshape(1, -1, 1))               # (B, k*P, Nc)
+        # index_select over the flattened (plane, row) axis copies both neighbours of
+        # every sample row (no per-element index, unlike gather; few large ops).
+        base = torch.arange(k, device=i0.device)[:, None]
+        at = (t.row_i0[lo:hi] + base * n_r).reshape(1, -1)                # (1, k*P)
+        both = planes.reshape(b, k * n_r, n_c).index_select(
+            1, torch.cat([at, at + 1]).reshape(-1)).view(b, 2, k * p, n_c)
+        rows = torch.lerp(both[:, 0], both[:, 1], t.row_w[lo:hi].reshape(1, -1, 1))
         # Columns the same way, after putting them on the middle axis.
         rows = rows.view(b, k, p, n_c).transpose(2, 3).reshape(b, k * n_c, p)
-        cols_at = (t.col_i0[lo:hi] + plane_base * n_c).reshape(-1)        # (k * P,)
-        samples = torch.lerp(rows.index_select(1, cols_at),
-                             rows.index_select(1, cols_at + 1),
+        at = (t.col_i0[lo:hi] + base * n_c).reshape(1, -1)                # (1, k*P)
+        both = rows.index_select(1, torch.cat([at, at + 1]).reshape(-1)).view(b, 2, k * p, p)
+        samples = torch.lerp(both[:, 0], both[:, 1],
                              t.col_w[lo:hi].reshape(1, -1, 1))            # (B, k*Pc, Pr)
-        total += samples.view(b, k, p, p).sum(1)
+        parts.append(samples.view(b, k, p, p).sum(1))                    # (B, Pc, Pr)
+    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
     return total.transpose(1, 2) * t.length_mm                            # (B, Pr, Pc)
 
 
@@ -292,17 +293,22 @@ def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
     mu = mu_per_mm[:, 0].float()                                          # (B, D, H, W)
     device = str(mu.device)
     out = []
-    for view, perm in (("pa", (0, 2, 1, 3)), ("lateral", (0, 3, 1, 2))):
+    for view in VIEWS:
         tables = _tables_cached(view, geometry, shape, spacing, iso, device)
-        # Contiguous (main, row, col) layout, padded with one voxel of air on every side:
-        # one copy, and every later gather reads whole rows.
-        permuted = mu.permute(*perm)                                      # (B, Nm, Nr, Nc)
+        # Contiguous (main, row, col) layout, padded with one voxel of air on every side,
+        # so every later selection copies whole rows.
+        if view == "pa":
+            permuted = mu.permute(0, 2, 1, 3)                             # (B, H, D, W)
+        else:
+            # (B, W, D, H): swapping the two fastest axes first, then moving whole rows,
+            # is 2x faster than one scattered copy.
+            permuted = mu.transpose(2, 3).contiguous().permute(0, 2, 1, 3)
         padded = mu.new_zeros(permuted.shape[0], *(n + 2 for n in permuted.shape[1:]))
         padded[:, 1:-1, 1:-1, 1:-1] = permuted
         if padded.device.type == "cpu":
-            # One volume and 16 planes at a time keep the intermediates in the CPU's cache:
+            # One volume and 32 planes at a time keep the intermediates in the CPU's cache:
             # at 128^3 that is 2x faster per volume than a batch of 4 in 8-plane chunks.
-            image = torch.cat([_project(v, tables, chunk=16) for v in padded.split(1)])
+            image = torch.cat([_project(v, tables, chunk=32) for v in padded.split(1)])
         else:
             image = _project(padded, tables, chunk=tables.row_i0.shape[0])
         out.append(image)
