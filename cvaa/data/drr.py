@@ -143,6 +143,7 @@ class _Tables(NamedTuple):
     length_mm: torch.Tensor  # (P, P): ray length each plane sample stands for
     planes_on_voxels: bool   # every main weight is 0: planes are voxel slices
     consecutive: bool        # ... and they are consecutive slices
+    main_start: int          # the first plane's slice (host int: no device sync)
 
 
 def _linear(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +216,8 @@ def _tables_cached(view: str, geometry: Geometry, shape_dhw: tuple[int, int, int
                    torch.as_tensor(row_i0, **to), torch.as_tensor(row_w, **to),
                    torch.as_tensor(col_i0, **to), torch.as_tensor(col_w, **to),
                    torch.as_tensor(length, **to), bool((main_w == 0).all()),
-                   bool((main_w == 0).all() and (np.diff(main_i0) == 1).all()))
+                   bool((main_w == 0).all() and (np.diff(main_i0) == 1).all()),
+                   int(main_i0[0]))
 
 
 def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
@@ -239,7 +241,7 @@ def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
         i0 = t.main_i0[lo:hi]
         if t.consecutive:
             # Planes through consecutive voxel slices: a view of the volume, no copy.
-            planes = mu_padded.narrow(1, int(i0[0]), k)                  # (B, k, Nr, Nc)
+            planes = mu_padded.narrow(1, t.main_start + lo, k)           # (B, k, Nr, Nc)
         elif t.planes_on_voxels:
             planes = mu_padded.index_select(1, i0)
         else:
