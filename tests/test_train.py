@@ -1,10 +1,12 @@
 """jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,11 +153,16 @@ def test_ray_job_submit_against_a_local_head(tmp_path, prepared_cpu):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     port, dash = _free_port(), _free_port()
+    short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix sockets: <108 bytes
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray-tmp'}"],
+         # The session's own local cluster holds Ray's default agent ports.
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--temp-dir={short_tmp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -174,17 +181,31 @@ def test_ray_job_submit_against_a_local_head(tmp_path, prepared_cpu):
                "--storage", str(tmp_path / "ray"), "--mlflow-uri",
                f"sqlite:///{tmp_path}/mlflow.db", "--register-name", "submitted",
                "--set", "train.cpus_per_worker=0.5"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(20):   # the job agent comes up a little after the dashboard
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in proc.stderr:
+                break
+            time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         assert "registered model: models:/submitted@candidate" in proc.stdout
         assert "succeeded" in proc.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        _stop_group(head)
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+def _stop_group(proc, grace_s=30):
+    """SIGTERM the process group (`ray start --block` stops its cluster), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            head.wait(30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace_s)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+            continue
 
 
 # --------------------------------------------------------------------------- cluster.yaml

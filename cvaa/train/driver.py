@@ -115,12 +115,12 @@ def fit(job: TrainJob, log=print) -> dict[str, Any]:
         raise
     wall = time.perf_counter() - start
     metrics = dict(result.metrics or {})
-    if metrics.get("nonfinite"):
+    outcome = result.return_value or {}
+    if outcome.get("status") == "nonfinite":
         logger.set_terminated("FAILED")
         kept = result.checkpoint.path if result.checkpoint else "none (first epoch)"
         raise NonFiniteLossError(f"training stopped: non-finite loss at "
-                                 f"{metrics.get('nonfinite_message')}; last good checkpoint: "
-                                 f"{kept}")
+                                 f"{outcome.get('message')}; last good checkpoint: {kept}")
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
 

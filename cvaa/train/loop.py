@@ -8,7 +8,8 @@
 
 Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (a
 ``checkpoint.pt`` readable with ``torch.load(..., weights_only=True)``) and alone talks to
-MLflow. A restarted worker group resumes from ``ray.train.get_checkpoint()``.
+MLflow. A restarted worker group resumes from ``ray.train.get_checkpoint()``. The return
+value (``Result.return_value``) says whether the run completed or stopped on a NaN/inf.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cvaa.train.gan import GANTrainer, NonFiniteLossError, unwrap
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -106,9 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if nonfinite:
             # Stop every rank cleanly (no retries: a NaN would recur); the last good
             # checkpoint stays the run's checkpoint, the driver raises with this message.
-            ray.train.report({"epoch": epoch + 1, "nonfinite": 1.0,
-                              "nonfinite_message": nonfinite})
-            return
+            ray.train.report({"epoch": epoch + 1, "nonfinite": 1.0})
+            return {"status": "nonfinite", "message": nonfinite}
         metrics: dict[str, Any] = {k: _mean_over_ranks(v / max(steps, 1), distributed, device)
                                    for k, v in sorted(sums.items())}
         metrics.update(_validate(unwrap(generator), val_set, cfg, distributed, device))
@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+    return {"status": "completed", "epochs": cfg.train.epochs}
 
 
 def _mean_over_ranks(value: float, distributed: bool, device) -> float:
@@ -174,6 +175,9 @@ def _maybe_kill(inject: dict[str, Any], epoch: int, rank: int, world: int) -> No
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
     print(f"[train] injected failure: rank {rank} exits at epoch {epoch + 1}", flush=True)
+    # Die a little into the epoch, as a real failure would: Ray Train's controller
+    # collects the previous epoch's report (and checkpoint) by polling the workers.
+    time.sleep(5)
     os._exit(1)
 
 
