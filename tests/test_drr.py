@@ -289,3 +289,19 @@ def test_plane_steps_agree_on_a_smooth_volume(step_mm):
     ref = line_integrals(mu, Geometry(SAD, SID, 32, 3.0, 0.0), 2.0)
     out = line_integrals(mu, Geometry(SAD, SID, 32, 3.0, step_mm), 2.0)
     assert torch.allclose(out, ref, rtol=0.03, atol=1e-4)
+
+
+def test_single_and_multi_threaded_paths_agree():
+    # The CPU path picks its plane chunking by the thread count; both must agree.
+    gen = torch.Generator().manual_seed(3)
+    hu = torch.rand(2, 1, 24, 40, 36, generator=gen) * 1500 - 1000
+    cfg = DRRConfig(detector_pixels=24)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = render_drr(hu, cfg, spacing_mm=3.0)
+        torch.set_num_threads(2)
+        two = render_drr(hu, cfg, spacing_mm=3.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(one, two, atol=1e-6)
