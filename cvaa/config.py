@@ -257,7 +257,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # CPU demo and tests: the same 256 mm field of view at 8 mm, 32^3, narrow networks.
     "cpu": {
-        "data": {"n_phantoms": 32},
         "preprocess": {"spacing_mm": 8.0, "size": 32},
         "drr": {"detector_pixels": 32, "step_mm": 4.0},
         "model": {
@@ -271,8 +270,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "disc_channels": (8, 16, 32),
             "disc_expand_channels": 4,
         },
-        "optim": {"constant_epochs": 3, "decay_epochs": 3},
-        "train": {"epochs": 6, "batch_size": 4, "figure_every": 2},
+        "optim": {"constant_epochs": 8, "decay_epochs": 8},
+        "train": {"epochs": 16, "batch_size": 4, "figure_every": 4},
     },
 }
 
