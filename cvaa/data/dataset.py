@@ -142,7 +142,13 @@ def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
                               "source_uri": item.uri, "config_hash": config_hash(cfg)}
     try:
         prep = prepare_ct(read_ct(item.uri), cfg.preprocess)
-        xrays = render_prepared(prep, cfg)  # (2, P, P) float32 in [0, 1]
+        generator = None
+        if cfg.drr.photons > 0:  # per-case noise, reproducible from the case id and seed
+            import torch
+            seed = int.from_bytes(hashlib.sha256(
+                f"{cfg.drr.seed}:{item.case_id}".encode()).digest()[:8], "little")
+            generator = torch.Generator().manual_seed(seed)
+        xrays = render_prepared(prep, cfg, generator=generator)  # (2, P, P) in [0, 1]
         record.update(
             status="prepared",
             path=f"cases/{item.case_id}.npz",
