@@ -182,7 +182,9 @@ class TrainConfig:
         figure_every: log a slice figure (and the checkpoint as an MLflow artifact) every K
             epochs, and at the last.
         num_workers: Ray Train workers (DDP ranks).
-        use_gpu: one GPU per worker.
+        use_gpu: give each worker ``gpus_per_worker`` GPUs.
+        gpus_per_worker: GPUs reserved per worker when ``use_gpu`` (a fraction lets
+            several Tune trials share one GPU; above 1 it must be a whole number).
         accelerator_type: Ray accelerator label the workers must run on (e.g. ``A40``).
         cpus_per_worker: CPUs reserved per worker (leave some for Ray Data on small nodes).
         precision: autocast dtype on GPU: ``bf16`` (no loss scaling needed), ``fp16``
@@ -198,6 +200,7 @@ class TrainConfig:
     figure_every: int = 10
     num_workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0
     accelerator_type: str = ""
     cpus_per_worker: float = 1.0
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -57,8 +57,20 @@ def storage_filesystem(storage: str):
                            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
-def fit(job: TrainJob, log=print) -> dict[str, Any]:
+def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
+        parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+        register: bool = True) -> dict[str, Any]:
     """Train, evaluate on the test split, log to MLflow and register the generator.
+
+    Args:
+        job: the resolved job.
+        log: where progress lines go.
+        callbacks: extra Ray Train ``RunConfig`` callbacks (a Tune trial passes
+            ``TuneReportCallback``).
+        parent_run_id: makes the MLflow run a child of this run (a Tune sweep's run).
+        tags: extra tags of a newly created MLflow run.
+        register: log and register the generator; without it ``model_uri`` and
+            ``version`` are ``None`` (a sweep registers only its best trial).
 
     Returns ``{"model_uri", "run_id", "table", "rows", "metrics", "checkpoint", ...}``.
 
@@ -75,9 +87,11 @@ def fit(job: TrainJob, log=print) -> dict[str, Any]:
     run_id = tracking.find_run(job.mlflow_uri, experiment_id, job.run_name)
     if run_id is None:
         import mlflow
+        run_tags = {"cvaa.model": cfg.model.generator, "cvaa.data": job.data, **(tags or {})}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
         run = mlflow.MlflowClient(job.mlflow_uri).create_run(
-            experiment_id, run_name=job.run_name,
-            tags={"cvaa.model": cfg.model.generator, "cvaa.data": job.data})
+            experiment_id, run_name=job.run_name, tags=run_tags)
         run_id = run.info.run_id
         log(f"[train] MLflow run {run_id} ({job.run_name}) at {job.mlflow_uri}")
     else:
@@ -90,7 +104,7 @@ def fit(job: TrainJob, log=print) -> dict[str, Any]:
     train_cfg = cfg.train
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = train_cfg.gpus_per_worker
     scaling = ray.train.ScalingConfig(
         num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
         resources_per_worker=resources,
@@ -101,7 +115,8 @@ def fit(job: TrainJob, log=print) -> dict[str, Any]:
         failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=train_cfg.checkpoints_to_keep),
-        worker_runtime_env={"env_vars": _forwarded_env()})
+        worker_runtime_env={"env_vars": _forwarded_env()},
+        callbacks=list(callbacks) or None)
     loop_config = {"cfg": cfg.to_dict(), "data": job.data,
                    "mlflow": {"tracking_uri": job.mlflow_uri, "run_id": run_id},
                    "inject": job.inject}
@@ -143,8 +158,10 @@ def fit(job: TrainJob, log=print) -> dict[str, Any]:
                         if isinstance(v, float)}, state["epoch"] + 1)
     logger.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
     _log_curves(logger, state.get("history", {}), label)
-    registered = tracking.log_generator(run_id, generator, cfg.to_dict(), job.register_name,
-                                        job.alias, job.mlflow_uri)
+    registered = {"model_uri": None, "version": None}
+    if register:
+        registered = tracking.log_generator(run_id, generator, cfg.to_dict(),
+                                            job.register_name, job.alias, job.mlflow_uri)
     logger.set_terminated("FINISHED")
     return {"model_uri": registered["model_uri"], "version": registered["version"],
             "run_id": run_id, "table": table, "rows": rows, "metrics": metrics,

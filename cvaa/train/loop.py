@@ -30,6 +30,8 @@ from cvaa.models import build_discriminator, build_generator
 from cvaa.train.gan import GANTrainer, NonFiniteLossError, unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Reported every epoch as ``val/<name>`` (means over the validation patients).
+VAL_METRICS = ("mae", "mse", "cosine", "psnr", "ssim", "psnr_x2ct", "ssim_x2ct")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -153,7 +155,7 @@ def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
     """Mean validation metrics over all ranks' shards, keyed ``val/<metric>``."""
     results = evaluate_cases(generator, (val_set[i] for i in range(len(val_set))),
                              batch_size=cfg.train.batch_size)
-    keys = ["mae", "mse", "cosine", "psnr", "ssim", "psnr_x2ct", "ssim_x2ct"]
+    keys = list(VAL_METRICS)
     sums = torch.tensor([sum(r[k] for r in results) for k in keys] + [len(results)],
                         dtype=torch.float64, device=device)
     if distributed:
