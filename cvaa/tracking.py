@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 EXPERIMENT = "cvaa"
 
@@ -161,3 +161,127 @@ def load_generator(model_uri: str, tracking_uri: str | None = None):
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+
+
+# --------------------------------------------------------------------------- inference side
+
+class ModelLookupError(LookupError):
+    """A model URI that names nothing in the registry, or a model without cvaa metadata."""
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The tracking store cannot be reached: a server that does not answer, or a local
+    store that does not exist (looking a model up must not create an empty one)."""
+
+
+def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the URI, when the store behind ``tracking_uri`` is not there.
+
+    MLflow itself retries an unreachable server for minutes before it gives up.
+    """
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise TrackingUnavailableError(f"{tracking_uri}: no MLflow database at {db}")
+    elif tracking_uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+        except urllib.error.HTTPError:
+            pass  # it answered (an auth proxy may refuse /health): reachable
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailableError(f"{tracking_uri}: tracking server unreachable "
+                                           f"({reason})") from exc
+    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        root = Path(tracking_uri[len("file://"):] if tracking_uri.startswith("file://")
+                    else tracking_uri)
+        if not root.is_dir():
+            raise TrackingUnavailableError(f"{tracking_uri}: no MLflow file store at {root}")
+
+
+class LoadedModel(NamedTuple):
+    """A registered generator with what the inference side needs to know about it.
+
+    Attributes:
+        generator: the ``nn.Module`` in eval mode, on CPU.
+        config: the resolved config dict it was trained with (``cvaa_config`` metadata).
+        uri: the model URI it was loaded from.
+        label: ``NAME@ALIAS (vN)``, ``NAME vN``, or the URI, for tables and figures.
+        version: the registry version, or ``""`` for a URI outside the registry.
+    """
+
+    generator: Any
+    config: dict[str, Any]
+    uri: str
+    label: str
+    version: str
+
+
+def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
+    """Look up ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``, ``runs:/...``) and load
+    the generator with its ``cvaa_config`` metadata (written by :func:`log_generator`).
+
+    Raises:
+        TrackingUnavailableError: the store cannot be reached.
+        ModelLookupError: no such model, version or alias (the message lists the aliases
+            there are), or a model logged without ``cvaa_config``.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    check_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    label, version = model_uri, ""
+    if model_uri.startswith("models:/"):
+        ref = model_uri[len("models:/"):].rstrip("/")
+        name, at, alias = ref.partition("@")
+        number = ""
+        if not at and "/" in ref:
+            name, _, number = ref.rpartition("/")
+        try:
+            registered = client.get_registered_model(name)
+        except MlflowException as exc:
+            raise ModelLookupError(f"{model_uri}: no registered model {name!r} in "
+                                   f"{tracking_uri}") from exc
+        aliases = dict(registered.aliases or {})
+        if at:
+            if alias not in aliases:
+                raise ModelLookupError(f"{model_uri}: registered model {name!r} has no alias "
+                                       f"{alias!r} (aliases: {sorted(aliases) or 'none'})")
+            version = str(aliases[alias])
+            label = f"{name}@{alias} (v{version})"
+        elif number:
+            try:
+                version = client.get_model_version(name, number).version
+            except MlflowException as exc:
+                raise ModelLookupError(f"{model_uri}: registered model {name!r} has no "
+                                       f"version {number!r}") from exc
+            label = f"{name} v{version}"
+        else:
+            raise ModelLookupError(f"{model_uri}: name an alias or a version "
+                                   f"(models:/{name}@ALIAS or models:/{name}/VERSION)")
+    try:
+        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    except MlflowException as exc:
+        raise ModelLookupError(f"{model_uri}: cannot read the model ({exc.message})") from exc
+    if "cvaa_config" not in metadata:
+        raise ModelLookupError(f"{model_uri}: no 'cvaa_config' in the model's metadata; log "
+                               "it with cvaa.tracking.log_generator")
+    generator = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    return LoadedModel(generator, metadata["cvaa_config"], model_uri, label, version)
+
+
+def create_run(tracking_uri: str, run_name: str, tags: Mapping[str, str] | None = None,
+               experiment: str = EXPERIMENT) -> str:
+    """A new run in ``experiment`` (created if needed); returns its id."""
+    import mlflow
+
+    experiment_id = setup(tracking_uri, experiment)
+    run = mlflow.MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name,
+                                                       tags=dict(tags or {}))
+    return run.info.run_id

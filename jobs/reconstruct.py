@@ -1,0 +1,149 @@
+"""Reconstruct a CT (HU) from a PA and a lateral X-ray with a registered generator.
+
+    python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
+        --pa pa.dcm --lateral lat.dcm --out ct.nii.gz
+    python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
+        --pa pa.png --lateral lat.png --out ct_dicom/ --dicom
+    python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
+        --from-ct ../shared/data/ct/abdomen_lumbar_3mm.nii.gz --out roundtrip.nii.gz
+
+Inputs: PNG / TIFF (8- or 16-bit), DICOM (DX, CR; MONOCHROME1 is inverted from its
+header), or 2D NIfTI / MHA / NRRD. The model was trained on DRRs with this geometry, and
+real radiographs are assumed to match it:
+
+  * two perpendicular views, PA and lateral, taken at the source-to-isocentre and
+    source-to-detector distances of the model's config (drr.sad_mm, drr.sid_mm: 1000 and
+    1500 mm by default);
+  * each image (centre-cropped to a square, then resized to drr.detector_pixels) covers
+    the reconstruction's field of view at the isocentre (preprocess.size x spacing_mm:
+    256 mm at the paper preset), centred on the region to reconstruct;
+  * rows run superior -> inferior; the PA is displayed as a radiologist sees it (patient's
+    right on the viewer's left), the lateral with anterior on the viewer's left; the two
+    views have the same pixel size;
+  * bone is bright (high attenuation = high value); use --invert otherwise.
+
+Intensities cannot be matched exactly: a DRR is a line integral of attenuation divided by a
+fixed constant (drr.log_scale), while a radiograph's stored values are a vendor-processed,
+monotonic function of it. Each view is windowed between robust percentiles (--window,
+default 0.5 99.5) mapped linearly onto --xray-range (default: air 0 to 6 attenuation
+lengths / drr.log_scale = 0.5, a typical trunk's peak in the training DRRs).
+
+The output is the model's cube in HU (clip range of the config), isotropic
+preprocess.spacing_mm voxels (2 mm at the paper preset), canonical LPS direction
+diag(1, 1, -1) (axial slices from superior to inferior), centred at (0, 0, 0) mm, or at the
+input CT's crop with --from-ct; as NIfTI / MHA / NRRD by suffix, or a DICOM CT series in a
+directory with --dicom. --from-ct renders the two DRRs from a CT with the training geometry
+and also prints the metrics against that CT's prepared cube. Bad input exits with status 2
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--pa", help="frontal (PA) X-ray file")
+    p.add_argument("--lateral", help="lateral X-ray file")
+    p.add_argument("--from-ct", metavar="CT", help="render both X-rays from this CT (file or "
+                   "DICOM series directory) with the training geometry, instead of --pa and "
+                   "--lateral; also prints the metrics against it")
+    p.add_argument("--out", required=True, help="output volume (.nii.gz, .nii, .mha, .nrrd) "
+                   "or, with --dicom, a new directory for the DICOM series")
+    p.add_argument("--dicom", action="store_true", help="write a DICOM CT series")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                        "else sqlite:///~/.cvaa/mlflow.db)")
+    p.add_argument("--invert", action="store_true",
+                   help="the X-rays show bone dark (negate them before windowing)")
+    p.add_argument("--window", nargs=2, type=float, metavar=("LOW_PCT", "HIGH_PCT"),
+                   default=None, help="intensity percentiles taken as air and as the "
+                   "brightest tissue (default 0.5 99.5)")
+    p.add_argument("--xray-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   default=None, help="training-domain values the window maps onto "
+                   "(default 0 and 6 / drr.log_scale)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_ct and (args.pa or args.lateral):
+        return _fail("give either --pa and --lateral, or --from-ct, not both")
+    if not args.from_ct and not (args.pa and args.lateral):
+        missing = " and ".join(f"--{v}" for v in ("pa", "lateral") if not getattr(args, v))
+        return _fail(f"missing X-ray view: {missing} (give both --pa and --lateral, "
+                     "or --from-ct CT)")
+
+    import torch
+
+    from cvaa import inference, tracking
+    from cvaa.config import Config
+    from cvaa.data.io import InvalidVolumeError
+    from cvaa.metrics import evaluate_batch
+
+    try:
+        inference.check_output(args.out, args.dicom)
+    except ValueError as exc:
+        return _fail(str(exc))
+    mlflow_uri = args.mlflow_uri or tracking.default_tracking_uri()
+    start = time.perf_counter()
+    try:
+        if not args.from_ct:  # bad files fail before the model is fetched
+            pa, lateral = inference.read_xray(args.pa), inference.read_xray(args.lateral)
+        model = tracking.load_model(args.model, mlflow_uri)
+        cfg = Config.from_dict(model.config, source=f"{args.model} cvaa_config")
+        loaded = time.perf_counter()
+        origin, prepared = None, None
+        if args.from_ct:
+            xrays, prepared = inference.xrays_from_ct(args.from_ct, cfg)
+            origin = prepared.cube.origin_mm
+        else:
+            xrays = inference.prepare_xrays(
+                pa, lateral, cfg, window_pct=args.window or inference.DEFAULT_WINDOW_PCT,
+                value_range=args.xray_range, invert=args.invert,
+                names=(args.pa, args.lateral))
+        prepped = time.perf_counter()
+        generator = model.generator.to(torch.device(args.device))
+        result = inference.reconstruct_to_file(
+            generator, cfg, xrays, args.out, dicom=args.dicom, origin_mm=origin,
+            source=args.from_ct or f"{args.pa} + {args.lateral}")
+    except (inference.InvalidXrayError, InvalidVolumeError, tracking.ModelLookupError,
+            tracking.TrackingUnavailableError, ValueError) as exc:
+        return _fail(str(exc))
+    total = time.perf_counter() - start
+
+    vol = result.volume
+    where = args.out if not args.dicom else f"{args.out} ({len(result.written)} DICOM slices)"
+    print(f"model: {model.label} ({cfg.model.generator}), X-rays {xrays.shape[1]}x"
+          f"{xrays.shape[2]} -> CT {'x'.join(map(str, vol.shape))} at "
+          f"{vol.spacing_mm[0]:g} mm, HU {vol.array.min():.0f}..{vol.array.max():.0f}")
+    print(f"wrote {where}")
+    print(f"time: {total:.2f} s (model load {loaded - start:.2f} s, inputs "
+          f"{prepped - loaded:.2f} s, forward {result.seconds['forward']:.2f} s on "
+          f"{args.device}, write {result.seconds['write']:.2f} s)")
+    if prepared is not None:
+        pred = torch.from_numpy(result.normalized)[None, None]
+        target = torch.from_numpy(prepared.normalized)[None, None]
+        metrics = evaluate_batch(pred, target)[0]
+        print("against the prepared CT: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

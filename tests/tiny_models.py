@@ -1,0 +1,29 @@
+"""Tiny registered generators for the inference tests: a real MLflow registry, no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cvaa import tracking
+from cvaa.config import load_config
+from cvaa.models import build_generator
+
+
+def register_tiny_models(root: Path, names: tuple[str, ...] = ("cvaa", "x2ct"),
+                         alias: str = "candidate") -> tuple[str, dict[str, str]]:
+    """Register ``build_generator(name, cpu preset)`` (seed 0) as ``tiny-NAME@alias`` in a
+    SQLite store under ``root``; returns the tracking URI and ``{name: model URI}``."""
+    uri = f"sqlite:///{root}/mlflow.db"
+    models = {}
+    for name in names:
+        cfg = load_config("cpu", overrides=[f"model.generator={name}"])
+        torch.manual_seed(0)
+        generator = build_generator(name, cfg)
+        run_id = tracking.create_run(uri, f"register-tiny-{name}")
+        out = tracking.log_generator(run_id, generator, cfg.to_dict(), f"tiny-{name}",
+                                     alias, uri)
+        tracking.RunLogger(uri, run_id).set_terminated()
+        models[name] = out["model_uri"]
+    return uri, models
