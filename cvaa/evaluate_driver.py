@@ -1,0 +1,339 @@
+"""The driver side of ``jobs/evaluate.py``: registered models x a prepared split -> Table I
+and Fig. 2, written to a directory and logged to an MLflow evaluation run.
+
+Like :mod:`cvaa.train.driver`, this is an edge module: it reaches MLflow through
+:mod:`cvaa.tracking` and imports Ray lazily, only for large splits. Small splits (at most
+``ray_threshold`` cases) run in this process; larger ones use Ray Data batch inference:
+``map_batches`` over the case ids with a callable class, so each actor loads the model once
+from the registry and then reads, predicts and scores its cases, returning only the metrics
+(the driver never holds the volumes).
+
+Example:
+    >>> out = run(EvalJob(models=["models:/cvaa-gan@candidate", "models:/x2ct@candidate"],
+    ...                   data="runs/prepared", out="runs/eval"))
+    >>> print(out["table"])
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cvaa import tracking
+from cvaa.data.dataset import CaseDataset, PreparedDataset
+from cvaa.evaluation import TABLE_COLUMNS, evaluate_cases, predict, table_markdown, table_rows
+from cvaa.figures import slice_grid
+from cvaa.metrics import evaluate_batch
+
+GROUND_TRUTH = "Ground truth"
+ENGINES = ("auto", "local", "ray")
+# Config keys that must agree between a model and the dataset it is evaluated on.
+_SHAPE_KEYS = (("preprocess", "size"), ("drr", "detector_pixels"))
+
+
+def default_output_root() -> Path:
+    return Path(os.environ.get("CVAA_HOME", Path.home() / ".cvaa")) / "evaluations"
+
+
+@dataclass
+class EvalJob:
+    """Everything ``jobs/evaluate.py`` resolved from its arguments.
+
+    Args:
+        models: model URIs, e.g. ``models:/cvaa-gan@candidate``; one table row each.
+        data: prepared dataset (local dir or ``s3://``).
+        out: directory for ``table_i.md``, ``table_i.csv``, ``per_case.csv``, ``fig2.png``.
+        split: ``test``, ``train`` or ``all``.
+        figure_cases: cases shown in Fig. 2 (the first ones of the split, sorted by id).
+        engine: ``local`` (this process), ``ray`` (Ray Data), or ``auto``: Ray when the
+            split has more than ``ray_threshold`` cases.
+        batch_size: cases per forward pass (and per Ray Data batch).
+        workers: Ray Data actors (default: one per GPU with ``use_gpu``, else one per CPU
+            of the cluster but one).
+        labels: row labels (default: each model's ``NAME@ALIAS (vN)``).
+        address: Ray cluster for the ``ray`` engine (default ``RAY_ADDRESS``, else a
+            local one started on first need).
+    """
+
+    models: Sequence[str]
+    data: str
+    out: str
+    split: str = "test"
+    mlflow_uri: str = field(default_factory=tracking.default_tracking_uri)
+    figure_cases: int = 2
+    engine: str = "auto"
+    ray_threshold: int = 64
+    batch_size: int = 4
+    workers: int | None = None
+    use_gpu: bool = False
+    labels: Sequence[str] | None = None
+    run_name: str = ""
+    experiment: str = tracking.EXPERIMENT
+    address: str | None = None
+
+
+def run(job: EvalJob, log=print) -> dict[str, Any]:
+    """Evaluate every model on the split, write the outputs, log the MLflow run.
+
+    Returns:
+        ``{"table", "rows", "per_case", "figure_columns", "files", "run_id", "engine",
+        "labels"}``; ``per_case`` maps each label to the per-case metric dicts in the
+        split's order (``case_ids``).
+
+    Raises:
+        FileNotFoundError: no prepared dataset at ``job.data``.
+        KeyError: an unknown split.
+        ValueError: bad arguments, an empty split, or a model whose sizes do not fit the
+            dataset.
+        tracking.ModelLookupError, tracking.TrackingUnavailableError: from the registry.
+    """
+    if not job.models:
+        raise ValueError("models: give at least one model URI")
+    if job.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {job.engine!r}")
+    if job.labels is not None and len(job.labels) != len(job.models):
+        raise ValueError(f"labels: {len(job.labels)} given for {len(job.models)} models")
+    if job.figure_cases < 0 or job.batch_size < 1:
+        raise ValueError("figure_cases must be >= 0 and batch_size >= 1")
+    dataset = PreparedDataset(job.data)
+    case_ids = dataset.split(job.split)
+    if not case_ids:
+        raise ValueError(f"{job.data}: split {job.split!r} has no cases")
+    models = [tracking.load_model(uri, job.mlflow_uri) for uri in job.models]
+    for m in models:
+        _check_compatible(m, dataset.config, job.data, log)
+    labels = _unique(job.labels or [m.label for m in models])
+    engine = job.engine
+    if engine == "auto":
+        engine = "ray" if len(case_ids) > job.ray_threshold else "local"
+    device = torch.device("cuda" if job.use_gpu else "cpu")
+    log(f"[evaluate] {len(models)} model(s) x {len(case_ids)} {job.split} cases of "
+        f"{job.data} ({engine})")
+
+    per_case: dict[str, list[dict[str, float]]] = {}
+    for label, m in zip(labels, models):
+        start = time.perf_counter()
+        if engine == "ray":
+            per_case[label] = evaluate_ray(m.uri, job.mlflow_uri, job.data, case_ids,
+                                           batch_size=job.batch_size, workers=job.workers,
+                                           use_gpu=job.use_gpu, address=job.address)
+        else:
+            cases = CaseDataset(dataset, case_ids, cache=False)
+            per_case[label] = evaluate_cases(m.generator.to(device),
+                                             (cases[i] for i in range(len(cases))),
+                                             batch_size=job.batch_size)
+        log(f"[evaluate] {label}: {len(case_ids)} cases in "
+            f"{time.perf_counter() - start:.1f} s")
+
+    rows = table_rows(per_case)
+    for row, m in zip(rows, models):
+        row["model_uri"], row["version"] = m.uri, m.version
+    caption = (f"Table I: {job.split} split of {job.data} ({len(case_ids)} cases); "
+               "mean (std) over cases; PSNR in dB")
+    table = table_markdown(rows)
+
+    fig_ids = case_ids[:job.figure_cases]
+    figure_columns: list[str] = []
+    png = b""
+    if fig_ids:
+        columns = figure_volumes(models, labels, dataset, fig_ids, device)
+        figure_columns = list(columns)
+        png = slice_grid(columns, row_labels=fig_ids,
+                         title=f"Fig. 2: mid-axial / sagittal / coronal ({job.split} split)")
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table_md": out / "table_i.md", "table_csv": out / "table_i.csv",
+             "per_case_csv": out / "per_case.csv"}
+    files["table_md"].write_text(f"{caption}\n\n{table}")
+    files["table_csv"].write_text(table_csv(rows))
+    files["per_case_csv"].write_text(per_case_csv(per_case, case_ids))
+    if png:
+        files["figure"] = out / "fig2.png"
+        files["figure"].write_bytes(png)
+
+    run_id = _log_run(job, rows, files, labels, len(case_ids), engine)
+    log(f"[evaluate] wrote {out}; MLflow run {run_id} at {job.mlflow_uri}")
+    return {"table": table, "caption": caption, "rows": rows, "per_case": per_case,
+            "case_ids": case_ids, "figure_columns": figure_columns,
+            "files": {k: str(v) for k, v in files.items()}, "run_id": run_id,
+            "engine": engine, "labels": labels}
+
+
+# --------------------------------------------------------------------------- pieces
+
+def _check_compatible(model: tracking.LoadedModel, data_cfg: dict[str, Any], data: str,
+                      log) -> None:
+    """Sizes must agree; other preprocessing/DRR differences are reported, not fatal."""
+    for section, key in _SHAPE_KEYS:
+        have, want = model.config[section][key], data_cfg[section][key]
+        if have != want:
+            raise ValueError(f"{model.uri}: trained with {section}.{key}={have}, but {data} "
+                             f"was prepared with {want}; evaluate it on a dataset prepared "
+                             "with the model's config")
+    for section in ("preprocess", "drr"):
+        diff = sorted(k for k in data_cfg[section]
+                      if model.config[section].get(k) != data_cfg[section][k])
+        if diff:
+            log(f"[evaluate] warning: {model.label} was trained with other {section} "
+                f"settings than {data} was prepared with: {', '.join(diff)}")
+
+
+def _unique(labels: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        name, n = label, 2
+        while name in out or name == GROUND_TRUTH:
+            name, n = f"{label} #{n}", n + 1
+        out.append(name)
+    return out
+
+
+def figure_volumes(models: Sequence[tracking.LoadedModel], labels: Sequence[str],
+                   dataset: PreparedDataset, case_ids: Sequence[str],
+                   device: torch.device) -> dict[str, list[np.ndarray]]:
+    """``{label: [(D, H, W) per case], ..., "Ground truth": [...]}`` for Fig. 2."""
+    cases = [dataset.load(c) for c in case_ids]
+    xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))     # (N, 2, P, P)
+    columns: dict[str, list[np.ndarray]] = {}
+    for label, m in zip(labels, models):
+        pred = predict(m.generator.to(device), xrays).clamp(0, 1)         # (N, 1, D, H, W)
+        columns[label] = [p[0].numpy() for p in pred]
+    columns[GROUND_TRUTH] = [c["ct"][0] for c in cases]
+    return columns
+
+
+def _metric_keys() -> list[str]:
+    return [key for conv in TABLE_COLUMNS.values() for _, key in conv]
+
+
+def table_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Table I as CSV: one row per model, ``<metric>_mean`` and ``<metric>_std`` columns."""
+    fields = ["model", "model_uri", "version", "cases"]
+    fields += [f"{k}_{s}" for k in _metric_keys() for s in ("mean", "std")]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def per_case_csv(per_case: dict[str, Sequence[dict[str, float]]],
+                 case_ids: Sequence[str]) -> str:
+    """One row per (model, case) with every metric."""
+    keys = _metric_keys()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["model", "case_id", *keys])
+    for label, results in per_case.items():
+        for case_id, r in zip(case_ids, results):
+            writer.writerow([label, case_id, *(repr(float(r[k])) for k in keys)])
+    return buf.getvalue()
+
+
+def _metric_name(label: str) -> str:
+    """``tiny@candidate (v1)`` -> ``tiny_candidate_v1`` (MLflow allows ``[A-Za-z0-9_-./ ]``)."""
+    return re.sub(r"[^A-Za-z0-9_\-.]+", "_", label).strip("_") or "model"
+
+
+def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> str:
+    run_name = job.run_name or f"evaluate-{job.split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.create_run(
+        job.mlflow_uri, run_name, experiment=job.experiment,
+        tags={"cvaa.kind": "evaluation", "cvaa.data": job.data, "cvaa.split": job.split,
+              "cvaa.models": ", ".join(job.models)})
+    logger = tracking.RunLogger(job.mlflow_uri, run_id)
+    try:
+        logger.log_params({"data": job.data, "split": job.split, "cases": n_cases,
+                           "engine": engine, "figure_cases": job.figure_cases,
+                           **{f"model.{i}": f"{label} = {uri}" for i, (label, uri)
+                              in enumerate(zip(labels, job.models))}})
+        metrics = {}
+        for row in rows:
+            name = _metric_name(row["model"])
+            for key in _metric_keys():
+                metrics[f"{name}/{key}_mean"] = row[f"{key}_mean"]
+                metrics[f"{name}/{key}_std"] = row[f"{key}_std"]
+        logger.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+        logger.log_table(rows, "evaluation/table_i.json")
+        for key in ("table_md", "table_csv", "per_case_csv"):
+            logger.log_file(files[key], "evaluation")
+        if "figure" in files:
+            logger.log_file(files["figure"], "figures")
+    except Exception:
+        logger.set_terminated("FAILED")
+        raise
+    logger.set_terminated("FINISHED")
+    return run_id
+
+
+# --------------------------------------------------------------------------- Ray Data
+
+class _CasePredictor:
+    """A Ray Data actor: loads the model once, then scores batches of case ids."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, data: str, use_gpu: bool,
+                 threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.generator = tracking.load_model(model_uri, tracking_uri).generator.to(self.device)
+        self.dataset = PreparedDataset(data)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(c) for c in batch["case_id"]]
+        cases = [self.dataset.load(c) for c in ids]
+        xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))  # (B, 2, P, P)
+        target = torch.from_numpy(np.stack([c["ct"] for c in cases]))    # (B, 1, D, H, W)
+        pred = predict(self.generator, xrays, batch_size=len(ids)).clamp(0, 1)
+        results = evaluate_batch(pred, target)
+        out = {"case_id": np.array(ids), "order": np.asarray(batch["order"])}
+        for key in results[0]:
+            out[key] = np.array([r[key] for r in results], np.float64)
+        return out
+
+
+def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequence[str], *,
+                 batch_size: int = 4, workers: int | None = None,
+                 use_gpu: bool = False, address: str | None = None
+                 ) -> list[dict[str, float]]:
+    """Per-case metrics of one model with Ray Data batch inference, in ``case_ids`` order.
+
+    The registry and the dataset must be reachable from every node (as for training).
+    """
+    import ray
+    import ray.data
+
+    from cvaa.train.prepare import forwarded_env, init_ray
+
+    init_ray(address)  # joins RAY_ADDRESS or starts a local Ray, unless already up
+    resources = ray.cluster_resources()
+    if workers is None:
+        workers = (max(1, int(resources.get("GPU", 1))) if use_gpu
+                   else max(1, int(resources.get("CPU", 2)) - 1))
+    workers = max(1, min(workers, -(-len(case_ids) // batch_size)))
+    env = forwarded_env()
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    ds = ray.data.from_items([{"case_id": c, "order": i} for i, c in enumerate(case_ids)])
+    ds = ds.map_batches(
+        _CasePredictor, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
+                               "data": data, "use_gpu": use_gpu, "threads": 1},
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1, num_gpus=1 if use_gpu else None,
+        runtime_env={"env_vars": env} if env else None)
+    rows = sorted(ds.take_all(), key=lambda r: int(r["order"]))
+    if [str(r["case_id"]) for r in rows] != list(case_ids):
+        raise RuntimeError(f"Ray Data returned {len(rows)} rows for {len(case_ids)} cases")
+    keys = [k for k in rows[0] if k not in ("case_id", "order")]
+    return [{k: float(r[k]) for k in keys} for r in rows]
