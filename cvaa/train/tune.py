@@ -1,0 +1,463 @@
+"""The driver side of ``jobs/tune.py``: Ray Tune over a search space, one TorchTrainer per trial.
+
+Ray Train V2 cannot be wrapped as ``Tuner(TorchTrainer(...))``. Each Tune trial runs
+:func:`_trial`, a small driver function (a fraction of a CPU) that resolves the trial's
+config and calls :func:`cvaa.train.driver.fit`, with ``TuneReportCallback`` in the Train
+``RunConfig``: every epoch's report of rank 0 (``val/ssim``, ``epoch``, the checkpoint
+path, ...) reaches Tune, and ASHA stops the trials that fall behind at its rungs.
+
+MLflow: the sweep is a parent run (the space file, the sweep settings, a leaderboard table
+and its Markdown); every trial is a child run (tag ``mlflow.parentRunId``) with its
+resolved params and per-epoch curves, logged by rank 0 as in ``jobs/train.py``. Trials do
+not register their models: at the end the best trial's last checkpoint is logged into its
+child run and registered as a new version with alias ``tuned-best``, so the registry gets
+one version per sweep, and ``models:/NAME@tuned-best`` is the model that won on validation.
+
+Resume: the Tune experiment lives at ``STORAGE/RUN_NAME`` and every trial's Train run at
+``STORAGE/RUN_NAME-trials/RUN_NAME-TRIAL_ID``; ``Tuner.restore`` reruns the unfinished and
+errored trials, whose ``fit`` resumes its Train run from the last checkpoint and its MLflow
+child run by name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from cvaa import tracking
+from cvaa.config import Config, ConfigError
+from cvaa.train.driver import TrainJob, load_checkpoint_generator, storage_filesystem
+from cvaa.train.gan import NonFiniteLossError
+from cvaa.train.loop import VAL_METRICS
+from cvaa.tune_space import SearchSpace
+
+VAL_METRIC_KEYS = tuple(f"val/{k}" for k in VAL_METRICS)
+# The trial's driver function mostly waits on the Train controller (which takes no CPU);
+# it needs a slot of its own so that Tune can place it next to the workers.
+DRIVER_CPUS = 0.25
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start (exists / nothing to resume) or whose trials all failed."""
+
+
+@dataclass
+class SweepJob:
+    """Everything ``jobs/tune.py`` resolved from its arguments.
+
+    Args:
+        train: the base training job: its config (before the space's values), data,
+            storage, MLflow URI, registered-model name; its ``run_name`` names the sweep.
+        space: the validated search space.
+        samples: Tune's ``num_samples`` (each draw is crossed with the space's grid).
+        metric: the validation metric ASHA and the leaderboard rank by.
+        mode: ``max`` or ``min``.
+        resume: continue the interrupted sweep of the same name and storage.
+        max_concurrent: trials at once; default: what the cluster's resources allow.
+        grace_period: ASHA's first rung, in epochs (default: :func:`asha_settings`).
+        reduction_factor: ASHA's rung ratio (default: :func:`asha_settings`).
+        driver_cpus: CPUs of each trial's driver function.
+        alias: registry alias of the best trial's model.
+        verbose: Tune's console verbosity (0 silent .. 2 every result).
+    """
+
+    train: TrainJob
+    space: SearchSpace
+    samples: int = 1
+    metric: str = "val/ssim"
+    mode: str = "max"
+    resume: bool = False
+    max_concurrent: int | None = None
+    grace_period: int | None = None
+    reduction_factor: int | None = None
+    driver_cpus: float = DRIVER_CPUS
+    alias: str = "tuned-best"
+    verbose: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.train.run_name
+
+    @property
+    def trial_storage(self) -> str:
+        return f"{self.train.storage.rstrip('/')}/{self.name}-trials"
+
+
+def asha_settings(epochs: int) -> tuple[int, int]:
+    """ASHA's ``(grace_period, reduction_factor)`` for a budget of ``epochs``.
+
+    The first rung comes after a tenth of the epochs (a GAN needs a few epochs before its
+    validation numbers mean anything); the ratio is 2 for short runs, so that they still
+    get several rungs, and 3 from 30 epochs on. 200 epochs: rungs at 20, 60, 180; 16: 2,
+    4, 8; 3: 1, 2.
+
+    Example:
+        >>> asha_settings(200), asha_settings(16), asha_settings(3)
+        ((20, 3), (2, 2), (1, 2))
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return max(1, round(epochs / 10)), (3 if epochs >= 30 else 2)
+
+
+def trial_resources(cfg: Config, driver_cpus: float = DRIVER_CPUS) -> dict[str, float]:
+    """What one trial holds: its driver function plus its Train workers."""
+    t = cfg.train
+    out = {"CPU": driver_cpus + t.num_workers * t.cpus_per_worker}
+    if t.use_gpu:
+        out["GPU"] = t.num_workers * t.gpus_per_worker
+    return out
+
+
+def max_concurrent_trials(cluster: Mapping[str, float], per_trial: Mapping[str, float]) -> int:
+    """How many trials fit the cluster at once (at least 1): the scarcest resource decides.
+
+    Example:
+        >>> max_concurrent_trials({"CPU": 16, "GPU": 4}, {"CPU": 2.25, "GPU": 1})
+        4
+        >>> max_concurrent_trials({"CPU": 2}, {"CPU": 0.75})
+        2
+    """
+    counts = [math.floor(cluster.get(k, 0.0) / need + 1e-9)
+              for k, need in per_trial.items() if need > 0]
+    return max(1, min(counts, default=1))
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path or ``sqlite:///relative.db`` made absolute; other URIs unchanged.
+
+    Example:
+        >>> absolute_uri("s3://bucket/prefix"), absolute_uri("/data/x")
+        ('s3://bucket/prefix', '/data/x')
+    """
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
+
+
+def check_sweep(sweep: SweepJob) -> None:
+    """Argument checks that need no Ray (metric, mode, counts)."""
+    if sweep.metric not in VAL_METRIC_KEYS:
+        raise ConfigError(f"--metric {sweep.metric!r} is not reported every epoch; "
+                          f"choose one of {list(VAL_METRIC_KEYS)}")
+    if sweep.mode not in ("min", "max"):
+        raise ConfigError(f"--mode must be 'min' or 'max', got {sweep.mode!r}")
+    if sweep.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {sweep.samples}")
+    if sweep.max_concurrent is not None and sweep.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {sweep.max_concurrent}")
+    epochs = sweep.train.cfg.train.epochs
+    grace, _ = asha_settings(epochs)
+    if not 1 <= (sweep.grace_period or grace) <= epochs:
+        raise ConfigError(f"--grace-period must be in [1, {epochs}] (the epochs), got "
+                          f"{sweep.grace_period}")
+    if sweep.reduction_factor is not None and sweep.reduction_factor < 2:
+        raise ConfigError(f"--reduction-factor must be >= 2, got {sweep.reduction_factor}")
+
+
+def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
+    """Run (or resume) the sweep, write the leaderboard, register the best trial's model.
+
+    Returns ``{"parent_run_id", "leaderboard" (rows, best first), "markdown", "best"
+    (its row, or None), "model_uri", "version", "wall_seconds"}``.
+
+    Raises:
+        SweepError: the sweep exists and ``resume`` is off, there is nothing to resume,
+            or no trial produced a usable model.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    check_sweep(sweep)
+    # Tune starts each trial in the trial's own directory: relative paths would move.
+    sweep.train.data = absolute_uri(sweep.train.data)
+    sweep.train.storage = absolute_uri(sweep.train.storage)
+    sweep.train.mlflow_uri = absolute_uri(sweep.train.mlflow_uri)
+    job, cfg = sweep.train, sweep.train.cfg
+    fs = storage_filesystem(job.storage)
+    experiment_path = f"{job.storage.rstrip('/')}/{sweep.name}"
+    exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if sweep.resume and not exists:
+        raise SweepError(f"nothing to resume: no Tune experiment at {experiment_path}")
+    if exists and not sweep.resume:
+        raise SweepError(f"a sweep named {sweep.name!r} already exists at {experiment_path}; "
+                         "pass --resume to continue it or choose another --run-name")
+
+    epochs = cfg.train.epochs
+    grace, factor = asha_settings(epochs)
+    grace, factor = sweep.grace_period or grace, sweep.reduction_factor or factor
+    per_trial = trial_resources(cfg, sweep.driver_cpus)
+    cluster = ray.cluster_resources()
+    concurrent = sweep.max_concurrent or max_concurrent_trials(cluster, per_trial)
+    if any(cluster.get(k, 0.0) < need for k, need in per_trial.items()):
+        log(f"[tune] warning: one trial needs {per_trial} but the cluster has "
+            f"{ {k: cluster.get(k, 0.0) for k in per_trial} }; trials wait for more nodes")
+    n_trials = sweep.samples * sweep.space.grid_size
+
+    parent_id = _parent_run(sweep, log)
+    parent = tracking.RunLogger(job.mlflow_uri, parent_id)
+    tuned = set(sweep.space.keys)
+    parent.log_params({
+        **{k: v for k, v in cfg.flat().items() if k not in tuned},
+        **{f"space.{k}": v for k, v in sweep.space.describe().items()},
+        "tune.space_file": sweep.space.source, "tune.samples": sweep.samples,
+        "tune.trials": n_trials, "tune.metric": sweep.metric, "tune.mode": sweep.mode,
+        "tune.scheduler": "ASHA", "tune.max_t": epochs, "tune.grace_period": grace,
+        "tune.reduction_factor": factor, "tune.max_concurrent": concurrent,
+        "tune.trial_resources": per_trial, "data.prepared": job.data})
+    if Path(sweep.space.source).is_file():
+        parent.log_file(sweep.space.source, "space")
+    log(f"[tune] sweep {sweep.name}: {n_trials} trials ({sweep.samples} samples x grid "
+        f"{sweep.space.grid_size}) of up to {epochs} epochs, {concurrent} at a time "
+        f"({per_trial} each); ASHA on {sweep.metric} ({sweep.mode}), rungs from epoch "
+        f"{grace}, ratio {factor}; MLflow parent run {parent_id}")
+
+    payload = {"cfg": cfg.to_dict(), "space": sweep.space, "data": job.data,
+               "trial_storage": sweep.trial_storage, "sweep": sweep.name,
+               "mlflow_uri": job.mlflow_uri, "experiment": job.experiment,
+               "parent_run_id": parent_id, "inject": job.inject}
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=payload),
+                                    {"CPU": sweep.driver_cpus})
+    start = time.perf_counter()
+    try:
+        if sweep.resume:
+            log(f"[tune] resuming {experiment_path}")
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
+        else:
+            scheduler = ASHAScheduler(
+                time_attr="epoch", max_t=epochs, grace_period=grace,
+                reduction_factor=factor,
+                # Trials that reach max_t finish on their own: stopping them at their last
+                # report would kill fit() before its test evaluation.
+                stop_last_trials=False)
+            tuner = tune.Tuner(
+                trainable, param_space=sweep.space.to_tune(),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                    num_samples=sweep.samples,
+                    # The generator's own limit: Tune ignores max_concurrent_trials when
+                    # it is handed a BasicVariantGenerator.
+                    search_alg=BasicVariantGenerator(max_concurrent=concurrent,
+                                                     random_state=cfg.train.seed),
+                    trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
+                                          storage_filesystem=fs, verbose=sweep.verbose))
+        grid = tuner.fit()
+    except BaseException:
+        parent.set_terminated("FAILED")
+        raise
+    wall = time.perf_counter() - start
+
+    rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id))
+    _finish_children(job.mlflow_uri, rows)
+    markdown = leaderboard_markdown(rows, sweep.metric)
+    if rows:
+        parent.log_table(rows, "leaderboard.json")
+    parent.log_text(markdown, "leaderboard.md")
+    best = next((r for r in rows if r["rank"] is not None), None)
+    if best is None:
+        parent.set_terminated("FAILED")
+        errors = "; ".join(f"{r['trial']}: {r['status']}" for r in rows)
+        raise SweepError(f"no trial of sweep {sweep.name} produced a model ({errors}); "
+                         "fix the cause and rerun with --resume")
+    registered = _register_best(sweep, best)
+    client = _client(job.mlflow_uri)
+    client.set_tag(parent_id, "cvaa.tune.best_trial", best["trial"])
+    client.set_tag(parent_id, "cvaa.tune.best_run_id", best["run_id"])
+    parent.log_metrics({f"best/{sweep.metric}": best[f"{sweep.metric} last"],
+                        "tune_wall_seconds": wall}, 0)
+    parent.set_terminated("FINISHED")
+    log(f"[tune] best trial {best['trial']}: {sweep.metric} "
+        f"{best[f'{sweep.metric} last']:.4f} after {best['epochs']} epochs; registered "
+        f"{registered['model_uri']} (version {registered['version']})")
+    return {"parent_run_id": parent_id, "leaderboard": rows, "markdown": markdown,
+            "best": best, "model_uri": registered["model_uri"],
+            "version": registered["version"], "wall_seconds": wall}
+
+
+# --------------------------------------------------------------------------- one trial
+
+def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """Tune's function trainable: one trial = one ``fit`` with the trial's values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cvaa.train.driver import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    space: SearchSpace = sweep["space"]
+    cfg = space.apply(Config.from_dict(sweep["cfg"]), params)
+    job = TrainJob(cfg=cfg, data=sweep["data"], run_name=f"{sweep['sweep']}-{trial_id}",
+                   storage=sweep["trial_storage"], mlflow_uri=sweep["mlflow_uri"],
+                   experiment=sweep["experiment"], inject=dict(sweep["inject"]))
+    tags = {"cvaa.tune.sweep": sweep["sweep"], "cvaa.tune.trial_id": trial_id,
+            "cvaa.tune.role": "trial"}
+    try:
+        fit(job, log=print, callbacks=[TuneReportCallback()],
+            parent_run_id=sweep["parent_run_id"], tags=tags, register=False)
+    except NonFiniteLossError as exc:
+        # A diverging combination is a result of the sweep, not an error to retry on
+        # --resume: the leaderboard shows it (the loop reported nonfinite=1).
+        print(f"[tune] trial {trial_id}: {exc}")
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial, best first: rank, trial, status, epochs, the metric's last and
+    best values, the tuned values, the child run and the last checkpoint.
+
+    Trials rank by their *last* reported value, the one that describes the checkpoint
+    that would be registered; diverged and failed trials get no rank.
+    """
+    metric, epochs_max = sweep.metric, sweep.train.cfg.train.epochs
+    rows = []
+    for result in grid:
+        m = dict(result.metrics or {})
+        trial_id = m.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        epochs = int(m.get("epoch", 0))
+        history = _history(result, metric)
+        last = m.get(metric, history[-1] if history else None)
+        if result.error is not None:
+            status = f"error: {type(result.error).__name__}: {str(result.error)[:200]}"
+        elif m.get("nonfinite"):
+            status = "diverged (non-finite loss)"
+        elif epochs < epochs_max:
+            status = f"stopped by ASHA at epoch {epochs}"
+        else:
+            status = "completed"
+        usable = (result.error is None and not m.get("nonfinite") and last is not None
+                  and math.isfinite(last) and m.get("checkpoint_path"))
+        pick = max if sweep.mode == "max" else min
+        run = runs.get(trial_id)
+        rows.append({
+            "rank": 0 if usable else None, "trial": trial_id, "status": status,
+            "epochs": epochs, f"{metric} last": last,
+            f"{metric} best": pick(history) if history else None,
+            **{k: (result.config or {}).get(k) for k in sweep.space.keys},
+            "run_id": run.info.run_id if run else None,
+            "checkpoint": m.get("checkpoint_path")})
+    sign = -1.0 if sweep.mode == "max" else 1.0
+    rows.sort(key=lambda r: (r["rank"] is None, sign * (r[f"{metric} last"] or 0.0)))
+    for i, row in enumerate(r for r in rows if r["rank"] is not None):
+        row["rank"] = i + 1
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    """The leaderboard as a Markdown table (without the checkpoint paths)."""
+    if not rows:
+        return "No trials ran.\n"
+    cols = [c for c in rows[0] if c != "checkpoint"]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = [f"Ranked by the last {metric}.", "",
+             "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---:" if isinstance(rows[0][c], (int, float)) else "---"
+                            for c in cols) + "|"]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _history(result, metric: str) -> list[float]:
+    df = result.metrics_dataframe
+    if df is None or metric not in df:
+        return []
+    return [float(v) for v in df[metric].dropna()]
+
+
+# --------------------------------------------------------------------------- MLflow
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
+def _parent_run(sweep: SweepJob, log) -> str:
+    """The sweep's MLflow run: found by name on ``--resume`` (reopened), else created."""
+    job = sweep.train
+    experiment_id = tracking.setup(job.mlflow_uri, job.experiment)
+    client = _client(job.mlflow_uri)
+    if sweep.resume:
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.runName` = '{sweep.name}' and "
+                                           "tags.`cvaa.tune.role` = 'sweep'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log(f"[tune] resuming MLflow parent run {run_id} ({sweep.name})")
+            return run_id
+    run = client.create_run(experiment_id, run_name=sweep.name, tags={
+        "cvaa.tune.role": "sweep", "cvaa.tune.space": Path(sweep.space.source).name,
+        "cvaa.model": job.cfg.model.generator, "cvaa.data": job.data})
+    return run.info.run_id
+
+
+def _child_runs(uri: str, parent_id: str) -> dict[str, Any]:
+    """``{trial_id: Run}`` of the parent's child runs."""
+    runs = _client(uri).search_runs(
+        [_client(uri).get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+    return {r.data.tags["cvaa.tune.trial_id"]: r for r in runs
+            if "cvaa.tune.trial_id" in r.data.tags}
+
+
+def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
+    """Tag each child run with its outcome; close the runs ASHA's stop left open."""
+    client = _client(uri)
+    for row in rows:
+        if row["run_id"] is None:
+            continue
+        client.set_tag(row["run_id"], "cvaa.tune.outcome", row["status"])
+        client.set_tag(row["run_id"], "cvaa.tune.rank", str(row["rank"] or "-"))
+        status = client.get_run(row["run_id"]).info.status
+        if row["status"].startswith("stopped") and status != "KILLED":
+            # ASHA stopped the trial's driver mid-fit: the run is open, or marked FAILED
+            # by fit() as the Train controller went down with it.
+            client.set_terminated(row["run_id"], "KILLED")
+        elif status == "RUNNING":
+            client.set_terminated(row["run_id"], "FAILED")
+
+
+def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
+    """Log the best trial's last checkpoint into its child run and register it."""
+    import ray.train
+
+    job = sweep.train
+    client = _client(job.mlflow_uri)
+    checkpoint = ray.train.Checkpoint(best["checkpoint"],
+                                      filesystem=storage_filesystem(job.storage))
+    generator, state = load_checkpoint_generator(checkpoint)
+    status = client.get_run(best["run_id"]).info.status
+    registered = tracking.log_generator(best["run_id"], generator, state["config"],
+                                        job.register_name, sweep.alias, job.mlflow_uri)
+    if status != "FINISHED":  # log_generator reopened and closed the run as FINISHED
+        client.set_terminated(best["run_id"], status)
+    client.set_tag(best["run_id"], "cvaa.tune.best", "true")
+    return registered
+
+
+__all__ = ["SweepError", "SweepJob", "VAL_METRIC_KEYS", "absolute_uri", "asha_settings",
+           "check_sweep",
+           "leaderboard", "leaderboard_markdown", "max_concurrent_trials", "trial_resources",
+           "tune_sweep"]
