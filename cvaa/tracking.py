@@ -195,7 +195,8 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailableError(f"{tracking_uri}: tracking server unreachable "
                                            f"({reason})") from exc
-    elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
+    elif tracking_uri.startswith("file:") or ("://" not in tracking_uri
+                                              and not tracking_uri.startswith("databricks")):
         root = Path(tracking_uri[len("file://"):] if tracking_uri.startswith("file://")
                     else tracking_uri)
         if not root.is_dir():

@@ -19,6 +19,9 @@ from cvaa.evaluation import predict
 from cvaa.metrics import evaluate_batch
 from tiny_models import register_tiny_models
 
+# Every test here evaluates on the prepared_cpu fixture, which Ray Data prepares.
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["mae", "mse", "cosine", "psnr", "ssim", "psnr_x2ct", "ssim_x2ct"]
 
@@ -126,7 +129,6 @@ def test_job_cli_one_model_makes_a_narrower_figure(evaluated, registry, prepared
         assert one.size[1] == both.size[1]                   # same cases and planes
 
 
-@pytest.mark.ray
 def test_ray_data_engine_matches_the_local_loop(evaluated, registry, prepared_cpu, tmp_path):
     _, local = evaluated
     job = EvalJob(models=[registry["x2ct"]], data=prepared_cpu, out=str(tmp_path / "ray"),

@@ -104,6 +104,22 @@ def test_png_16_bit_reads_back_the_drr_and_the_window_restores_it(tmp_path, roun
     np.testing.assert_allclose(back, xrays[0], atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["pa.nii.gz", "pa.mha", "pa.tif", "pa_rgb.png"])
+def test_other_formats_read_as_displayed(tmp_path, round_trip, name):
+    import SimpleITK as sitk
+
+    image = np.round(round_trip[0][0] * 65535).astype(np.uint16)   # rows S->I, as shown
+    path = tmp_path / name
+    if name.endswith(".tif"):
+        Image.fromarray(image).save(path)
+    elif name.endswith("_rgb.png"):
+        image = (image // 257).astype(np.uint8)
+        Image.fromarray(np.stack([image] * 3, axis=-1), mode="RGB").save(path)
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
+    np.testing.assert_allclose(inference.read_xray(path), image, atol=0.01)
+
+
 def test_normalize_is_monotonic_and_invert_flips(round_trip):
     image = round_trip[0][1] * 1000 + 7.0
     out = inference.normalize_xray(image, value_range=(0.0, 0.5))

@@ -1,0 +1,151 @@
+"""Reconstruction latency at the paper size (128^2 X-rays -> 128^3 CT), CPU and CUDA.
+
+Two numbers per generator and device:
+
+* ``forward``: ``G(x)`` for one pair of X-rays (batch 1, eval mode, ``no_grad``): a warm-up
+  call, then the median of ``--repeats`` calls.
+* ``round trip``: what ``jobs/reconstruct.py`` does after the model is loaded: read two
+  16-bit PNG radiographs (DRRs of the real lumbar CT, written once beforehand), window and
+  resize them (``cvaa.inference.prepare_xrays``), forward, back to HU and write a
+  compressed NIfTI; median of ``--repeats``, with the median of each stage.
+
+With ``--registry`` it also times the registry lookup and model load
+(``cvaa.tracking.load_model`` of ``models:/NAME@bench`` from a temporary SQLite store), the
+rest of the CLI's latency. Weights are random (seed 0): the cost does not depend on them.
+
+    python bench/inference_bench.py                          # cvaa + x2ct, CPU (+ CUDA)
+    python bench/inference_bench.py --models cvaa --repeats 5 --registry
+    python bench/inference_bench.py --preset cpu --repeats 20  # the 32^3 test size
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CT = ROOT.parent / "shared" / "data" / "ct" / "abdomen_lumbar_3mm.nii.gz"
+
+
+def _median_time(fn, repeats: int, sync=lambda: None) -> tuple[float, float]:
+    """(first call, median of ``repeats`` later calls), seconds."""
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--models", nargs="+", default=["cvaa", "x2ct"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--registry", action="store_true",
+                   help="also time the registry lookup + model load")
+    p.add_argument("--cpu", action="store_true", help="skip CUDA even if present")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cvaa import inference
+    from cvaa.config import load_config
+    from cvaa.models import build_generator, count_parameters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu else [])
+    tmp = Path(tempfile.mkdtemp(prefix="cvaa-inference-bench-"))
+    rows = []
+    for name in args.models:
+        cfg = load_config(args.preset, overrides=[f"model.generator={name}"])
+        # Real radiograph stand-ins: 16-bit PNGs of the real CT's DRRs at this geometry.
+        xrays, _ = inference.xrays_from_ct(str(CT), cfg)
+        paths = []
+        for view, image in zip(("pa", "lat"), xrays):
+            paths.append(tmp / f"{name}_{view}.png")
+            Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(paths[-1])
+        torch.manual_seed(0)
+        generator = build_generator(name, cfg).eval()
+        params = count_parameters(generator)
+        for device in devices:
+            g = generator.to(device)
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            x = torch.from_numpy(xrays)[None].to(device)
+
+            def forward():
+                with torch.no_grad():
+                    g(x)
+
+            first, fwd = _median_time(forward, args.repeats, sync)
+            stages: dict[str, list[float]] = {"read+prepare": [], "forward": [], "write": []}
+
+            def round_trip():
+                start = time.perf_counter()
+                pa, lat = (inference.read_xray(q) for q in paths)
+                prepared = inference.prepare_xrays(pa, lat, cfg)
+                stages["read+prepare"].append(time.perf_counter() - start)
+                result = inference.reconstruct_to_file(g, cfg, prepared,
+                                                       str(tmp / f"{name}_ct.nii.gz"))
+                stages["forward"].append(result.seconds["forward"])
+                stages["write"].append(result.seconds["write"])
+
+            _, trip = _median_time(round_trip, args.repeats)
+            med = {f"trip {k}": statistics.median(v[1:]) for k, v in stages.items()}
+            rows.append({"model": name, "device": device, "params": params, "first": first,
+                         "forward": fwd, "trip": trip, **med})
+            print(f"[bench] {name} on {device}: forward {fwd:.3f} s, round trip "
+                  f"{trip:.3f} s", flush=True)
+        generator.cpu()
+        if args.registry:
+            rows[-1]["load"] = _registry_load(generator, cfg, name, tmp)
+
+    size = load_config(args.preset).preprocess.size
+    print(f"\nReconstruction latency, preset {args.preset} ({size}^2 X-rays -> {size}^3 CT), "
+          f"batch 1, median of {args.repeats} after a warm-up; torch threads "
+          f"{torch.get_num_threads()}")
+    print("| model | device | params (M) | first call s | forward s | read+prepare s | "
+          "forward (in trip) s | HU + NIfTI write s | round trip s | registry load s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        load = f"{r['load']:.2f}" if "load" in r else "-"
+        print(f"| {r['model']} | {r['device']} | {r['params'] / 1e6:.1f} | {r['first']:.3f} | "
+              f"{r['forward']:.3f} | {r['trip read+prepare']:.3f} | {r['trip forward']:.3f} | "
+              f"{r['trip write']:.3f} | {r['trip']:.3f} | {load} |")
+    return 0
+
+
+def _registry_load(generator, cfg, name: str, tmp: Path) -> float:
+    """Seconds to look up ``models:/bench-NAME@bench`` and load it (median of 2)."""
+    from cvaa import tracking
+
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    run_id = tracking.create_run(uri, f"bench-{name}")
+    tracking.log_generator(run_id, generator, cfg.to_dict(), f"bench-{name}", "bench", uri)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        tracking.load_model(f"models:/bench-{name}@bench", uri)
+        times.append(time.perf_counter() - start)
+    print(f"[bench] {name}: registry lookup + load {statistics.median(times):.2f} s",
+          flush=True)
+    return statistics.median(times)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
