@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", help="row labels, one per model")
     p.add_argument("--engine", choices=("auto", "local", "ray"), default="auto",
                    help="auto: Ray Data when the split has more than --ray-threshold cases")
-    p.add_argument("--ray-threshold", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--ray-threshold", type=int, default=64,
+                   help="split size above which auto uses Ray Data (default 64)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="cases per forward pass and per Ray Data batch (default 4)")
     p.add_argument("--workers", type=int, help="Ray Data actors (default: cluster CPUs - 1, "
                                                 "or one per GPU with --gpu)")
     p.add_argument("--gpu", action="store_true", help="run the models on GPUs")
