@@ -35,10 +35,7 @@ def slice_grid(columns: Mapping[str, Sequence[np.ndarray]], row_labels: Sequence
         vmin, vmax: display window in normalised units (0.45 ~ 1300 HU: bone visible,
             soft tissue distinguishable).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     labels = list(columns)
     n_cases = len(next(iter(columns.values())))
@@ -59,21 +56,12 @@ def slice_grid(columns: Mapping[str, Sequence[np.ndarray]], row_labels: Sequence
                 if j == 0:
                     case = f"{row_labels[c]}\n" if c < len(row_labels) else ""
                     ax.set_ylabel(f"{case}{plane}", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _finish(fig, title)
 
 
 def curves_png(history: Mapping[str, Sequence[float]], title: str = "") -> bytes:
     """Line plots of per-epoch series, one panel per series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = list(history)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
@@ -81,10 +69,24 @@ def curves_png(history: Mapping[str, Sequence[float]], title: str = "") -> bytes
         ax.plot(range(1, len(history[name]) + 1), history[name], marker=".")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+    return _finish(fig, title)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, title: str) -> bytes:
+    """Title, layout, PNG bytes; the figure is closed."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()

@@ -32,9 +32,14 @@ def exists(uri: str | os.PathLike) -> bool:
         s3_client().head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _missing(exc):
             return False
         raise
+
+
+def _missing(exc) -> bool:
+    """A botocore ClientError that means "no such key"."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -47,7 +52,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if _missing(exc):
             raise FileNotFoundError(f"{uri}: no such S3 key") from exc
         raise
 
