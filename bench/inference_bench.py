@@ -21,6 +21,7 @@ rest of the CLI's latency. Weights are random (seed 0): the cost does not depend
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,19 +34,24 @@ sys.path.insert(0, str(ROOT))
 CT = ROOT.parent / "shared" / "data" / "ct" / "abdomen_lumbar_3mm.nii.gz"
 
 
-def _median_time(fn, repeats: int, sync=lambda: None) -> tuple[float, float]:
-    """(first call, median of ``repeats`` later calls), seconds."""
+def _median_time(fn, repeats: int, sync=lambda: None) -> tuple[float, float, float]:
+    """(first call, median of ``repeats`` later calls, median CPU time of those), seconds.
+
+    The process CPU time says how much work a call was when the cores are shared: the
+    wall time then depends on the neighbours (and with several threads on spinning).
+    """
     start = time.perf_counter()
     fn()
     sync()
     first = time.perf_counter() - start
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        cpu.append(time.process_time() - cpu_start)
+    return first, statistics.median(times), statistics.median(cpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     g(x)
 
-            first, fwd = _median_time(forward, args.repeats, sync)
+            first, fwd, fwd_cpu = _median_time(forward, args.repeats, sync)
             stages: dict[str, list[float]] = {"read+prepare": [], "forward": [], "write": []}
 
             def round_trip():
@@ -105,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 stages["forward"].append(result.seconds["forward"])
                 stages["write"].append(result.seconds["write"])
 
-            _, trip = _median_time(round_trip, args.repeats)
+            _, trip, trip_cpu = _median_time(round_trip, args.repeats)
             med = {f"trip {k}": statistics.median(v[1:]) for k, v in stages.items()}
             rows.append({"model": name, "device": device, "params": params, "first": first,
-                         "forward": fwd, "trip": trip, **med})
+                         "forward": fwd, "forward cpu": fwd_cpu, "trip": trip,
+                         "trip cpu": trip_cpu, **med})
             print(f"[bench] {name} on {device}: forward {fwd:.3f} s, round trip "
                   f"{trip:.3f} s", flush=True)
         generator.cpu()
@@ -116,17 +123,21 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["load"] = _registry_load(generator, cfg, name, tmp)
 
     size = load_config(args.preset).preprocess.size
-    print(f"\nReconstruction latency, preset {args.preset} ({size}^2 X-rays -> {size}^3 CT), "
+    print(f"\nload average {' '.join(f'{v:.1f}' for v in os.getloadavg())} on "
+          f"{os.cpu_count()} CPUs")
+    print(f"Reconstruction latency, preset {args.preset} ({size}^2 X-rays -> {size}^3 CT), "
           f"batch 1, median of {args.repeats} after a warm-up; torch threads "
           f"{torch.get_num_threads()}")
-    print("| model | device | params (M) | first call s | forward s | read+prepare s | "
-          "forward (in trip) s | HU + NIfTI write s | round trip s | registry load s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | device | params (M) | first call s | forward s | forward CPU s | "
+          "read+prepare s | forward (in trip) s | HU + NIfTI write s | round trip s | "
+          "round trip CPU s | registry load s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         load = f"{r['load']:.2f}" if "load" in r else "-"
         print(f"| {r['model']} | {r['device']} | {r['params'] / 1e6:.1f} | {r['first']:.3f} | "
-              f"{r['forward']:.3f} | {r['trip read+prepare']:.3f} | {r['trip forward']:.3f} | "
-              f"{r['trip write']:.3f} | {r['trip']:.3f} | {load} |")
+              f"{r['forward']:.3f} | {r['forward cpu']:.3f} | {r['trip read+prepare']:.3f} | "
+              f"{r['trip forward']:.3f} | {r['trip write']:.3f} | {r['trip']:.3f} | "
+              f"{r['trip cpu']:.3f} | {load} |")
     return 0
 
 
