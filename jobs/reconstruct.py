@@ -18,8 +18,8 @@ real radiographs are assumed to match it:
     the reconstruction's field of view at the isocentre (preprocess.size x spacing_mm:
     256 mm at the paper preset), centred on the region to reconstruct;
   * rows run superior -> inferior; the PA is displayed as a radiologist sees it (patient's
-    right on the viewer's left), the lateral with anterior on the viewer's left; the two
-    views have the same pixel size;
+    right on the viewer's left), the lateral with anterior on the viewer's left; both
+    images have the same size in pixels (one detector);
   * bone is bright (high attenuation = high value); use --invert otherwise.
 
 Intensities cannot be matched exactly: a DRR is a line integral of attenuation divided by a
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
