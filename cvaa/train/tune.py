@@ -249,12 +249,14 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
                                                      random_state=cfg.train.seed),
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
-                                          storage_filesystem=fs, verbose=sweep.verbose))
+                                          storage_filesystem=fs, verbose=sweep.verbose,
+                                          callbacks=[_reaper_callback()]))
         grid = tuner.fit()
     except BaseException:
         parent.set_terminated("FAILED")
         raise
     wall = time.perf_counter() - start
+    _release_stopped_trials()
 
     rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id))
     _finish_children(job.mlflow_uri, rows)
@@ -281,6 +283,70 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
     return {"parent_run_id": parent_id, "leaderboard": rows, "markdown": markdown,
             "best": best, "model_uri": registered["model_uri"],
             "version": registered["version"], "wall_seconds": wall}
+
+
+# --------------------------------------------------------------------------- resources
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead; returns how many.
+
+    When ASHA stops a trial, Tune ends the trial's actor, and with it the Train controller
+    it owns, so the controller cannot remove its worker group's placement group. Train V2
+    leaves that to a detached cleaner that asks the State API (the dashboard) whether the
+    controller still lives; without a dashboard (a local ``ray.init`` as in the tests and
+    ``jobs/tune.py``'s local default) the stopped trial's workers' CPUs and GPUs would stay
+    reserved until the sweep ends, and the next trials could starve. Placement groups made
+    by the driver itself (Tune's trial bundles) have no creating actor and are kept.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    # The GCS table carries the creator fields that placement_group_table() leaves out.
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        created = pg.state in (gcs_pb2.PlacementGroupTableData.CREATED,
+                               gcs_pb2.PlacementGroupTableData.PENDING,
+                               gcs_pb2.PlacementGroupTableData.RESCHEDULING)
+        has_creator_actor = not ray.ActorID(pg.creator_actor_id).is_nil()
+        if (created and has_creator_actor and pg.creator_actor_dead and not pg.is_detached
+                and pg.creator_job_id.hex() == job_id):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _release_stopped_trials() -> None:
+    """After the sweep: free what the trials stopped last still hold (see above)."""
+    try:
+        remove_orphaned_placement_groups()
+    except Exception as exc:
+        print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
+
+
+def _reaper_callback(interval_s: float = 2.0):
+    """A Tune callback that runs :func:`remove_orphaned_placement_groups` every few
+    seconds of the sweep (a stopped trial's controller dies a little after the stop)."""
+    from ray import tune
+
+    class OrphanedPlacementGroupReaper(tune.Callback):
+        def __init__(self):
+            self.last = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.last < interval_s:
+                return
+            self.last = time.monotonic()
+            try:
+                remove_orphaned_placement_groups()
+            except Exception as exc:  # a private API may change: warn, never fail the sweep
+                print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
+                self.last = float("inf")
+
+    return OrphanedPlacementGroupReaper()
 
 
 # --------------------------------------------------------------------------- one trial
