@@ -93,16 +93,22 @@ def resolve_config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cvaa import tracking
-    from cvaa.train.driver import TrainJob, default_storage
-    from cvaa.train.tune import SweepJob, check_sweep
     from cvaa.tune_space import load_space
 
     try:
         cfg = resolve_config(args)
-        space = load_space(args.space, cfg)
+        space = load_space(args.space, cfg)   # a bad space fails here, before Ray
         if args.resume and not args.run_name:
             raise ConfigError("--resume needs the --run-name of the sweep to continue")
+    except (ConfigError, KeyError) as exc:   # SpaceError is a ConfigError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from cvaa import tracking
+    from cvaa.train.driver import TrainJob, default_storage
+    from cvaa.train.tune import SweepJob, check_sweep
+
+    try:
         run_name = args.run_name or f"tune-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         job = TrainJob(cfg=cfg, data=args.data or "", run_name=run_name,
                        storage=args.storage or default_storage(),
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_concurrent=args.max_concurrent, grace_period=args.grace_period,
                          reduction_factor=args.reduction_factor)
         check_sweep(sweep)
-    except (ConfigError, KeyError) as exc:   # SpaceError is a ConfigError
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

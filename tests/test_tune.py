@@ -145,6 +145,32 @@ def _asha_rungs(epochs):
     return rungs
 
 
+def test_asha_never_stops_a_trial_at_its_last_epoch():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from cvaa.train.tune import FinishingASHA
+
+    def run(scheduler):
+        trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]
+        for t in trials:
+            scheduler.on_trial_add(None, t)
+        decisions = []
+        for t, epoch, psnr in [(trials[0], 1, 10.0), (trials[1], 1, 5.0), (trials[0], 2, 10.0),
+                               (trials[2], 1, 20.0), (trials[2], 2, 1.0)]:
+            decisions.append(scheduler.on_trial_result(None, t, {"epoch": epoch,
+                                                                 "val/psnr": psnr}))
+        return decisions
+
+    kw = dict(time_attr="epoch", metric="val/psnr", mode="max", max_t=2, grace_period=1,
+              reduction_factor=2)
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    # Rungs at epochs 1 and 2 (= max_t): t1 loses at rung 1, t2 at rung 2, its last epoch.
+    assert run(ASHAScheduler(stop_last_trials=False, **kw)) == [go, stop, go, go, stop]
+    assert run(FinishingASHA(**kw)) == [go, stop, go, go, go]
+
+
 def test_concurrency_follows_the_scarcest_resource():
     from cvaa.train.tune import max_concurrent_trials, trial_resources
 

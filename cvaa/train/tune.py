@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray
+import ray.train
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
+
 from cvaa import tracking
 from cvaa.config import Config, ConfigError
 from cvaa.train.driver import TrainJob, load_checkpoint_generator, storage_filesystem
@@ -170,11 +176,6 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
         SweepError: the sweep exists and ``resume`` is off, there is nothing to resume,
             or no trial produced a usable model.
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-
     check_sweep(sweep)
     # Tune starts each trial in the trial's own directory: relative paths would move.
     sweep.train.data = absolute_uri(sweep.train.data)
@@ -232,12 +233,8 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=fs)
         else:
-            scheduler = ASHAScheduler(
-                time_attr="epoch", max_t=epochs, grace_period=grace,
-                reduction_factor=factor,
-                # Trials that reach max_t finish on their own: stopping them at their last
-                # report would kill fit() before its test evaluation.
-                stop_last_trials=False)
+            scheduler = FinishingASHA(time_attr="epoch", max_t=epochs, grace_period=grace,
+                                      reduction_factor=factor)
             tuner = tune.Tuner(
                 trainable, param_space=sweep.space.to_tune(),
                 tune_config=tune.TuneConfig(
@@ -250,7 +247,7 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
                                           storage_filesystem=fs, verbose=sweep.verbose,
-                                          callbacks=[_reaper_callback()]))
+                                          callbacks=[OrphanedPlacementGroupReaper()]))
         grid = tuner.fit()
     except BaseException:
         parent.set_terminated("FAILED")
@@ -258,12 +255,18 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
     wall = time.perf_counter() - start
     _release_stopped_trials()
 
-    rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id))
+    rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id),
+                       _trial_statuses(grid))
     _finish_children(job.mlflow_uri, rows)
     markdown = leaderboard_markdown(rows, sweep.metric)
     if rows:
         parent.log_table(rows, "leaderboard.json")
     parent.log_text(markdown, "leaderboard.md")
+    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:   # Ctrl-C: Tune saved its state and returned early
+        parent.set_terminated("KILLED")
+        raise SweepError(f"sweep {sweep.name} was interrupted with trials {unfinished} "
+                         "unfinished; continue it with --resume")
     best = next((r for r in rows if r["rank"] is not None), None)
     if best is None:
         parent.set_terminated("FAILED")
@@ -298,7 +301,6 @@ def remove_orphaned_placement_groups() -> int:
     reserved until the sweep ends, and the next trials could starve. Placement groups made
     by the driver itself (Tune's trial bundles) have no creating actor and are kept.
     """
-    import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -327,33 +329,43 @@ def _release_stopped_trials() -> None:
         print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
 
 
-def _reaper_callback(interval_s: float = 2.0):
-    """A Tune callback that runs :func:`remove_orphaned_placement_groups` every few
-    seconds of the sweep (a stopped trial's controller dies a little after the stop)."""
-    from ray import tune
+class OrphanedPlacementGroupReaper(tune.Callback):
+    """Runs :func:`remove_orphaned_placement_groups` every few seconds of the sweep (a
+    stopped trial's controller dies a little after the stop)."""
 
-    class OrphanedPlacementGroupReaper(tune.Callback):
-        def __init__(self):
-            self.last = 0.0
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self.last = 0.0
 
-        def on_step_begin(self, iteration, trials, **info):
-            if time.monotonic() - self.last < interval_s:
-                return
-            self.last = time.monotonic()
-            try:
-                remove_orphaned_placement_groups()
-            except Exception as exc:  # a private API may change: warn, never fail the sweep
-                print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
-                self.last = float("inf")
+    def on_step_begin(self, iteration, trials, **info):
+        if time.monotonic() - self.last < self.interval_s:
+            return
+        self.last = time.monotonic()
+        try:
+            remove_orphaned_placement_groups()
+        except Exception as exc:  # a private API may change: warn, never fail the sweep
+            print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
+            self.last = float("inf")
 
-    return OrphanedPlacementGroupReaper()
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch.
+
+    A trial that reaches ``max_t`` is done training but its ``fit`` still evaluates the
+    test split and closes its MLflow run; a stop there (a rung can fall on ``max_t``, e.g.
+    rungs 2, 4, 8, 16 for 16 epochs) would kill it halfway through that.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 # --------------------------------------------------------------------------- one trial
 
 def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune's function trainable: one trial = one ``fit`` with the trial's values."""
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cvaa.train.driver import fit
@@ -381,12 +393,20 @@ def _trial_dirname(trial) -> str:
 
 # --------------------------------------------------------------------------- leaderboard
 
-def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any]) -> list[dict[str, Any]]:
+def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any],
+                statuses: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per trial, best first: rank, trial, status, epochs, the metric's last and
     best values, the tuned values, the child run and the last checkpoint.
 
     Trials rank by their *last* reported value, the one that describes the checkpoint
-    that would be registered; diverged and failed trials get no rank.
+    that would be registered; diverged, failed and unfinished trials get no rank.
+
+    Args:
+        grid: Tune's ``ResultGrid``.
+        sweep: the sweep (metric, mode, epochs, tuned keys).
+        runs: ``{trial_id: mlflow Run}`` of the child runs.
+        statuses: ``{trial_id: Tune status}``; a trial neither ``TERMINATED`` nor
+            ``ERROR`` (an interrupted sweep) is ``unfinished``.
     """
     metric, epochs_max = sweep.metric, sweep.train.cfg.train.epochs
     rows = []
@@ -396,7 +416,9 @@ def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any]) -> list[dict[str
         epochs = int(m.get("epoch", 0))
         history = _history(result, metric)
         last = m.get(metric, history[-1] if history else None)
-        if result.error is not None:
+        if (statuses or {}).get(trial_id, "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status = "unfinished"
+        elif result.error is not None:
             status = f"error: {type(result.error).__name__}: {str(result.error)[:200]}"
         elif m.get("nonfinite"):
             status = "diverged (non-finite loss)"
@@ -404,8 +426,9 @@ def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any]) -> list[dict[str
             status = f"stopped by ASHA at epoch {epochs}"
         else:
             status = "completed"
-        usable = (result.error is None and not m.get("nonfinite") and last is not None
-                  and math.isfinite(last) and m.get("checkpoint_path"))
+        usable = (status in ("completed", f"stopped by ASHA at epoch {epochs}")
+                  and last is not None and math.isfinite(last)
+                  and bool(m.get("checkpoint_path")))
         pick = max if sweep.mode == "max" else min
         run = runs.get(trial_id)
         rows.append({
@@ -441,6 +464,13 @@ def leaderboard_markdown(rows: list[dict[str, Any]], metric: str) -> str:
                             for c in cols) + "|"]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _trial_statuses(grid) -> dict[str, str]:
+    """``{trial_id: status}``; the ResultGrid keeps the Trial objects privately, so an
+    unknown layout gives ``{}`` (every trial then counts as finished)."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id: t.status for t in trials}
 
 
 def _history(result, metric: str) -> list[float]:
@@ -497,6 +527,8 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
         client.set_tag(row["run_id"], "cvaa.tune.outcome", row["status"])
         client.set_tag(row["run_id"], "cvaa.tune.rank", str(row["rank"] or "-"))
         status = client.get_run(row["run_id"]).info.status
+        if row["status"] == "unfinished":
+            continue   # --resume picks the run up again
         if row["status"].startswith("stopped") and status != "KILLED":
             # ASHA stopped the trial's driver mid-fit: the run is open, or marked FAILED
             # by fit() as the Train controller went down with it.
@@ -507,8 +539,6 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
 
 def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
     """Log the best trial's last checkpoint into its child run and register it."""
-    import ray.train
-
     job = sweep.train
     client = _client(job.mlflow_uri)
     checkpoint = ray.train.Checkpoint(best["checkpoint"],
@@ -523,7 +553,7 @@ def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
     return registered
 
 
-__all__ = ["SweepError", "SweepJob", "VAL_METRIC_KEYS", "absolute_uri", "asha_settings",
+__all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepJob", "VAL_METRIC_KEYS", "absolute_uri", "asha_settings",
            "check_sweep",
            "leaderboard", "leaderboard_markdown", "max_concurrent_trials", "trial_resources",
            "tune_sweep"]
