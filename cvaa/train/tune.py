@@ -13,6 +13,10 @@ not register their models: at the end the best trial's last checkpoint is logged
 child run and registered as a new version with alias ``tuned-best``, so the registry gets
 one version per sweep, and ``models:/NAME@tuned-best`` is the model that won on validation.
 
+Resources: a trial holds its driver function (``DRIVER_CPUS``) plus its Train workers'
+CPUs and GPUs; as many trials run at once as the cluster's scarcest resource allows
+(``max_concurrent_trials``), or ``--max-concurrent``.
+
 Resume: the Tune experiment lives at ``STORAGE/RUN_NAME`` and every trial's Train run at
 ``STORAGE/RUN_NAME-trials/RUN_NAME-TRIAL_ID``; ``Tuner.restore`` reruns the unfinished and
 errored trials, whose ``fit`` resumes its Train run from the last checkpoint and its MLflow
@@ -299,7 +303,8 @@ def remove_orphaned_placement_groups() -> int:
     controller still lives; without a dashboard (a local ``ray.init`` as in the tests and
     ``jobs/tune.py``'s local default) the stopped trial's workers' CPUs and GPUs would stay
     reserved until the sweep ends, and the next trials could starve. Placement groups made
-    by the driver itself (Tune's trial bundles) have no creating actor and are kept.
+    by the driver itself (Tune's trial bundles) have no creating actor and are kept. (The
+    stopped trial's idle cleaner actor itself stays until Ray shuts down.)
     """
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
@@ -553,7 +558,7 @@ def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
     return registered
 
 
-__all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepJob", "VAL_METRIC_KEYS", "absolute_uri", "asha_settings",
-           "check_sweep",
-           "leaderboard", "leaderboard_markdown", "max_concurrent_trials", "trial_resources",
-           "tune_sweep"]
+__all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepJob",
+           "VAL_METRIC_KEYS", "absolute_uri", "asha_settings", "check_sweep", "leaderboard",
+           "leaderboard_markdown", "max_concurrent_trials", "remove_orphaned_placement_groups",
+           "trial_resources", "tune_sweep"]
