@@ -20,49 +20,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from cvaa.config import PRESETS, ConfigError, load_config  # noqa: E402
-from cvaa.models import GENERATORS  # noqa: E402
+from cvaa.cli import add_training_arguments, training_overrides  # noqa: E402
+from cvaa.config import ConfigError, load_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="prepared dataset (local dir or s3://); default: prepare "
-                                  "synthetic phantoms first")
-    p.add_argument("--model", choices=sorted(GENERATORS), help="generator (default: cvaa)")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="config preset (default: cpu)")
-    p.add_argument("--config", help="YAML config file applied over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="dotted override, e.g. optim.lr_g=1e-4")
+    add_training_arguments(p)
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--accelerator-type", help="run workers on nodes with this accelerator "
                                               "label, e.g. A40")
-    p.add_argument("--epochs", type=int, help="total epochs")
-    p.add_argument("--storage", help="Ray Train storage for checkpoints (local or s3://; "
-                                     "default ~/.cvaa/ray_results)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                                        "else sqlite:///~/.cvaa/mlflow.db)")
-    p.add_argument("--register-name", default="cvaa-gan", help="registered model name")
     p.add_argument("--alias", default="candidate", help="registry alias of the new version")
-    p.add_argument("--run-name", help="Ray Train / MLflow run name (same name resumes)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
     return p
 
 
 def resolve_config(args):
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model.generator={args.model}")
+    overrides = training_overrides(args)
     if args.workers:
         overrides.append(f"train.num_workers={args.workers}")
     if args.gpu:
         overrides.append("train.use_gpu=true")
     if args.accelerator_type:
         overrides.append(f"train.accelerator_type={args.accelerator_type}")
-    if args.epochs:
-        overrides.append(f"train.epochs={args.epochs}")
     return load_config(args.preset, args.config, overrides)
 
 

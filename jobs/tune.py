@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from cvaa.config import PRESETS, ConfigError, load_config  # noqa: E402
-from cvaa.models import GENERATORS  # noqa: E402
+from cvaa.cli import add_training_arguments, training_overrides  # noqa: E402
+from cvaa.config import ConfigError, load_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,32 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep of --run-name on --storage")
     g = p.add_argument_group("training (as jobs/train.py)")
-    g.add_argument("--data", help="prepared dataset (local dir or s3://); default: prepare "
-                                  "synthetic phantoms first")
-    g.add_argument("--model", choices=sorted(GENERATORS), help="generator (default: cvaa)")
-    g.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
-                   help="config preset (default: cpu)")
-    g.add_argument("--config", help="YAML config file applied over the preset")
-    g.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="dotted override, e.g. train.batch_size=2")
-    g.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
-    g.add_argument("--storage", help="Ray storage for the sweep and its trials' checkpoints "
-                                     "(local or s3://; default ~/.cvaa/ray_results)")
-    g.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                                        "else sqlite:///~/.cvaa/mlflow.db)")
-    g.add_argument("--register-name", default="cvaa-gan", help="registered model name")
-    g.add_argument("--run-name", help="sweep name (Tune experiment and MLflow parent run)")
-    g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    add_training_arguments(
+        g, set_example="train.batch_size=2", epochs_help="epochs per trial (ASHA's max_t)",
+        storage_help="Ray storage for the sweep and its trials' checkpoints (local or "
+                     "s3://; default ~/.cvaa/ray_results)",
+        run_name_help="sweep name (Tune experiment and MLflow parent run)")
     return p
 
 
 def resolve_config(args):
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model.generator={args.model}")
-    if args.epochs:
-        overrides.append(f"train.epochs={args.epochs}")
-    cfg = load_config(args.preset, args.config, overrides)
+    cfg = load_config(args.preset, args.config, training_overrides(args))
     workers = args.workers_per_trial or cfg.train.num_workers
     if workers < 1:
         raise ConfigError(f"--workers-per-trial must be >= 1, got {workers}")
