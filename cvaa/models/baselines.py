@@ -135,6 +135,15 @@ class X2CTGenerator(nn.Module):
         return torch.sigmoid(self.head(u))
 
 
+def _check_unet_size(size: int, channels: Sequence[int], name: str) -> None:
+    """A U-Net of ``len(channels)`` levels halves ``size`` that many times less one."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if size % 2 ** (len(channels) - 1):
+        raise ValueError(f"size {size} must be divisible by 2^{len(channels) - 1} "
+                         f"for {name}={tuple(channels)}")
+
+
 class UNet3DGenerator(nn.Module):
     """3DCNN baseline (Kasten et al. 2020): back-projected X-rays -> 3D U-Net.
 
@@ -147,11 +156,7 @@ class UNet3DGenerator(nn.Module):
 
     def __init__(self, size: int = 128, channels: Sequence[int] = (16, 32, 64, 128, 256)) -> None:
         super().__init__()
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if size % 2 ** (len(channels) - 1):
-            raise ValueError(f"size {size} must be divisible by 2^{len(channels) - 1} "
-                             f"for unet_channels={tuple(channels)}")
+        _check_unet_size(size, channels, "unet_channels")
         self.size = size
         self.unet = UNet(3, 2, 1, channels)
 
@@ -184,11 +189,7 @@ class PSRGenerator(nn.Module):
 
     def __init__(self, size: int = 128, channels: Sequence[int] = (64, 128, 256, 512, 512)) -> None:
         super().__init__()
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if size % 2 ** (len(channels) - 1):
-            raise ValueError(f"size {size} must be divisible by 2^{len(channels) - 1} "
-                             f"for psr_channels={tuple(channels)}")
+        _check_unet_size(size, channels, "psr_channels")
         self.size = size
         self.unet = UNet(2, 1, size, channels)
 
