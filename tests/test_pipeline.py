@@ -84,8 +84,17 @@ def _check_prepared(output, cfg, n_prepared=7, n_rejected=3):
     return m
 
 
+def _scheduler_settings():
+    import ray.data
+    from ray.data._internal.execution import streaming_executor_state as executor_state
+
+    return (executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S,
+            ray.data.DataContext.get_current().op_resource_reservation_enabled)
+
+
 def test_pipeline_end_to_end_and_resume(tmp_path, inputs_manifest):
     cfg = load_config("cpu", overrides=CPU)
+    scheduler_before = _scheduler_settings()
     out = str(tmp_path / "prepared")
     inputs = list_inputs(str(inputs_manifest))
     assert len(inputs) == 10
@@ -101,6 +110,9 @@ def test_pipeline_end_to_end_and_resume(tmp_path, inputs_manifest):
     assert again["summary"]["processed"] == 0 and again["summary"]["skipped"] == 10
     assert again["split"] == first["split"]
     assert [r["case_id"] for r in again["prepared"]] == [r["case_id"] for r in m["prepared"]]
+
+    # The scheduler settings tuned for one-CT tasks hold inside the pipeline only.
+    assert _scheduler_settings() == scheduler_before
 
     changed = cfg.override(["drr.sad_mm=900"])
     third = run_pipeline(inputs, changed, out, log=lambda *_: None)
