@@ -127,6 +127,10 @@ class ModelConfig:
         disc_expand_channels: channels of each X-ray's 2D->3D expansion inside D.
         checkpoint: recompute decoder activations in the backward pass (activation
             checkpointing): about a third more compute for a much lower memory peak.
+        output_prior: start training with the generator's sigmoid output at the training
+            CTs' mean intensity (output bias = its logit) instead of 0.5, for every model.
+            A 1x1 output conv (the U-Net baselines) otherwise needs ~1k Adam steps only to
+            move its bias there.
     """
 
     generator: str = "cvaa"
@@ -140,6 +144,7 @@ class ModelConfig:
     disc_channels: tuple[int, ...] = (64, 128, 256, 512)
     disc_expand_channels: int = 8
     checkpoint: bool = False
+    output_prior: bool = True
 
 
 @dataclass(frozen=True)
@@ -268,8 +273,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dense_layers": (1, 1, 1),
             "encoder_channels": (16, 24, 32),
             "decoder_channels": (32, 16, 8, 8),
-            "unet_channels": (8, 16, 32),
-            "psr_channels": (8, 16, 32),
+            # Baselines as wide as the two-view generators (~0.2 M parameters each):
+            # PSR's last layer must hold a 32-voxel depth profile per pixel.
+            "unet_channels": (12, 24, 48),
+            "psr_channels": (32, 48, 64),
             "disc_channels": (8, 16, 32),
             "disc_expand_channels": 4,
         },

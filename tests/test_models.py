@@ -10,7 +10,9 @@ from cvaa.config import load_config
 from cvaa.losses import generator_loss, lsgan_d_loss
 from cvaa.models import (GENERATORS, ConcatConv, CVAAGenerator, CVAAModule, Expand2Dto3D, Feat2D,
                          FineDistillation, PatchDiscriminator3D, ViewAttentionAlignment,
-                         build_discriminator, build_generator, expand_along)
+                         build_discriminator, build_generator, expand_along,
+                         set_output_prior)
+from cvaa.models.blocks import fast_fft_size, fft_conv3d
 
 NAMES = sorted(GENERATORS)
 
@@ -88,6 +90,54 @@ def test_concat_conv_equals_conv_on_the_concatenation(dims, stride):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expected 3 inputs"):
         m(*xs[:2])
+
+
+@pytest.mark.parametrize("splits, kernel, shape", [((3, 5), 7, (9, 10, 11)), ((4,), 5, (6, 6, 6))])
+def test_large_kernel_concat_conv_on_cpu_goes_through_the_fft_and_equals_the_conv(
+        splits, kernel, shape, monkeypatch):
+    torch.manual_seed(0)
+    m = ConcatConv(3, splits, 2, kernel_size=kernel).double()
+    assert m._use_fft(torch.zeros(1, sum(splits), *shape))
+    calls = []
+    monkeypatch.setattr("cvaa.models.blocks.fft_conv3d",
+                        lambda *a: calls.append(1) or fft_conv3d(*a))
+    xs = [torch.randn(2, c, *shape, dtype=torch.float64, requires_grad=True) for c in splits]
+    out = m(*xs)
+    assert calls, "the FFT path was not taken"
+    g = torch.randn_like(out)
+    params = [*xs, m.conv.weight, m.conv.bias]
+    grads = torch.autograd.grad((out * g).sum(), params)
+    ref = m.conv(torch.cat(xs, dim=1))                         # MKL-DNN's direct conv
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_small_kernels_and_strides_keep_the_direct_conv():
+    x = torch.zeros(1, 4, 8, 8, 8)
+    assert not ConcatConv(3, (2, 2), 2, kernel_size=3)._use_fft(x)
+    assert not ConcatConv(3, (2, 2), 2, kernel_size=7, stride=2)._use_fft(x)
+    assert not ConcatConv(2, (2, 2), 2, kernel_size=7)._use_fft(x[:, :, 0])
+
+
+def test_fast_fft_size_has_only_small_prime_factors():
+    assert [fast_fft_size(n) for n in (1, 7, 38, 134, 22)] == [1, 8, 40, 135, 24]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_prior_sets_the_starting_mean_of_every_generator(name):
+    cfg = load_config("cpu")
+    torch.manual_seed(0)
+    g = build_generator(name, cfg).eval()
+    xrays = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        assert abs(g(xrays).mean().item() - 0.5) < 0.15
+        for mean in (0.1, 0.8):
+            set_output_prior(g, mean)
+            assert abs(g(xrays).mean().item() - mean) < 0.05
+    with pytest.raises(ValueError, match="mean must be in"):
+        set_output_prior(g, 1.0)
 
 
 # --- data conventions: which axis each view projects along ---------------------------

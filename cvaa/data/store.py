@@ -21,6 +21,13 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """An S3 URI as it is; a local path made absolute (other processes, such as Ray
+    workers, do not share the caller's working directory)."""
+    uri = str(uri)
+    return uri if is_s3(uri) else str(Path(uri).absolute())
+
+
 def exists(uri: str | os.PathLike) -> bool:
     uri = str(uri)
     if not is_s3(uri):

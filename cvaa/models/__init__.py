@@ -13,8 +13,10 @@ discriminator (``uses_discriminator``)::
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from .baselines import PSRGenerator, UNet3DGenerator, X2CTGenerator
@@ -51,13 +53,34 @@ def build_generator(name: str, cfg: "Config") -> nn.Module:
     return cls.from_config(cfg)
 
 
+def set_output_prior(generator: nn.Module, mean: float) -> None:
+    """Make an untrained generator's sigmoid output start at ``mean`` (in (0, 1)).
+
+    Sets the bias of its last convolution (``generator.output_conv``) to ``logit(mean)``:
+    with zero-mean features the first predictions are the data's mean intensity, not 0.5.
+
+    Example:
+        >>> from cvaa.config import load_config
+        >>> g = build_generator("3dcnn", load_config("cpu"))
+        >>> set_output_prior(g, 0.2)
+        >>> round(torch.sigmoid(g.output_conv.bias).item(), 3)
+        0.2
+    """
+    if not 0.0 < mean < 1.0:
+        raise ValueError(f"mean must be in (0, 1), got {mean}")
+    mean = min(max(mean, 1e-4), 1 - 1e-4)
+    with torch.no_grad():
+        generator.output_conv.bias.fill_(math.log(mean / (1.0 - mean)))
+
+
 def build_discriminator(cfg: "Config") -> PatchDiscriminator3D:
     """The conditional 3D PatchGAN with sizes from ``cfg``."""
     return PatchDiscriminator3D.from_config(cfg)
 
 
 __all__ = [
-    "GENERATORS", "build_generator", "build_discriminator", "count_parameters",
+    "GENERATORS", "build_generator", "build_discriminator", "set_output_prior",
+    "count_parameters",
     "CVAAGenerator", "X2CTGenerator", "UNet3DGenerator", "PSRGenerator",
     "PatchDiscriminator3D", "Feat2D", "Expand2Dto3D", "expand_along", "ConcatConv", "ConvNormAct",
     "ViewAttentionAlignment", "FineDistillation", "CVAAModule",

@@ -116,6 +116,11 @@ class X2CTGenerator(nn.Module):
             for j in range(1, n + 1))
         self.head = nn.Conv3d(dec[n], 1, kernel_size=3, padding=1)
 
+    @property
+    def output_conv(self) -> nn.Module:
+        """The last convolution, before the sigmoid (see ``set_output_prior``)."""
+        return self.head
+
     @classmethod
     def from_config(cls, cfg: "Config") -> "X2CTGenerator":
         m = cfg.model
@@ -160,6 +165,11 @@ class UNet3DGenerator(nn.Module):
         self.size = size
         self.unet = UNet(3, 2, 1, channels)
 
+    @property
+    def output_conv(self) -> nn.Module:
+        """The last convolution, before the sigmoid (see ``set_output_prior``)."""
+        return self.unet.out
+
     @classmethod
     def from_config(cls, cfg: "Config") -> "UNet3DGenerator":
         return cls(volume_size(cfg), cfg.model.unet_channels)
@@ -192,6 +202,11 @@ class PSRGenerator(nn.Module):
         _check_unet_size(size, channels, "psr_channels")
         self.size = size
         self.unet = UNet(2, 1, size, channels)
+
+    @property
+    def output_conv(self) -> nn.Module:
+        """The last convolution, before the sigmoid (see ``set_output_prior``)."""
+        return self.unet.out
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "PSRGenerator":

@@ -99,6 +99,11 @@ class CVAAGenerator(nn.Module):
             for j in range(1, n + 1))
         self.head = nn.Conv3d(dec[n], 1, kernel_size=3, padding=1)
 
+    @property
+    def output_conv(self) -> nn.Module:
+        """The last convolution, before the sigmoid (see ``set_output_prior``)."""
+        return self.head
+
     @classmethod
     def from_config(cls, cfg: "Config") -> "CVAAGenerator":
         m = cfg.model

@@ -16,6 +16,7 @@ import torch
 
 from cvaa import tracking
 from cvaa.config import Config
+from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.evaluation import evaluate_cases, table_markdown, table_rows
 from cvaa.models import build_generator
@@ -40,6 +41,11 @@ class TrainJob:
     alias: str = "candidate"
     experiment: str = tracking.EXPERIMENT
     inject: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Ray Train workers do not run in the driver's directory: local paths go absolute.
+        self.data = store.absolute(self.data)
+        self.storage = store.absolute(self.storage)
 
 
 def storage_filesystem(storage: str):

@@ -26,7 +26,7 @@ import torch
 from cvaa.config import Config
 from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
 from cvaa.evaluation import evaluate_cases, predict
-from cvaa.models import build_discriminator, build_generator
+from cvaa.models import build_discriminator, build_generator, set_output_prior
 from cvaa.train.gan import GANTrainer, NonFiniteLossError, unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,6 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ models
     generator = build_generator(cfg.model.generator, cfg)
+    if cfg.model.output_prior:  # same cases on every rank; a resumed run loads over it
+        set_output_prior(generator, training_mean_intensity(dataset, train_ids))
     discriminator = build_discriminator(cfg) if generator.uses_discriminator else None
     generator = ray.train.torch.prepare_model(generator)
     if discriminator is not None:
@@ -165,6 +167,15 @@ def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
     if count == 0:
         return {}
     return {f"val/{k}": float(sums[i]) / count for i, k in enumerate(keys)}
+
+
+def training_mean_intensity(dataset: PreparedDataset, case_ids: list[str],
+                            limit: int = 16) -> float:
+    """Mean normalised CT intensity over the first ``limit`` training cases."""
+    means = [float(dataset.load(c)["ct"].mean()) for c in case_ids[:limit]]
+    if not means:
+        raise ValueError(f"{dataset.root}: no training cases to take the mean intensity of")
+    return sum(means) / len(means)
 
 
 def _maybe_kill(inject: dict[str, Any], epoch: int, rank: int, world: int) -> None:
