@@ -35,6 +35,34 @@ def _job(tmp_path, prepared, overrides, **kw):
 
 # --------------------------------------------------------------------------- pure parts
 
+def test_train_job_makes_local_paths_absolute_for_the_workers(tmp_path, monkeypatch):
+    # Ray Train workers run in another directory: a relative --data, --storage or
+    # sqlite:///relative.db would point them at other (empty) places.
+    monkeypatch.chdir(tmp_path)
+    job = TrainJob(cfg=load_config("cpu"), data="runs/prepared", run_name="r",
+                   storage="runs/ray", mlflow_uri="sqlite:///runs/mlflow.db")
+    assert job.data == str(tmp_path / "runs" / "prepared")
+    assert job.storage == str(tmp_path / "runs" / "ray")
+    assert job.mlflow_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    remote = TrainJob(cfg=load_config("cpu"), data="s3://b/prepared", run_name="r",
+                      storage="s3://b/ray", mlflow_uri="http://mlflow:5000")
+    assert (remote.data, remote.storage, remote.mlflow_uri) == (
+        "s3://b/prepared", "s3://b/ray", "http://mlflow:5000")
+
+
+def test_training_mean_intensity_averages_the_first_training_cases(prepared_cpu):
+    from cvaa.data.dataset import PreparedDataset
+    from cvaa.train.loop import training_mean_intensity
+
+    ds = PreparedDataset(prepared_cpu)
+    ids = ds.split("train")
+    expected = sum(float(ds.load(c)["ct"].mean()) for c in ids[:3]) / 3
+    assert training_mean_intensity(ds, ids, limit=3) == pytest.approx(expected)
+    assert 0.0 < expected < 0.5             # mostly air and soft tissue
+    with pytest.raises(ValueError, match="no training cases"):
+        training_mean_intensity(ds, [])
+
+
 def test_lr_schedule_constant_then_linear_decay():
     o = load_config("paper").optim   # 100 constant + 100 decay
     assert lr_factor(0, o) == lr_factor(99, o) == 1.0

@@ -21,11 +21,21 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def absolute(uri: str | os.PathLike) -> str:
-    """An S3 URI as it is; a local path made absolute (other processes, such as Ray
-    workers, do not share the caller's working directory)."""
+def absolute_uri(uri: str | os.PathLike) -> str:
+    """A local path or ``sqlite:///relative.db`` made absolute; other URIs unchanged.
+
+    Other processes (Ray workers, Tune trials) do not share the caller's working directory.
+
+    Example:
+        >>> absolute_uri("s3://bucket/prefix"), absolute_uri("/data/x")
+        ('s3://bucket/prefix', '/data/x')
+    """
     uri = str(uri)
-    return uri if is_s3(uri) else str(Path(uri).absolute())
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
 
 
 def exists(uri: str | os.PathLike) -> bool:

@@ -44,8 +44,9 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         # Ray Train workers do not run in the driver's directory: local paths go absolute.
-        self.data = store.absolute(self.data)
-        self.storage = store.absolute(self.storage)
+        self.data = store.absolute_uri(self.data)
+        self.storage = store.absolute_uri(self.storage)
+        self.mlflow_uri = store.absolute_uri(self.mlflow_uri)
 
 
 def storage_filesystem(storage: str):

@@ -39,6 +39,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from cvaa import tracking
 from cvaa.config import Config, ConfigError
+from cvaa.data.store import absolute_uri
 from cvaa.train.driver import TrainJob, load_checkpoint_generator, storage_filesystem
 from cvaa.train.gan import NonFiniteLossError
 from cvaa.train.loop import VAL_METRICS
@@ -134,20 +135,6 @@ def max_concurrent_trials(cluster: Mapping[str, float], per_trial: Mapping[str, 
     counts = [math.floor(cluster.get(k, 0.0) / need + 1e-9)
               for k, need in per_trial.items() if need > 0]
     return max(1, min(counts, default=1))
-
-
-def absolute_uri(uri: str) -> str:
-    """A local path or ``sqlite:///relative.db`` made absolute; other URIs unchanged.
-
-    Example:
-        >>> absolute_uri("s3://bucket/prefix"), absolute_uri("/data/x")
-        ('s3://bucket/prefix', '/data/x')
-    """
-    if uri.startswith("sqlite:///"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if "://" in uri:
-        return uri
-    return str(Path(uri).resolve())
 
 
 def check_sweep(sweep: SweepJob) -> None:
@@ -559,6 +546,6 @@ def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepJob",
-           "VAL_METRIC_KEYS", "absolute_uri", "asha_settings", "check_sweep", "leaderboard",
+           "VAL_METRIC_KEYS", "asha_settings", "check_sweep", "leaderboard",
            "leaderboard_markdown", "max_concurrent_trials", "remove_orphaned_placement_groups",
            "trial_resources", "tune_sweep"]
