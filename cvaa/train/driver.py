@@ -133,7 +133,7 @@ def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
     try:
         result = trainer.fit()
     except Exception:
-        logger.set_terminated("FAILED")
+        logger.fail_if_running()
         raise
     wall = time.perf_counter() - start
     metrics = dict(result.metrics or {})

@@ -521,10 +521,16 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
         status = client.get_run(row["run_id"]).info.status
         if row["status"] == "unfinished":
             continue   # --resume picks the run up again
-        if row["status"].startswith("stopped") and status != "KILLED":
+        if row["status"].startswith("stopped"):
             # ASHA stopped the trial's driver mid-fit: the run is open, or marked FAILED
-            # by fit() as the Train controller went down with it.
-            client.set_terminated(row["run_id"], "KILLED")
+            # by fit() as the Train controller went down with it. That trial's error
+            # handler may still be running on a loaded machine: let it settle, then close.
+            deadline = time.monotonic() + 10.0
+            while status == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status = client.get_run(row["run_id"]).info.status
+            if status != "KILLED":
+                client.set_terminated(row["run_id"], "KILLED")
         elif status == "RUNNING":
             client.set_terminated(row["run_id"], "FAILED")
 
