@@ -51,16 +51,16 @@ def test_train_job_makes_local_paths_absolute_for_the_workers(tmp_path, monkeypa
 
 
 def test_training_mean_intensity_averages_the_first_training_cases(prepared_cpu):
-    from cvaa.data.dataset import PreparedDataset
+    from cvaa.data.dataset import CaseDataset, PreparedDataset
     from cvaa.train.loop import training_mean_intensity
 
     ds = PreparedDataset(prepared_cpu)
     ids = ds.split("train")
     expected = sum(float(ds.load(c)["ct"].mean()) for c in ids[:3]) / 3
-    assert training_mean_intensity(ds, ids, limit=3) == pytest.approx(expected)
+    assert training_mean_intensity(CaseDataset(ds, ids), limit=3) == pytest.approx(expected)
     assert 0.0 < expected < 0.5             # mostly air and soft tissue
     with pytest.raises(ValueError, match="no training cases"):
-        training_mean_intensity(ds, [])
+        training_mean_intensity(CaseDataset(ds, []))
 
 
 def test_lr_schedule_constant_then_linear_decay():

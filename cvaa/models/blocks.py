@@ -125,6 +125,8 @@ class ConcatConv(nn.Module):
         True
     """
 
+    FFT_MIN_KERNEL = 5
+
     def __init__(self, spatial_dims: int, in_channels: int | Sequence[int], out_channels: int,
                  kernel_size: int = 3, stride: int = 1, padding: int | None = None,
                  bias: bool = True) -> None:
@@ -144,37 +146,32 @@ class ConcatConv(nn.Module):
         """(B, c_i, *S) for each input i -> (B, out_channels, *S')."""
         if len(xs) != len(self.splits):
             raise ValueError(f"expected {len(self.splits)} inputs, got {len(xs)}")
-        conv = self.conv
-        if self._use_fft(xs[0]):
-            for x, c in zip(xs, self.splits):
-                if x.shape[1] != c:
-                    raise ValueError(f"input with {x.shape[1]} channels where {c} were declared")
-            bounds = [sum(self.splits[:i]) for i in range(len(self.splits) + 1)]
-            weights = [conv.weight[:, a:b] for a, b in zip(bounds, bounds[1:])]
-            return fft_conv3d(xs, weights, conv.bias, conv.padding)
-        if len(xs) == 1:
-            return conv(xs[0])
-        fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
-        out, start = None, 0
         for x, c in zip(xs, self.splits):
             if x.shape[1] != c:
                 raise ValueError(f"input with {x.shape[1]} channels where {c} were declared")
-            part = fn(x, conv.weight[:, start:start + c], conv.bias if out is None else None,
-                      conv.stride, conv.padding)
+        conv = self.conv
+        if self._use_fft(xs[0]):
+            return fft_conv3d(xs, conv.weight.split(self.splits, dim=1), conv.bias,
+                              conv.padding)
+        if len(xs) == 1:
+            return conv(xs[0])
+        fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
+        out = None
+        for x, w in zip(xs, conv.weight.split(self.splits, dim=1)):
+            part = fn(x, w, conv.bias if out is None else None, conv.stride, conv.padding)
             # In place: a conv's backward does not need its output.
             out = part if out is None else out.add_(part)
-            start += c
         return out
 
-    FFT_MIN_KERNEL = 5
-
     def _use_fft(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` convolves ``x`` through :func:`fft_conv3d`: large odd 3D
+        kernels, stride 1, same padding, on a CPU. Read off the conv at call time, so
+        generators pickled before this path existed take it too."""
         conv = self.conv
-        return (isinstance(conv, nn.Conv3d) and x.device.type == "cpu"
+        return (x.device.type == "cpu" and isinstance(conv, nn.Conv3d)
                 and min(conv.kernel_size) >= self.FFT_MIN_KERNEL
-                and conv.stride == (1, 1, 1)
-                and conv.padding == tuple(k // 2 for k in conv.kernel_size)
-                and all(k % 2 for k in conv.kernel_size))
+                and all(k % 2 for k in conv.kernel_size) and conv.stride == (1, 1, 1)
+                and conv.padding == tuple(k // 2 for k in conv.kernel_size))
 
 
 class ConvNormAct(nn.Module):
@@ -339,5 +336,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["fast_fft_size", "fft_conv3d", "ConcatConv", "ConvNormAct", "UpConv", "DenseLayer", "DenseBlock", "UNet", "conv_type",
-           "instance_norm", "activation", "count_parameters"]
+__all__ = ["fast_fft_size", "fft_conv3d", "ConcatConv", "ConvNormAct", "UpConv", "DenseLayer",
+           "DenseBlock", "UNet", "conv_type", "instance_norm", "activation", "count_parameters"]

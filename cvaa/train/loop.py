@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # ------------------------------------------------------------------ models
     generator = build_generator(cfg.model.generator, cfg)
     if cfg.model.output_prior:  # same cases on every rank; a resumed run loads over it
-        set_output_prior(generator, training_mean_intensity(dataset, train_ids))
+        set_output_prior(generator, training_mean_intensity(train_set))
     discriminator = build_discriminator(cfg) if generator.uses_discriminator else None
     generator = ray.train.torch.prepare_model(generator)
     if discriminator is not None:
@@ -169,12 +169,13 @@ def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
     return {f"val/{k}": float(sums[i]) / count for i, k in enumerate(keys)}
 
 
-def training_mean_intensity(dataset: PreparedDataset, case_ids: list[str],
-                            limit: int = 16) -> float:
-    """Mean normalised CT intensity over the first ``limit`` training cases."""
-    means = [float(dataset.load(c)["ct"].mean()) for c in case_ids[:limit]]
+def training_mean_intensity(cases: CaseDataset, limit: int = 16) -> float:
+    """Mean normalised CT intensity over the first ``limit`` cases (read into the set's
+    cache, so the first epoch does not read them again)."""
+    means = [float(cases[i][1].mean()) for i in range(min(limit, len(cases)))]
     if not means:
-        raise ValueError(f"{dataset.root}: no training cases to take the mean intensity of")
+        raise ValueError(f"{cases.dataset.root}: no training cases to take the mean "
+                         "intensity of")
     return sum(means) / len(means)
 
 

@@ -39,7 +39,6 @@ from ray.tune.search import BasicVariantGenerator
 
 from cvaa import tracking
 from cvaa.config import Config, ConfigError
-from cvaa.data.store import absolute_uri
 from cvaa.train.driver import TrainJob, load_checkpoint_generator, storage_filesystem
 from cvaa.train.gan import NonFiniteLossError
 from cvaa.train.loop import VAL_METRICS
@@ -167,11 +166,7 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
         SweepError: the sweep exists and ``resume`` is off, there is nothing to resume,
             or no trial produced a usable model.
     """
-    check_sweep(sweep)
-    # Tune starts each trial in the trial's own directory: relative paths would move.
-    sweep.train.data = absolute_uri(sweep.train.data)
-    sweep.train.storage = absolute_uri(sweep.train.storage)
-    sweep.train.mlflow_uri = absolute_uri(sweep.train.mlflow_uri)
+    check_sweep(sweep)   # TrainJob made its local paths absolute for the trials
     job, cfg = sweep.train, sweep.train.cfg
     fs = storage_filesystem(job.storage)
     experiment_path = f"{job.storage.rstrip('/')}/{sweep.name}"
@@ -521,16 +516,11 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
         status = client.get_run(row["run_id"]).info.status
         if row["status"] == "unfinished":
             continue   # --resume picks the run up again
-        if row["status"].startswith("stopped"):
+        if row["status"].startswith("stopped") and status != "KILLED":
             # ASHA stopped the trial's driver mid-fit: the run is open, or marked FAILED
-            # by fit() as the Train controller went down with it. That trial's error
-            # handler may still be running on a loaded machine: let it settle, then close.
-            deadline = time.monotonic() + 10.0
-            while status == "RUNNING" and time.monotonic() < deadline:
-                time.sleep(0.5)
-                status = client.get_run(row["run_id"]).info.status
-            if status != "KILLED":
-                client.set_terminated(row["run_id"], "KILLED")
+            # by fit() as the Train controller went down with it (fit() marks only a
+            # still-running run, so a late error handler does not undo this).
+            client.set_terminated(row["run_id"], "KILLED")
         elif status == "RUNNING":
             client.set_terminated(row["run_id"], "FAILED")
 
