@@ -108,9 +108,7 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
     def fail_if_running(self) -> None:
-        """Mark the run FAILED unless someone already closed it (a Tune sweep marks a
-        trial that ASHA stopped KILLED, possibly before this trial's own error handler
-        runs)."""
+        """Mark the run FAILED unless it is already closed."""
         if self.client.get_run(self.run_id).info.status == "RUNNING":
             self.set_terminated("FAILED")
 

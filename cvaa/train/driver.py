@@ -66,7 +66,7 @@ def storage_filesystem(storage: str):
 
 def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
         parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-        register: bool = True) -> dict[str, Any]:
+        register: bool = True, close_on_error: bool = True) -> dict[str, Any]:
     """Train, evaluate on the test split, log to MLflow and register the generator.
 
     Args:
@@ -78,6 +78,10 @@ def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
         tags: extra tags of a newly created MLflow run.
         register: log and register the generator; without it ``model_uri`` and
             ``version`` are ``None`` (a sweep registers only its best trial).
+        close_on_error: mark the MLflow run FAILED when training raises. A Tune trial
+            turns it off: the sweep closes its children itself (KILLED for a trial ASHA
+            stopped, FAILED for an error), and a stopped trial's own late error handler
+            must not race it.
 
     Returns ``{"model_uri", "run_id", "table", "rows", "metrics", "checkpoint", ...}``.
 
@@ -133,7 +137,8 @@ def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
     try:
         result = trainer.fit()
     except Exception:
-        logger.fail_if_running()
+        if close_on_error:
+            logger.fail_if_running()
         raise
     wall = time.perf_counter() - start
     metrics = dict(result.metrics or {})

@@ -367,7 +367,8 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
             "cvaa.tune.role": "trial"}
     try:
         fit(job, log=print, callbacks=[TuneReportCallback()],
-            parent_run_id=sweep["parent_run_id"], tags=tags, register=False)
+            parent_run_id=sweep["parent_run_id"], tags=tags, register=False,
+            close_on_error=False)
     except NonFiniteLossError as exc:
         # A diverging combination is a result of the sweep, not an error to retry on
         # --resume: the leaderboard shows it (the loop reported nonfinite=1).
@@ -517,9 +518,8 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
         if row["status"] == "unfinished":
             continue   # --resume picks the run up again
         if row["status"].startswith("stopped") and status != "KILLED":
-            # ASHA stopped the trial's driver mid-fit: the run is open, or marked FAILED
-            # by fit() as the Train controller went down with it (fit() marks only a
-            # still-running run, so a late error handler does not undo this).
+            # ASHA stopped the trial's driver mid-fit: its run is still open (a trial's
+            # fit() leaves closing to the sweep, so no late error handler races this).
             client.set_terminated(row["run_id"], "KILLED")
         elif status == "RUNNING":
             client.set_terminated(row["run_id"], "FAILED")
