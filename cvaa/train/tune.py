@@ -244,9 +244,12 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
     rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id),
                        _trial_statuses(grid))
     _finish_children(job.mlflow_uri, rows)
-    markdown = leaderboard_markdown(rows, sweep.metric)
+    # The logged tables name each trial by its directory, trial_<id>: a bare id such as
+    # 66e25_00000 or 43666_00000 reads as a number in mlflow.load_table (pandas).
+    logged = [{**r, "trial": f"trial_{r['trial']}"} for r in rows]
+    markdown = leaderboard_markdown(logged, sweep.metric)
     if rows:
-        parent.log_table(rows, "leaderboard.json")
+        parent.log_table(logged, "leaderboard.json")
     parent.log_text(markdown, "leaderboard.md")
     unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
     if unfinished:   # Ctrl-C: Tune saved its state and returned early
