@@ -107,11 +107,6 @@ class RunLogger:
     def set_terminated(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
-    def fail_if_running(self) -> None:
-        """Mark the run FAILED unless it is already closed."""
-        if self.client.get_run(self.run_id).info.status == "RUNNING":
-            self.set_terminated("FAILED")
-
 
 def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_name: str,
                   alias: str, tracking_uri: str) -> dict[str, Any]:

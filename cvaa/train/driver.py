@@ -138,7 +138,7 @@ def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
         result = trainer.fit()
     except Exception:
         if close_on_error:
-            logger.fail_if_running()
+            logger.set_terminated("FAILED")
         raise
     wall = time.perf_counter() - start
     metrics = dict(result.metrics or {})

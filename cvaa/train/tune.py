@@ -246,7 +246,7 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
     _finish_children(job.mlflow_uri, rows)
     # The logged tables name each trial by its directory, trial_<id>: a bare id such as
     # 66e25_00000 or 43666_00000 reads as a number in mlflow.load_table (pandas).
-    logged = [{**r, "trial": f"trial_{r['trial']}"} for r in rows]
+    logged = [{**r, "trial": _trial_dirname(r["trial"])} for r in rows]
     markdown = leaderboard_markdown(logged, sweep.metric)
     if rows:
         parent.log_table(logged, "leaderboard.json")
@@ -379,7 +379,8 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    """A trial's directory name, trial_<id>; takes Tune's Trial or its id."""
+    return f"trial_{getattr(trial, 'trial_id', trial)}"
 
 
 # --------------------------------------------------------------------------- leaderboard
