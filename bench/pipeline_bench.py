@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cvaa.config import PRESETS, load_config  # noqa: E402
 from cvaa.data.dataset import list_inputs  # noqa: E402
-from cvaa.train.prepare import ensure_phantoms, init_ray, run_pipeline  # noqa: E402
+from cvaa.distributed.cluster import init_ray  # noqa: E402
+from cvaa.distributed.pipeline import ensure_phantoms, run_pipeline  # noqa: E402
 
 
 def main() -> int:

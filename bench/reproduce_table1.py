@@ -71,7 +71,7 @@ def mean_volume_rows(prepared: str, targets: dict[str, tuple[str, str]]) -> dict
     import torch
 
     from cvaa.data.dataset import PreparedDataset
-    from cvaa.evaluation import table_rows
+    from cvaa.scoring import table_rows
     from cvaa.metrics import evaluate_batch
 
     train = PreparedDataset(prepared)
@@ -185,7 +185,7 @@ def main() -> int:
         evals[name] = out_dir
     baseline = mean_volume_rows(prepared, {"test": (prepared, "test"), "real": (real, "all")})
 
-    from cvaa.evaluation import table_markdown
+    from cvaa.scoring import table_markdown
 
     tables = {}
     for name in ("test", "real"):

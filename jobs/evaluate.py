@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cvaa import tracking
-    from cvaa.train.evaluate import EvalJob, default_output_root, run
+    from cvaa.distributed.evaluate import EvalJob, default_output_root, run
 
     run_name = args.run_name or f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     job = EvalJob(models=args.models, data=args.data, split=args.split,

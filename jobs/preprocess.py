@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cvaa.data.dataset import list_inputs
-    from cvaa.train.prepare import (default_phantom_dir, ensure_phantoms, init_ray,
-                                     run_pipeline)
+    from cvaa.distributed.cluster import init_ray
+    from cvaa.distributed.pipeline import default_phantom_dir, ensure_phantoms, run_pipeline
 
     init_ray(args.address)
     source = args.input

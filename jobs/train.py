@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from cvaa import tracking
     from cvaa.data.dataset import config_hash
-    from cvaa.train.driver import TrainJob, default_storage, ensure_prepared, fit
-    from cvaa.train.gan import NonFiniteLossError
-    from cvaa.train.prepare import init_ray
+    from cvaa.distributed.training import TrainJob, default_storage, ensure_prepared, fit
+    from cvaa.gan import NonFiniteLossError
+    from cvaa.distributed.cluster import init_ray
 
     start = time.perf_counter()
     init_ray(args.address)

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cvaa import tracking
-    from cvaa.train.driver import TrainJob, default_storage
-    from cvaa.train.tune import SweepJob, check_sweep
+    from cvaa.distributed.training import TrainJob, default_storage
+    from cvaa.distributed.sweep import SweepJob, check_sweep
 
     try:
         run_name = args.run_name or f"tune-{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from cvaa.data.dataset import config_hash
-    from cvaa.train.driver import ensure_prepared
-    from cvaa.train.prepare import init_ray
-    from cvaa.train.tune import SweepError, tune_sweep
+    from cvaa.distributed.training import ensure_prepared
+    from cvaa.distributed.cluster import init_ray
+    from cvaa.distributed.sweep import SweepError, tune_sweep
 
     start = time.perf_counter()
     init_ray(args.address)

@@ -78,7 +78,7 @@ def ray_local():
 def prepared_cpu(tmp_path_factory, ray_local):
     """A prepared dataset of 8 synthetic phantoms at the cpu preset (32^3), made once."""
     from cvaa.config import load_config
-    from cvaa.train.driver import ensure_prepared
+    from cvaa.distributed.training import ensure_prepared
 
     cfg = load_config("cpu", overrides=["data.n_phantoms=8"])
     out = tmp_path_factory.mktemp("prepared") / "prepared"

@@ -14,8 +14,8 @@ from PIL import Image
 
 from cvaa import tracking
 from cvaa.data.dataset import PreparedDataset
-from cvaa.train.evaluate import GROUND_TRUTH, EvalJob, run
-from cvaa.evaluation import predict
+from cvaa.distributed.evaluate import GROUND_TRUTH, EvalJob, run
+from cvaa.scoring import predict
 from cvaa.metrics import evaluate_batch
 from tiny_models import register_tiny_models
 

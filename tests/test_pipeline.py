@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from cvaa.config import load_config
 from cvaa.data.dataset import PreparedDataset, list_inputs, split_by_patient
-from cvaa.train.prepare import ensure_phantoms, run_pipeline
+from cvaa.distributed.pipeline import ensure_phantoms, run_pipeline
 
 pytestmark = pytest.mark.ray
 

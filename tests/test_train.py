@@ -18,9 +18,9 @@ import yaml
 from cvaa import tracking
 from cvaa.config import load_config
 from cvaa.models import build_discriminator, build_generator
-from cvaa.train.driver import TrainJob, fit
-from cvaa.train.gan import GANTrainer, NonFiniteLossError, lr_factor
-from cvaa.train.loop import CHECKPOINT_FILE
+from cvaa.distributed.training import TrainJob, fit
+from cvaa.gan import GANTrainer, NonFiniteLossError, lr_factor
+from cvaa.distributed.worker import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.batch_size=2", "train.cpus_per_worker=0.5", "train.figure_every=1"]
@@ -52,7 +52,7 @@ def test_train_job_makes_local_paths_absolute_for_the_workers(tmp_path, monkeypa
 
 def test_training_mean_intensity_averages_the_first_training_cases(prepared_cpu):
     from cvaa.data.dataset import CaseDataset, PreparedDataset
-    from cvaa.train.loop import training_mean_intensity
+    from cvaa.distributed.worker import training_mean_intensity
 
     ds = PreparedDataset(prepared_cpu)
     ids = ds.split("train")
@@ -126,7 +126,7 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     version = client.get_model_version_by_alias("tiny", "candidate")
     assert version.run_id == out["run_id"]
     model = tracking.load_generator("models:/tiny@candidate", job.mlflow_uri)
-    from cvaa.train.driver import load_checkpoint_generator
+    from cvaa.distributed.training import load_checkpoint_generator
     import ray.train
     trained, state = load_checkpoint_generator(ray.train.Checkpoint(out["checkpoint"]))
     assert state["epoch"] == 1

@@ -135,7 +135,7 @@ def test_asha_settings_scale_with_the_epochs():
 
 
 def _asha_rungs(epochs):
-    from cvaa.train.tune import asha_settings
+    from cvaa.distributed.sweep import asha_settings
 
     grace, factor = asha_settings(epochs)
     rungs, t = [], grace
@@ -150,7 +150,7 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from cvaa.train.tune import FinishingASHA
+    from cvaa.distributed.sweep import FinishingASHA
 
     def run(scheduler):
         trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]
@@ -172,7 +172,7 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
 
 
 def test_concurrency_follows_the_scarcest_resource():
-    from cvaa.train.tune import max_concurrent_trials, trial_resources
+    from cvaa.distributed.sweep import max_concurrent_trials, trial_resources
 
     cpu = load_config("cpu", overrides=["train.cpus_per_worker=0.5"])
     per_trial = trial_resources(cpu, driver_cpus=0.25)
@@ -207,8 +207,8 @@ def test_gpus_per_trial_are_split_over_the_workers():
     ({"grace_period": 5}, "--grace-period must be in \\[1, 3\\]"),
 ])
 def test_bad_sweep_arguments(tmp_path, kw, fragment):
-    from cvaa.train.driver import TrainJob
-    from cvaa.train.tune import SweepJob, check_sweep
+    from cvaa.distributed.training import TrainJob
+    from cvaa.distributed.sweep import SweepJob, check_sweep
 
     cfg = load_config("cpu", overrides=["train.epochs=3"])
     space = parse_space({"loss.adv": {"grid": [0.1]}}, cfg)
@@ -220,8 +220,8 @@ def test_bad_sweep_arguments(tmp_path, kw, fragment):
 # --------------------------------------------------------------------------- Ray Tune
 
 def _sweep(tmp_path, prepared, space, overrides=(), **kw):
-    from cvaa.train.driver import TrainJob
-    from cvaa.train.tune import SweepJob
+    from cvaa.distributed.training import TrainJob
+    from cvaa.distributed.sweep import SweepJob
 
     cfg = load_config("cpu", overrides=TINY + list(overrides))
     job = TrainJob(cfg=cfg, data=prepared, run_name=kw.pop("run_name", "sweep"),
@@ -244,7 +244,7 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
     """Two trials, one after the other: lr_g = 1e-3 learns, lr_g = 0 cannot (its G keeps
     its initial weights), so at ASHA's first rung (epoch 1) the second trial is below the
     first one's value and is stopped; the first runs both epochs and wins."""
-    from cvaa.train.tune import tune_sweep
+    from cvaa.distributed.sweep import tune_sweep
 
     sweep = _sweep(tmp_path, prepared_cpu, {"optim.lr_g": {"grid": [1e-3, 0.0]}},
                    ["train.epochs=2"], metric="val/psnr", mode="max", max_concurrent=1)
@@ -297,7 +297,7 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
     assert len(client.search_model_versions("name = 'tiny-tune'")) == 1   # only the best
     model = tracking.load_generator("models:/tiny-tune@tuned-best", sweep.train.mlflow_uri)
     import ray.train
-    from cvaa.train.driver import load_checkpoint_generator
+    from cvaa.distributed.training import load_checkpoint_generator
     trained, state = load_checkpoint_generator(ray.train.Checkpoint(winner["checkpoint"]))
     assert state["epoch"] == 1 and state["config"]["optim"]["lr_g"] == 1e-3
     x = torch.rand(2, 2, 32, 32)
@@ -310,7 +310,7 @@ def test_resume_continues_an_interrupted_sweep(tmp_path, prepared_cpu, ray_local
     """The only trial's worker dies at epoch 2 with no retries left: the sweep fails. The
     same sweep with resume reruns the errored trial, whose Train run resumes from its
     epoch-1 checkpoint in the same MLflow child run."""
-    from cvaa.train.tune import SweepError, tune_sweep
+    from cvaa.distributed.sweep import SweepError, tune_sweep
 
     def sweep(run_name="interrupted", **kw):
         return _sweep(tmp_path, prepared_cpu, {"loss.adv": {"grid": [0.1]}},
@@ -333,7 +333,7 @@ def test_resume_continues_an_interrupted_sweep(tmp_path, prepared_cpu, ray_local
     (row,) = out["leaderboard"]
     assert row["status"] == "completed" and row["epochs"] == 2
     import ray.train
-    from cvaa.train.driver import load_checkpoint_generator
+    from cvaa.distributed.training import load_checkpoint_generator
     _, state = load_checkpoint_generator(ray.train.Checkpoint(row["checkpoint"]))
     assert state["history"]["resumed_at_epoch"] == [2.0]     # not restarted from scratch
 

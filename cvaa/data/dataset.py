@@ -14,7 +14,7 @@ listing, and a training worker or the evaluator reads exactly the cases it needs
 local disk or S3 alike. At the paper size a case is ~8 MB compressed to ~3 MB.
 
 Nothing here imports Ray: :func:`process_case` is the pure per-case work that the Ray Data
-pipeline (``cvaa.train.prepare``) maps over the inputs.
+pipeline (``cvaa.distributed.pipeline``) maps over the inputs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The driver side of ``jobs/train.py``: data -> TorchTrainer -> Table I -> registered model.
 
 Runs on the Ray driver (the machine of ``ray job submit`` or the local process). The
-workers run :func:`cvaa.train.loop.train_loop_per_worker`.
+workers run :func:`cvaa.distributed.worker.train_loop_per_worker`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
-from cvaa.evaluation import evaluate_cases, table_markdown, table_rows
+from cvaa.scoring import evaluate_cases, table_markdown, table_rows
 from cvaa.models import build_generator
-from cvaa.train.gan import NonFiniteLossError
-from cvaa.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from cvaa.gan import NonFiniteLossError
+from cvaa.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
 
 
 def default_storage() -> str:
@@ -126,7 +126,7 @@ def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
         failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=train_cfg.checkpoints_to_keep),
-        worker_runtime_env={"env_vars": _forwarded_env()},
+        worker_runtime_env={"env_vars": forwarded_env()},
         callbacks=list(callbacks) or None)
     loop_config = {"cfg": cfg.to_dict(), "data": job.data,
                    "mlflow": {"tracking_uri": job.mlflow_uri, "run_id": run_id},
@@ -202,19 +202,10 @@ def _log_curves(logger: tracking.RunLogger, history: dict[str, list[float]], lab
                          "figures/curves.png")
 
 
-def _forwarded_env() -> dict[str, str]:
-    from cvaa.train.prepare import forwarded_env
-
-    env = forwarded_env()
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
-    return env
-
-
 def ensure_prepared(cfg: Config, output: str, log=print) -> str:
     """The embedded default: phantoms -> preprocessing, unless already prepared."""
     from cvaa.data.dataset import list_inputs
-    from cvaa.train.prepare import default_phantom_dir, ensure_phantoms, run_pipeline
+    from cvaa.distributed.pipeline import default_phantom_dir, ensure_phantoms, run_pipeline
 
     phantoms = ensure_phantoms(cfg, default_phantom_dir(output, cfg), log=log)
     run_pipeline(list_inputs(phantoms), cfg, output, source=phantoms, log=log)

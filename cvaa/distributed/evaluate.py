@@ -1,7 +1,7 @@
 """The driver side of ``jobs/evaluate.py``: registered models x a prepared split -> Table I
 and Fig. 2, written to a directory and logged to an MLflow evaluation run.
 
-Like :mod:`cvaa.train.driver`, this is an edge module: it reaches MLflow through
+Like :mod:`cvaa.distributed.training`, this is an edge module: it reaches MLflow through
 :mod:`cvaa.tracking` and imports Ray lazily, only for large splits. Small splits (at most
 ``ray_threshold`` cases) run in this process; larger ones use Ray Data batch inference:
 ``map_batches`` over the case ids with a callable class, so each actor loads the model once
@@ -30,7 +30,7 @@ import torch
 
 from cvaa import tracking
 from cvaa.data.dataset import CaseDataset, PreparedDataset
-from cvaa.evaluation import TABLE_COLUMNS, evaluate_cases, predict, table_markdown, table_rows
+from cvaa.scoring import TABLE_COLUMNS, evaluate_cases, predict, table_markdown, table_rows
 from cvaa.figures import slice_grid
 from cvaa.metrics import evaluate_batch
 
@@ -313,7 +313,7 @@ def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequenc
     import ray
     import ray.data
 
-    from cvaa.train.prepare import forwarded_env, init_ray
+    from cvaa.distributed.cluster import forwarded_env, init_ray
 
     init_ray(address)  # joins RAY_ADDRESS or starts a local Ray, unless already up
     resources = ray.cluster_resources()
@@ -322,8 +322,6 @@ def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequenc
                    else max(1, int(resources.get("CPU", 2)) - 1))
     workers = max(1, min(workers, -(-len(case_ids) // batch_size)))
     env = forwarded_env()
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     ds = ray.data.from_items([{"case_id": c, "order": i} for i, c in enumerate(case_ids)])
     ds = ds.map_batches(
         _CasePredictor, batch_size=batch_size, batch_format="numpy",

@@ -25,9 +25,9 @@ import torch
 
 from cvaa.config import Config
 from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
-from cvaa.evaluation import evaluate_cases, predict
+from cvaa.scoring import evaluate_cases, predict
 from cvaa.models import build_discriminator, build_generator, set_output_prior
-from cvaa.train.gan import GANTrainer, NonFiniteLossError, unwrap
+from cvaa.gan import GANTrainer, NonFiniteLossError, unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Reported every epoch as ``val/<name>`` (means over the validation patients).

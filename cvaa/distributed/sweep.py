@@ -2,7 +2,7 @@
 
 Ray Train V2 cannot be wrapped as ``Tuner(TorchTrainer(...))``. Each Tune trial runs
 :func:`_trial`, a small driver function (a fraction of a CPU) that resolves the trial's
-config and calls :func:`cvaa.train.driver.fit`, with ``TuneReportCallback`` in the Train
+config and calls :func:`cvaa.distributed.training.fit`, with ``TuneReportCallback`` in the Train
 ``RunConfig``: every epoch's report of rank 0 (``val/ssim``, ``epoch``, the checkpoint
 path, ...) reaches Tune, and ASHA stops the trials that fall behind at its rungs.
 
@@ -39,9 +39,9 @@ from ray.tune.search import BasicVariantGenerator
 
 from cvaa import tracking
 from cvaa.config import Config, ConfigError
-from cvaa.train.driver import TrainJob, load_checkpoint_generator, storage_filesystem
-from cvaa.train.gan import NonFiniteLossError
-from cvaa.train.loop import VAL_METRICS
+from cvaa.distributed.training import TrainJob, load_checkpoint_generator, storage_filesystem
+from cvaa.gan import NonFiniteLossError
+from cvaa.distributed.worker import VAL_METRICS
 from cvaa.tune_space import SearchSpace
 
 VAL_METRIC_KEYS = tuple(f"val/{k}" for k in VAL_METRICS)
@@ -358,7 +358,7 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune's function trainable: one trial = one ``fit`` with the trial's values."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cvaa.train.driver import fit
+    from cvaa.distributed.training import fit
 
     trial_id = tune.get_context().get_trial_id()
     space: SearchSpace = sweep["space"]

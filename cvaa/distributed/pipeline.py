@@ -19,31 +19,7 @@ from typing import Any
 from cvaa.config import Config
 from cvaa.data.dataset import (CaseInput, config_hash, previous_outcomes, process_case,
                                split_by_patient, write_manifest)
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS`` (as under ``ray job submit``),
-    else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"log_to_driver": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
-
-
-# S3 settings the driver was given reach the workers too (a cluster whose nodes have their
-# own IAM role simply has none of these set on the driver).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_PROFILE")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+from cvaa.distributed.cluster import forwarded_env
 
 
 def _process_row(row: dict[str, Any], cfg_dict: dict[str, Any], output: str) -> dict[str, Any]:

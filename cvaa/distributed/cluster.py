@@ -1,0 +1,70 @@
+"""Connecting to Ray: the cluster, the environment workers inherit, and a quiet console.
+
+Every job starts here (:func:`init_ray`): under ``ray job submit`` (``RAY_ADDRESS`` set) or
+with ``--address`` it joins that cluster, otherwise it starts a local one. By default the
+console shows only cvaa's own progress lines: worker output is not forwarded to the driver
+(it stays in Ray's log files, ``/tmp/ray/session_latest/logs``), Ray Data's progress bars
+are off and Ray's and MLflow's loggers say only warnings. ``verbose=True`` (the jobs'
+``--verbose``) brings all of it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+# S3 and MLflow settings the driver was given reach the workers too (a cluster whose nodes
+# have their own IAM role simply has none of these set on the driver).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_PROFILE", "MLFLOW_TRACKING_URI",
+                 "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+# Library loggers that are quiet unless --verbose.
+_CHATTY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic",
+                   "urllib3", "botocore")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's S3 / MLflow environment variables, for a Ray ``runtime_env``."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Ray's and MLflow's loggers at WARNING (INFO with ``verbose``)."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *,
+             verbose: bool = False) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS`` (as under ``ray job submit``),
+    else start a local one with ``num_cpus`` CPUs (default: the machine's).
+
+    Args:
+        address: a Ray address (``ray://...``, ``host:port`` or ``auto``).
+        num_cpus: CPUs of a local cluster; ignored when joining one.
+        verbose: forward the workers' output to this console and keep the libraries'
+            progress bars and INFO logs.
+    """
+    import ray
+    import ray.data
+
+    quiet_libraries(verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": verbose,
+                              "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
