@@ -1,0 +1,17 @@
+"""MLflow at the edge: runs (:mod:`~cvaa.tracking.runs`) and the model registry
+(:mod:`~cvaa.tracking.registry`).
+
+Only the driver and rank 0 call into this package; the core (data, models, losses,
+metrics, the GAN step) never imports it.
+"""
+
+from cvaa.tracking.registry import (LoadedModel, ModelLookupError, load_generator,
+                                    load_model, log_generator)
+from cvaa.tracking.runs import (EXPERIMENT, RunLogger, TrackingUnavailableError,
+                                check_tracking_uri, create_run, default_tracking_uri,
+                                find_run, setup)
+
+__all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger",
+           "TrackingUnavailableError", "check_tracking_uri", "create_run",
+           "default_tracking_uri", "find_run", "load_generator", "load_model",
+           "log_generator", "setup"]
