@@ -10,7 +10,6 @@ keeps dying, reported as rejected by the driver: every input ends up prepared or
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from dataclasses import asdict

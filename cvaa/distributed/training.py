@@ -18,6 +18,7 @@ from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
+from cvaa.distributed.cluster import forwarded_env
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
 from cvaa.models import build_generator
 from cvaa.gan import NonFiniteLossError

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-from cvaa.tracking.runs import TrackingUnavailableError, check_tracking_uri
+from cvaa.tracking.runs import check_tracking_uri
 
 
 def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_name: str,
