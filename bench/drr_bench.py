@@ -50,7 +50,7 @@ def load_volume(real: bool, size: int, spacing_mm: float):
     from cvaa.data.phantom import generate_phantom
     from cvaa.data.preprocess import prepare_ct
 
-    cfg = load_config("paper", overrides=[f"preprocess.size={size}",
+    cfg = load_config("paper", overrides=[f"preprocess.size={size}", f"drr.detector_pixels={size}",
                                           f"preprocess.spacing_mm={spacing_mm}"])
     if real:
         from cvaa.data.io import read_ct

@@ -133,7 +133,7 @@ class ModelConfig:
             move its bias there.
     """
 
-    generator: str = "cvaa"
+    generator: Literal["cvaa", "x2ct", "3dcnn", "psr"] = "cvaa"
     stem_channels: int = 64
     growth: int = 32
     dense_layers: tuple[int, ...] = (6, 12, 24, 16, 6)
@@ -243,6 +243,34 @@ class Config:
             cfg = _merge(cfg, _nest(key, value), prefix="", source=source)
         return cfg
 
+    def validate(self, source: str = "config") -> "Config":
+        """Check the fields against each other (each field alone is checked on load).
+
+        Raises:
+            ConfigError: naming the keys that disagree and what they must satisfy.
+        """
+        size, pixels = self.preprocess.size, self.drr.detector_pixels
+        if pixels != size:
+            raise ConfigError(f"{source}: drr.detector_pixels={pixels} must equal "
+                              f"preprocess.size={size} (the 2D->3D expansion maps detector "
+                              "pixels to voxels)")
+        m = self.model
+        if m.generator in ("cvaa", "x2ct"):
+            stages = len(m.dense_layers)
+            if stages < 1:
+                raise ConfigError(f"{source}: model.dense_layers needs at least one stage")
+            if len(m.encoder_channels) != stages:
+                raise ConfigError(f"{source}: model.encoder_channels needs one entry per "
+                                  f"stage of model.dense_layers ({stages}), got "
+                                  f"{list(m.encoder_channels)}")
+            if len(m.decoder_channels) != stages + 1:
+                raise ConfigError(f"{source}: model.decoder_channels needs stages + 1 = "
+                                  f"{stages + 1} entries, got {list(m.decoder_channels)}")
+            if size % 2 ** stages:
+                raise ConfigError(f"{source}: preprocess.size={size} must be a multiple of "
+                                  f"2^{stages} for the {stages} stages of model.dense_layers")
+        return self
+
     def flat(self) -> dict[str, Any]:
         """``{"drr.sad_mm": 1000.0, ...}``: every leaf under its dotted key."""
         out: dict[str, Any] = {}
@@ -310,7 +338,9 @@ def load_config(preset: str = "paper", config_file: str | Path | None = None,
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         cfg = _merge(cfg, data, prefix="", source=str(path))
-    return cfg.override(overrides)
+    return cfg.override(overrides).validate(f"preset {preset!r}"
+                                            + (f" + {config_file}" if config_file else "")
+                                            + (" + --set" if overrides else ""))
 
 
 def parse_value(text: str) -> Any:

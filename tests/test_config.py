@@ -1,4 +1,5 @@
 from dataclasses import FrozenInstanceError
+import re
 
 import pytest
 
@@ -22,7 +23,8 @@ def test_cpu_preset_is_small_with_the_same_field_of_view():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_round_trip_through_dict(preset):
-    cfg = load_config(preset, overrides=["drr.sad_mm=900", "model.dense_layers=[2,2,2]"])
+    cfg = load_config(preset, overrides=["drr.sad_mm=900", "model.dense_layers=[2,2,2]",
+                                          "model.generator=3dcnn"])
     assert Config.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["model"]["dense_layers"] == [2, 2, 2]
 
@@ -35,6 +37,7 @@ def test_frozen():
 
 def test_overrides_are_typed():
     cfg = load_config(overrides=["optim.lr_g=1e-4", "preprocess.size=64",
+                                 "drr.detector_pixels=64",
                                  "preprocess.crop_center=body", "train.use_gpu=true",
                                  "preprocess.clip_hu=-1024,3071"])
     assert cfg.optim.lr_g == 1e-4 and isinstance(cfg.optim.lr_g, float)
@@ -88,3 +91,36 @@ def test_hash_changes_with_the_section_it_covers():
     c = a.override(["optim.lr_g=1e-3"])
     assert a.hash("preprocess", "drr") != b.hash("preprocess", "drr")
     assert a.hash("preprocess", "drr") == c.hash("preprocess", "drr")
+
+
+def test_generator_names_are_the_registry():
+    """The config's choice of generators is exactly what cvaa.models can build."""
+    import typing
+
+    from cvaa.config import ModelConfig
+    from cvaa.models import GENERATORS
+
+    hint = typing.get_type_hints(ModelConfig)["generator"]
+    assert set(typing.get_args(hint)) == set(GENERATORS)
+
+
+def test_unknown_generator_fails_at_load_naming_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu", overrides=["model.generator=cvaa-gan"])
+    message = str(err.value)
+    assert "model.generator='cvaa-gan'" in message
+    assert all(name in message for name in ("cvaa", "x2ct", "3dcnn", "psr"))
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["drr.detector_pixels=64"], "drr.detector_pixels=64 must equal preprocess.size=32"),
+    (["model.decoder_channels=[32,16,8]"], "model.decoder_channels needs stages + 1 = 4"),
+    (["model.encoder_channels=[16,24]"], "model.encoder_channels needs one entry per stage"),
+    (["preprocess.size=36", "drr.detector_pixels=36"], "preprocess.size=36 must be a multiple of 2^3"),
+])
+def test_inconsistent_sizes_fail_at_load(overrides, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config("cpu", overrides=overrides)
+    # the same sizes are fine for a model that has no such constraint
+    if overrides[0].startswith("model."):
+        load_config("cpu", overrides=overrides + ["model.generator=3dcnn"])

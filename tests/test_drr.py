@@ -223,7 +223,7 @@ def test_full_render_sees_anatomy_outside_the_cube_and_cube_render_does_not():
     volume = Volume(array, (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), CANONICAL_DIRECTION, "synthetic")
     prep = prepare_ct(volume, PreprocessConfig(spacing_mm=4.0, size=16))
     assert prep.cube.array.max() == 0.0                       # the marker is outside
-    cfg = load_config("cpu", overrides=["drr.detector_pixels=16"])
+    cfg = load_config("cpu", overrides=["drr.detector_pixels=16", "preprocess.size=16"])
     full = render_prepared(prep, cfg)
     cube = render_prepared(prep, cfg.override(["drr.source=cube"]))
     assert full.shape == cube.shape == (2, 16, 16) and full.dtype == np.float32

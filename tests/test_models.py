@@ -295,7 +295,7 @@ def test_unknown_generator_lists_valid_names():
 
 
 def test_mismatched_xray_and_volume_sizes_are_rejected():
-    cfg = load_config("cpu", overrides=["drr.detector_pixels=64"])
+    cfg = load_config("cpu").override(["drr.detector_pixels=64"])  # unvalidated
     with pytest.raises(ValueError, match="detector_pixels"):
         build_generator("cvaa", cfg)
     with pytest.raises(ValueError, match="detector_pixels"):
