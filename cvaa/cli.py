@@ -35,6 +35,12 @@ def add_training_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
     p.add_argument("--register-name", default="cvaa-gan", help="registered model name")
     p.add_argument("--run-name", help=run_name_help)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    add_verbose_argument(p)
+
+
+def add_verbose_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and MLflow's own output (worker logs, progress bars)")
 
 
 def training_overrides(args: argparse.Namespace) -> list[str]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from cvaa.cli import add_verbose_argument  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -50,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="run the models on GPUs")
     p.add_argument("--run-name", help="MLflow run name (default evaluate-SPLIT-TIME)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    add_verbose_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cvaa import tracking
+    from cvaa.distributed.cluster import quiet_libraries
     from cvaa.distributed.evaluate import EvalJob, default_output_root, run
+
+    quiet_libraries(args.verbose)
 
     run_name = args.run_name or f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     job = EvalJob(models=args.models, data=args.data, split=args.split,
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   figure_cases=args.cases, engine=args.engine,
                   ray_threshold=args.ray_threshold, batch_size=args.batch_size,
                   workers=args.workers, use_gpu=args.gpu, labels=args.labels,
-                  run_name=run_name, address=args.address)
+                  run_name=run_name, address=args.address, verbose=args.verbose)
     start = time.perf_counter()
     try:
         out = run(job)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
+from cvaa.cli import add_verbose_argument  # noqa: E402
 from cvaa.config import PRESETS, ConfigError, load_config  # noqa: E402
 from cvaa.data.io import InvalidVolumeError  # noqa: E402
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="dotted override, e.g. preprocess.size=64")
     p.add_argument("--workers", type=int, help="cases in flight at once (default: all CPUs)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    add_verbose_argument(p)
     p.add_argument("--phantom-dir", help="where generated phantoms are cached "
                                          "(default: OUTPUT/../phantoms-<hash>)")
     return p
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.distributed.cluster import init_ray
     from cvaa.distributed.pipeline import default_phantom_dir, ensure_phantoms, run_pipeline
 
-    init_ray(args.address)
+    init_ray(args.address, verbose=args.verbose)
     source = args.input
     if source is None:
         source = ensure_phantoms(cfg, args.phantom_dir or default_phantom_dir(args.output, cfg))

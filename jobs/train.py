@@ -57,32 +57,43 @@ def main(argv: list[str] | None = None) -> int:
 
     from cvaa import tracking
     from cvaa.data.dataset import config_hash
-    from cvaa.distributed.training import TrainJob, default_storage, ensure_prepared, fit
+    from cvaa.distributed.cluster import cluster_cpus, init_ray, joins_cluster
+    from cvaa.distributed.training import (EmptySplitError, TrainJob, default_storage,
+                                           ensure_prepared, run_training)
     from cvaa.gan import NonFiniteLossError
-    from cvaa.distributed.cluster import init_ray
 
     start = time.perf_counter()
-    init_ray(args.address)
+    init_ray(args.address, verbose=args.verbose)
     data = args.data
     if data is None:
         home = Path(default_storage()).parent
         data = ensure_prepared(cfg, str(home / f"prepared-{config_hash(cfg)}"))
+    if not joins_cluster(args.address) and not _cpus_given(args):
+        # A local Ray: once preprocessing is done, the training workers take every core.
+        per_worker = max(1, cluster_cpus() // cfg.train.num_workers)
+        cfg = cfg.override({"train.cpus_per_worker": float(per_worker)})
     run_name = args.run_name or f"{cfg.model.generator}-{time.strftime('%Y%m%d-%H%M%S')}"
     job = TrainJob(cfg=cfg, data=data, run_name=run_name,
                    storage=args.storage or default_storage(),
                    mlflow_uri=args.mlflow_uri or tracking.default_tracking_uri(),
-                   register_name=args.register_name, alias=args.alias)
+                   register_name=args.register_name, alias=args.alias, preset=args.preset)
+    t = cfg.train
+    print(f"[train] {cfg.model.generator}, preset {args.preset}, {t.epochs} epochs, "
+          f"{t.num_workers} worker(s) x {t.cpus_per_worker:g} CPU"
+          f"{f' + {t.gpus_per_worker:g} GPU' if t.use_gpu else ''}, batch {t.batch_size} "
+          f"per worker; data {data}")
     try:
-        out = fit(job)
+        out = run_training(job, log=lambda line: print(f"[train] {line}"))
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, EmptySplitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
-    print(f"Test split, {out['epochs']} epochs ({cfg.model.generator}, preset {args.preset}):")
-    print(out["table"])
+    if out["table"]:
+        print(f"Test split, {out['epochs']} epochs ({cfg.model.generator}, preset {args.preset}):")
+        print(out["table"])
     m = out["metrics"]
     print(f"final validation: PSNR {m.get('val/psnr', float('nan')):.2f} dB, "
           f"SSIM {m.get('val/ssim', float('nan')):.4f}; training {out['wall_seconds']:.0f} s "
@@ -91,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow run {out['run_id']} at {job.mlflow_uri}")
     print(f"registered model: {out['model_uri']} (version {out['version']})")
     return 0
+
+
+def _cpus_given(args) -> bool:
+    """Whether the user chose ``train.cpus_per_worker`` (in ``--set`` or ``--config``)."""
+    if any(o.split("=", 1)[0].strip() == "train.cpus_per_worker" for o in args.overrides):
+        return True
+    return bool(args.config) and "cpus_per_worker" in Path(args.config).read_text()
 
 
 if __name__ == "__main__":

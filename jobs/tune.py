@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         job = TrainJob(cfg=cfg, data=args.data or "", run_name=run_name,
                        storage=args.storage or default_storage(),
                        mlflow_uri=args.mlflow_uri or tracking.default_tracking_uri(),
-                       register_name=args.register_name)
+                       register_name=args.register_name, preset=args.preset)
         sweep = SweepJob(train=job, space=space, samples=args.samples, metric=args.metric,
                          mode=args.mode, resume=args.resume,
                          max_concurrent=args.max_concurrent, grace_period=args.grace_period,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.distributed.sweep import SweepError, tune_sweep
 
     start = time.perf_counter()
-    init_ray(args.address)
+    init_ray(args.address, verbose=args.verbose)
     if not args.data:
         home = Path(default_storage()).parent
         job.data = ensure_prepared(cfg, str(home / f"prepared-{config_hash(cfg)}"))

@@ -18,9 +18,13 @@ import yaml
 from cvaa import tracking
 from cvaa.config import load_config
 from cvaa.models import build_discriminator, build_generator
-from cvaa.distributed.training import TrainJob, fit
-from cvaa.gan import GANTrainer, NonFiniteLossError, lr_factor
+from cvaa.distributed.training import TrainJob, run_training, train
 from cvaa.distributed.worker import CHECKPOINT_FILE
+from cvaa.gan import GANTrainer, NonFiniteLossError, lr_factor
+
+import faults
+
+faults.register_by_value()
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.batch_size=2", "train.cpus_per_worker=0.5", "train.figure_every=1"]
@@ -108,8 +112,13 @@ def test_nan_loss_raises_before_any_update():
 def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2"],
                alias="candidate")
-    out = fit(job, log=lambda *_: None)
+    lines = []
+    out = run_training(job, log=lines.append)
     assert out["epochs"] == 2
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
+    assert all("val PSNR" in line and "s/epoch" in line for line in epoch_lines)
+    assert "ETA 0s" in epoch_lines[-1]
     client = mlflow.MlflowClient(job.mlflow_uri)
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
@@ -125,6 +134,13 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
 
     version = client.get_model_version_by_alias("tiny", "candidate")
     assert version.run_id == out["run_id"]
+    # What a registry user reads about the version
+    assert version.tags["generator"] == "cvaa" and version.tags["source_run_id"] == out["run_id"]
+    assert float(version.tags["test.psnr"]) == pytest.approx(out["rows"][0]["psnr_mean"], abs=1e-4)
+    assert float(version.tags["test.ssim_x2ct"]) == pytest.approx(out["rows"][0]["ssim_x2ct_mean"],
+                                                                   abs=1e-4)
+    assert version.tags["volume_size"] == "32" and version.tags["data.test_cases"] != "0"
+    assert "Test split" in version.description and "(N, 2, 32, 32)" in version.description
     model = tracking.load_generator("models:/tiny@candidate", job.mlflow_uri)
     from cvaa.distributed.training import load_checkpoint_generator
     import ray.train
@@ -138,23 +154,30 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
 
 @pytest.mark.ray
 def test_worker_failure_resumes_from_checkpoint(tmp_path, prepared_cpu):
+    """SIGKILL the worker process while it trains epoch 2: Ray Train restarts the worker
+    group, which resumes from the epoch-1 checkpoint in the same MLflow run."""
     marker = tmp_path / "killed"
     job = _job(tmp_path, prepared_cpu, ["train.epochs=3", "train.max_failures=2"],
-               inject={"kill_at_epoch": 1, "marker": str(marker)}, run_name="killed-run")
-    out = fit(job, log=lambda *_: None)
+               run_name="killed-run")
+    with tracking.open_run(job.mlflow_uri, job.run_name) as run:
+        result = train(job, run, callbacks=[faults.KillWorkerAfterEpoch(1, str(marker))],
+                       log=None)
     assert marker.exists(), "the failure was not injected"
-    assert out["epochs"] == 3
+    assert result.epochs == 3
     # Resumed at epoch 2 from the epoch-1 checkpoint, not restarted at epoch 1.
-    assert out["history"]["resumed_at_epoch"] == [2.0]
-    assert len(out["history"]["loss_g"]) == 3
+    assert result.history["resumed_at_epoch"] == [2.0]
+    assert len(result.history["loss_g"]) == 3
+    client = mlflow.MlflowClient(job.mlflow_uri)
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss_g")] == [1, 2, 3]
 
 
 @pytest.mark.ray
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, prepared_cpu):
-    job = _job(tmp_path, prepared_cpu, ["train.epochs=4"], inject={"nan_at_epoch": 1},
-               run_name="nan-run")
+    job = _job(tmp_path, prepared_cpu, ["train.epochs=4"], run_name="nan-run")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2") as exc:
-        fit(job, log=lambda *_: None)
+        with tracking.open_run(job.mlflow_uri, job.run_name) as run:
+            train(job, run, worker_callbacks=[faults.PoisonWeightsAtEpoch(1)], log=None)
     assert "last good checkpoint" in str(exc.value)
     ckpts = sorted((tmp_path / "ray" / "nan-run").glob("epoch_*"))
     assert [p.name for p in ckpts] == ["epoch_0001"]

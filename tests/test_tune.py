@@ -14,6 +14,10 @@ from cvaa import tracking
 from cvaa.config import ConfigError, load_config
 from cvaa.tune_space import SpaceError, load_space, parse_space
 
+import faults
+
+faults.register_by_value()
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.batch_size=2", "train.cpus_per_worker=0.5", "train.figure_every=2"]
 
@@ -226,7 +230,7 @@ def _sweep(tmp_path, prepared, space, overrides=(), **kw):
     cfg = load_config("cpu", overrides=TINY + list(overrides))
     job = TrainJob(cfg=cfg, data=prepared, run_name=kw.pop("run_name", "sweep"),
                    storage=str(tmp_path / "ray"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                   register_name="tiny-tune", inject=kw.pop("inject", {}))
+                   register_name="tiny-tune")
     return SweepJob(train=job, space=parse_space(space, cfg, source=str(tmp_path / "space")),
                     verbose=0, **kw)
 
@@ -314,11 +318,11 @@ def test_resume_continues_an_interrupted_sweep(tmp_path, prepared_cpu, ray_local
 
     def sweep(run_name="interrupted", **kw):
         return _sweep(tmp_path, prepared_cpu, {"loss.adv": {"grid": [0.1]}},
-                      ["train.epochs=2", "train.max_failures=0"], run_name=run_name,
-                      inject={"kill_at_epoch": 1, "marker": str(tmp_path / "killed")}, **kw)
+                      ["train.epochs=2", "train.max_failures=0"], run_name=run_name, **kw)
 
+    killer = faults.KillTrialWorkerAfterEpoch(1, str(tmp_path / "killed"))
     with pytest.raises(SweepError, match="no trial of sweep interrupted produced a model"):
-        tune_sweep(sweep(), log=lambda *_: None)
+        tune_sweep(sweep(), log=lambda *_: None, callbacks=[killer])
     assert (tmp_path / "killed").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (failed,) = client.search_runs([e.experiment_id for e in client.search_experiments()],

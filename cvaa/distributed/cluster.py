@@ -37,6 +37,11 @@ def quiet_libraries(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def joins_cluster(address: str | None = None) -> bool:
+    """Whether :func:`init_ray` would join an existing cluster rather than start one."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, *,
              verbose: bool = False) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS`` (as under ``ray job submit``),
@@ -57,7 +62,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
         return
     kwargs: dict[str, Any] = {"log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.WARNING}
-    if address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(address):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)

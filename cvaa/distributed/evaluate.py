@@ -79,6 +79,7 @@ class EvalJob:
     run_name: str = ""
     experiment: str = tracking.EXPERIMENT
     address: str | None = None
+    verbose: bool = False
 
 
 def run(job: EvalJob, log=print) -> dict[str, Any]:
@@ -125,7 +126,8 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
         if engine == "ray":
             per_case[label] = evaluate_ray(m.uri, job.mlflow_uri, job.data, case_ids,
                                            batch_size=job.batch_size, workers=job.workers,
-                                           use_gpu=job.use_gpu, address=job.address)
+                                           use_gpu=job.use_gpu, address=job.address,
+                                           verbose=job.verbose)
         else:
             cases = CaseDataset(dataset, case_ids, cache=False)
             per_case[label] = evaluate_cases(m.generator.to(device),
@@ -248,33 +250,27 @@ def _metric_name(label: str) -> str:
 
 def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> str:
     run_name = job.run_name or f"evaluate-{job.split}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.create_run(
-        job.mlflow_uri, run_name, experiment=job.experiment,
-        tags={"cvaa.kind": "evaluation", "cvaa.data": job.data, "cvaa.split": job.split,
-              "cvaa.models": ", ".join(job.models)})
-    logger = tracking.RunLogger(job.mlflow_uri, run_id)
-    try:
-        logger.log_params({"data": job.data, "split": job.split, "cases": n_cases,
-                           "engine": engine, "figure_cases": job.figure_cases,
-                           **{f"model.{i}": f"{label} = {uri}" for i, (label, uri)
-                              in enumerate(zip(labels, job.models))}})
+    tags = {"cvaa.kind": "evaluation", "cvaa.data": job.data, "cvaa.split": job.split,
+            "cvaa.models": ", ".join(job.models)}
+    with tracking.open_run(job.mlflow_uri, run_name, experiment=job.experiment,
+                           tags=tags) as run:
+        run.log_params({"data": job.data, "split": job.split, "cases": n_cases,
+                        "engine": engine, "figure_cases": job.figure_cases,
+                        **{f"model.{i}": f"{label} = {uri}" for i, (label, uri)
+                           in enumerate(zip(labels, job.models))}})
         metrics = {}
         for row in rows:
             name = _metric_name(row["model"])
             for key in _metric_keys():
                 metrics[f"{name}/{key}_mean"] = row[f"{key}_mean"]
                 metrics[f"{name}/{key}_std"] = row[f"{key}_std"]
-        logger.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
-        logger.log_table(rows, "evaluation/table_i.json")
+        run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+        run.log_table(rows, "evaluation/table_i.json")
         for key in ("table_md", "table_csv", "per_case_csv"):
-            logger.log_file(files[key], "evaluation")
+            run.log_file(files[key], "evaluation")
         if "figure" in files:
-            logger.log_file(files["figure"], "figures")
-    except Exception:
-        logger.set_terminated("FAILED")
-        raise
-    logger.set_terminated("FINISHED")
-    return run_id
+            run.log_file(files["figure"], "figures")
+    return run.run_id
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -304,7 +300,7 @@ class _CasePredictor:
 
 def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequence[str], *,
                  batch_size: int = 4, workers: int | None = None,
-                 use_gpu: bool = False, address: str | None = None
+                 use_gpu: bool = False, address: str | None = None, verbose: bool = False
                  ) -> list[dict[str, float]]:
     """Per-case metrics of one model with Ray Data batch inference, in ``case_ids`` order.
 
@@ -315,7 +311,7 @@ def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequenc
 
     from cvaa.distributed.cluster import forwarded_env, init_ray
 
-    init_ray(address)  # joins RAY_ADDRESS or starts a local Ray, unless already up
+    init_ray(address, verbose=verbose)  # joins RAY_ADDRESS or starts a local Ray
     resources = ray.cluster_resources()
     if workers is None:
         workers = (max(1, int(resources.get("GPU", 1))) if use_gpu

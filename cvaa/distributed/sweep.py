@@ -2,8 +2,8 @@
 
 Ray Train V2 cannot be wrapped as ``Tuner(TorchTrainer(...))``. Each Tune trial runs
 :func:`_trial`, a small driver function (a fraction of a CPU) that resolves the trial's
-config and calls :func:`cvaa.distributed.training.fit`, with ``TuneReportCallback`` in the Train
-``RunConfig``: every epoch's report of rank 0 (``val/ssim``, ``epoch``, the checkpoint
+config and runs :func:`cvaa.distributed.training.train` (then Table I on the test split),
+with ``TuneReportCallback`` in the Train ``RunConfig``: every epoch's report of rank 0 (``val/ssim``, ``epoch``, the checkpoint
 path, ...) reaches Tune, and ASHA stops the trials that fall behind at its rungs.
 
 MLflow: the sweep is a parent run (the space file, the sweep settings, a leaderboard table
@@ -19,7 +19,7 @@ CPUs and GPUs; as many trials run at once as the cluster's scarcest resource all
 
 Resume: the Tune experiment lives at ``STORAGE/RUN_NAME`` and every trial's Train run at
 ``STORAGE/RUN_NAME-trials/RUN_NAME-TRIAL_ID``; ``Tuner.restore`` reruns the unfinished and
-errored trials, whose ``fit`` resumes its Train run from the last checkpoint and its MLflow
+errored trials, whose ``train`` resumes its Train run from the last checkpoint and its MLflow
 child run by name.
 """
 
@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ray
 import ray.train
@@ -39,9 +39,13 @@ from ray.tune.search import BasicVariantGenerator
 
 from cvaa import tracking
 from cvaa.config import Config, ConfigError
-from cvaa.distributed.training import TrainJob, load_checkpoint_generator, storage_filesystem
-from cvaa.gan import NonFiniteLossError
+from cvaa.data.dataset import PreparedDataset
+from cvaa.distributed import compat
+from cvaa.distributed.training import (TrainJob, evaluate_split, load_checkpoint_generator,
+                                       log_curves, log_evaluation, register,
+                                       storage_filesystem, train)
 from cvaa.distributed.worker import VAL_METRICS
+from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
 
 VAL_METRIC_KEYS = tuple(f"val/{k}" for k in VAL_METRICS)
@@ -52,6 +56,10 @@ DRIVER_CPUS = 0.25
 
 class SweepError(RuntimeError):
     """A sweep that cannot start (exists / nothing to resume) or whose trials all failed."""
+
+
+class SweepInterrupted(SweepError, tracking.RunKilled):
+    """The sweep stopped with trials unfinished (its MLflow run closes KILLED)."""
 
 
 @dataclass
@@ -156,8 +164,14 @@ def check_sweep(sweep: SweepJob) -> None:
         raise ConfigError(f"--reduction-factor must be >= 2, got {sweep.reduction_factor}")
 
 
-def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
+def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback] = ()
+               ) -> dict[str, Any]:
     """Run (or resume) the sweep, write the leaderboard, register the best trial's model.
+
+    Args:
+        sweep: the resolved sweep.
+        log: where progress lines go.
+        callbacks: extra ``ray.tune.Callback`` objects for the Tuner's run.
 
     Returns ``{"parent_run_id", "leaderboard" (rows, best first), "markdown", "best"
     (its row, or None), "model_uri", "version", "wall_seconds"}``.
@@ -165,6 +179,7 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
     Raises:
         SweepError: the sweep exists and ``resume`` is off, there is nothing to resume,
             or no trial produced a usable model.
+        SweepInterrupted: the sweep stopped with trials unfinished (continue with resume).
     """
     check_sweep(sweep)   # TrainJob made its local paths absolute for the trials
     job, cfg = sweep.train, sweep.train.cfg
@@ -187,33 +202,35 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
         log(f"[tune] warning: one trial needs {per_trial} but the cluster has "
             f"{ {k: cluster.get(k, 0.0) for k in per_trial} }; trials wait for more nodes")
     n_trials = sweep.samples * sweep.space.grid_size
+    tags = {"cvaa.tune.role": "sweep", "cvaa.tune.space": Path(sweep.space.source).name,
+            "cvaa.model": cfg.model.generator, "cvaa.data": job.data}
+    with tracking.open_run(job.mlflow_uri, sweep.name, experiment=job.experiment, tags=tags,
+                           resume=sweep.resume,
+                           log=lambda line: log(f"[tune] {line}")) as parent:
+        tuned = set(sweep.space.keys)
+        parent.log_params({
+            **{k: v for k, v in cfg.flat().items() if k not in tuned},
+            **{f"space.{k}": v for k, v in sweep.space.describe().items()},
+            "tune.space_file": sweep.space.source, "tune.samples": sweep.samples,
+            "tune.trials": n_trials, "tune.metric": sweep.metric, "tune.mode": sweep.mode,
+            "tune.scheduler": "ASHA", "tune.max_t": epochs, "tune.grace_period": grace,
+            "tune.reduction_factor": factor, "tune.max_concurrent": concurrent,
+            "tune.trial_resources": per_trial, "data.prepared": job.data})
+        if Path(sweep.space.source).is_file():
+            parent.log_file(sweep.space.source, "space")
+        log(f"[tune] sweep {sweep.name}: {n_trials} trials ({sweep.samples} samples x grid "
+            f"{sweep.space.grid_size}) of up to {epochs} epochs, {concurrent} at a time "
+            f"({per_trial} each); ASHA on {sweep.metric} ({sweep.mode}), rungs from epoch "
+            f"{grace}, ratio {factor}")
 
-    parent_id = _parent_run(sweep, log)
-    parent = tracking.RunLogger(job.mlflow_uri, parent_id)
-    tuned = set(sweep.space.keys)
-    parent.log_params({
-        **{k: v for k, v in cfg.flat().items() if k not in tuned},
-        **{f"space.{k}": v for k, v in sweep.space.describe().items()},
-        "tune.space_file": sweep.space.source, "tune.samples": sweep.samples,
-        "tune.trials": n_trials, "tune.metric": sweep.metric, "tune.mode": sweep.mode,
-        "tune.scheduler": "ASHA", "tune.max_t": epochs, "tune.grace_period": grace,
-        "tune.reduction_factor": factor, "tune.max_concurrent": concurrent,
-        "tune.trial_resources": per_trial, "data.prepared": job.data})
-    if Path(sweep.space.source).is_file():
-        parent.log_file(sweep.space.source, "space")
-    log(f"[tune] sweep {sweep.name}: {n_trials} trials ({sweep.samples} samples x grid "
-        f"{sweep.space.grid_size}) of up to {epochs} epochs, {concurrent} at a time "
-        f"({per_trial} each); ASHA on {sweep.metric} ({sweep.mode}), rungs from epoch "
-        f"{grace}, ratio {factor}; MLflow parent run {parent_id}")
-
-    payload = {"cfg": cfg.to_dict(), "space": sweep.space, "data": job.data,
-               "trial_storage": sweep.trial_storage, "sweep": sweep.name,
-               "mlflow_uri": job.mlflow_uri, "experiment": job.experiment,
-               "parent_run_id": parent_id, "inject": job.inject}
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=payload),
-                                    {"CPU": sweep.driver_cpus})
-    start = time.perf_counter()
-    try:
+        payload = {"cfg": cfg.to_dict(), "space": sweep.space, "data": job.data,
+                   "trial_storage": sweep.trial_storage, "sweep": sweep.name,
+                   "mlflow_uri": job.mlflow_uri, "experiment": job.experiment,
+                   "parent_run_id": parent.run_id}
+        trainable = tune.with_resources(tune.with_parameters(_trial, sweep=payload),
+                                        {"CPU": sweep.driver_cpus})
+        run_callbacks = [OrphanedPlacementGroupReaper(), *callbacks]
+        start = time.perf_counter()
         if sweep.resume:
             log(f"[tune] resuming {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True,
@@ -233,46 +250,39 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
                                           storage_filesystem=fs, verbose=sweep.verbose,
-                                          callbacks=[OrphanedPlacementGroupReaper()]))
+                                          callbacks=run_callbacks))
         grid = tuner.fit()
-    except BaseException:
-        parent.set_terminated("FAILED")
-        raise
-    wall = time.perf_counter() - start
-    _release_stopped_trials()
+        wall = time.perf_counter() - start
+        _release_stopped_trials()
 
-    rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent_id),
-                       _trial_statuses(grid))
-    _finish_children(job.mlflow_uri, rows)
-    # The logged tables name each trial by its directory, trial_<id>: a bare id such as
-    # 66e25_00000 or 43666_00000 reads as a number in mlflow.load_table (pandas).
-    logged = [{**r, "trial": _trial_dirname(r["trial"])} for r in rows]
-    markdown = leaderboard_markdown(logged, sweep.metric)
-    if rows:
-        parent.log_table(logged, "leaderboard.json")
-    parent.log_text(markdown, "leaderboard.md")
-    unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
-    if unfinished:   # Ctrl-C: Tune saved its state and returned early
-        parent.set_terminated("KILLED")
-        raise SweepError(f"sweep {sweep.name} was interrupted with trials {unfinished} "
-                         "unfinished; continue it with --resume")
-    best = next((r for r in rows if r["rank"] is not None), None)
-    if best is None:
-        parent.set_terminated("FAILED")
-        errors = "; ".join(f"{r['trial']}: {r['status']}" for r in rows)
-        raise SweepError(f"no trial of sweep {sweep.name} produced a model ({errors}); "
-                         "fix the cause and rerun with --resume")
-    registered = _register_best(sweep, best)
-    client = _client(job.mlflow_uri)
-    client.set_tag(parent_id, "cvaa.tune.best_trial", best["trial"])
-    client.set_tag(parent_id, "cvaa.tune.best_run_id", best["run_id"])
-    parent.log_metrics({f"best/{sweep.metric}": best[f"{sweep.metric} last"],
-                        "tune_wall_seconds": wall}, 0)
-    parent.set_terminated("FINISHED")
+        rows = leaderboard(grid, sweep, _child_runs(job.mlflow_uri, parent.run_id),
+                           trial_statuses(experiment_path, fs))
+        _finish_children(job.mlflow_uri, rows)
+        # The logged tables name each trial by its directory, trial_<id>: a bare id such as
+        # 66e25_00000 or 43666_00000 reads as a number in mlflow.load_table (pandas).
+        logged = [{**r, "trial": _trial_dirname(r["trial"])} for r in rows]
+        markdown = leaderboard_markdown(logged, sweep.metric)
+        if rows:
+            parent.log_table(logged, "leaderboard.json")
+        parent.log_text(markdown, "leaderboard.md")
+        unfinished = [r["trial"] for r in rows if r["status"] == "unfinished"]
+        if unfinished:   # Ctrl-C: Tune saved its state and returned early
+            raise SweepInterrupted(f"sweep {sweep.name} was interrupted with trials "
+                                   f"{unfinished} unfinished; continue it with --resume")
+        best = next((r for r in rows if r["rank"] is not None), None)
+        if best is None:
+            errors = "; ".join(f"{r['trial']}: {r['status']}" for r in rows)
+            raise SweepError(f"no trial of sweep {sweep.name} produced a model ({errors}); "
+                             "fix the cause and rerun with --resume")
+        registered = _register_best(sweep, best)
+        parent.client.set_tag(parent.run_id, "cvaa.tune.best_trial", best["trial"])
+        parent.client.set_tag(parent.run_id, "cvaa.tune.best_run_id", best["run_id"])
+        parent.log_metrics({f"best/{sweep.metric}": best[f"{sweep.metric} last"],
+                            "tune_wall_seconds": wall}, 0)
     log(f"[tune] best trial {best['trial']}: {sweep.metric} "
         f"{best[f'{sweep.metric} last']:.4f} after {best['epochs']} epochs; registered "
         f"{registered['model_uri']} (version {registered['version']})")
-    return {"parent_run_id": parent_id, "leaderboard": rows, "markdown": markdown,
+    return {"parent_run_id": parent.run_id, "leaderboard": rows, "markdown": markdown,
             "best": best, "model_uri": registered["model_uri"],
             "version": registered["version"], "wall_seconds": wall}
 
@@ -282,33 +292,16 @@ def tune_sweep(sweep: SweepJob, log=print) -> dict[str, Any]:
 def remove_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creating actor is dead; returns how many.
 
-    When ASHA stops a trial, Tune ends the trial's actor, and with it the Train controller
-    it owns, so the controller cannot remove its worker group's placement group. Train V2
-    leaves that to a detached cleaner that asks the State API (the dashboard) whether the
-    controller still lives; without a dashboard (a local ``ray.init`` as in the tests and
-    ``jobs/tune.py``'s local default) the stopped trial's workers' CPUs and GPUs would stay
-    reserved until the sweep ends, and the next trials could starve. Placement groups made
-    by the driver itself (Tune's trial bundles) have no creating actor and are kept. (The
-    stopped trial's idle cleaner actor itself stays until Ray shuts down.)
+    A trial that ASHA stopped leaves its Ray Train workers' placement group behind (see
+    :func:`cvaa.distributed.compat.orphaned_placement_groups`); without this, on a
+    cluster without a dashboard its CPUs and GPUs stay reserved and later trials starve.
     """
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
-    job_id = ray.get_runtime_context().get_job_id()
-    removed = 0
-    # The GCS table carries the creator fields that placement_group_table() leaves out.
-    for blob in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
-        created = pg.state in (gcs_pb2.PlacementGroupTableData.CREATED,
-                               gcs_pb2.PlacementGroupTableData.PENDING,
-                               gcs_pb2.PlacementGroupTableData.RESCHEDULING)
-        has_creator_actor = not ray.ActorID(pg.creator_actor_id).is_nil()
-        if (created and has_creator_actor and pg.creator_actor_dead and not pg.is_detached
-                and pg.creator_job_id.hex() == job_id):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-    return removed
+    orphans = compat.orphaned_placement_groups()
+    for pg in orphans:
+        remove_placement_group(pg)
+    return len(orphans)
 
 
 def _release_stopped_trials() -> None:
@@ -333,7 +326,7 @@ class OrphanedPlacementGroupReaper(tune.Callback):
         self.last = time.monotonic()
         try:
             remove_orphaned_placement_groups()
-        except Exception as exc:  # a private API may change: warn, never fail the sweep
+        except Exception as exc:  # never fail the sweep over the clean-up
             print(f"[tune] warning: cannot check for orphaned placement groups: {exc}")
             self.last = float("inf")
 
@@ -346,8 +339,13 @@ class FinishingASHA(ASHAScheduler):
     rungs 2, 4, 8, 16 for 16 epochs) would kill it halfway through that.
     """
 
+    def __init__(self, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.last_step = (time_attr, max_t)
+
     def on_trial_result(self, tune_controller, trial, result):
-        if result.get(self._time_attr, 0) >= self._max_t:
+        time_attr, max_t = self.last_step
+        if result.get(time_attr, 0) >= max_t:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
@@ -355,23 +353,31 @@ class FinishingASHA(ASHAScheduler):
 # --------------------------------------------------------------------------- one trial
 
 def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """Tune's function trainable: one trial = one ``fit`` with the trial's values."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """Tune's function trainable: one trial = train + Table I in a child MLflow run.
 
-    from cvaa.distributed.training import fit
+    The child run closes itself FINISHED; a trial that raises (or that ASHA stops, which
+    ends this process) leaves it open for the sweep to close KILLED or FAILED.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     space: SearchSpace = sweep["space"]
     cfg = space.apply(Config.from_dict(sweep["cfg"]), params)
     job = TrainJob(cfg=cfg, data=sweep["data"], run_name=f"{sweep['sweep']}-{trial_id}",
                    storage=sweep["trial_storage"], mlflow_uri=sweep["mlflow_uri"],
-                   experiment=sweep["experiment"], inject=dict(sweep["inject"]))
+                   experiment=sweep["experiment"])
     tags = {"cvaa.tune.sweep": sweep["sweep"], "cvaa.tune.trial_id": trial_id,
-            "cvaa.tune.role": "trial"}
+            "cvaa.tune.role": "trial", "cvaa.model": cfg.model.generator}
+    dataset = PreparedDataset(job.data)
     try:
-        fit(job, log=print, callbacks=[TuneReportCallback()],
-            parent_run_id=sweep["parent_run_id"], tags=tags, register=False,
-            close_on_error=False)
+        with tracking.open_run(job.mlflow_uri, job.run_name, experiment=job.experiment,
+                               tags=tags, parent_run_id=sweep["parent_run_id"],
+                               resume=True) as run:
+            result = train(job, run, callbacks=[TuneReportCallback()], log=None)
+            if dataset.split("test"):
+                table = evaluate_split(result.generator(cfg), dataset, "test", cfg)
+                log_evaluation(run, table, result.epochs)
+            log_curves(run, result.history, f"trial {trial_id}")
     except NonFiniteLossError as exc:
         # A diverging combination is a result of the sweep, not an error to retry on
         # --resume: the leaderboard shows it (the loop reported nonfinite=1).
@@ -386,7 +392,7 @@ def _trial_dirname(trial) -> str:
 # --------------------------------------------------------------------------- leaderboard
 
 def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any],
-                statuses: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+                statuses: Mapping[str, str]) -> list[dict[str, Any]]:
     """One row per trial, best first: rank, trial, status, epochs, the metric's last and
     best values, the tuned values, the child run and the last checkpoint.
 
@@ -408,7 +414,7 @@ def leaderboard(grid, sweep: SweepJob, runs: Mapping[str, Any],
         epochs = int(m.get("epoch", 0))
         history = _history(result, metric)
         last = m.get(metric, history[-1] if history else None)
-        if (statuses or {}).get(trial_id, "TERMINATED") not in ("TERMINATED", "ERROR"):
+        if statuses.get(trial_id) not in ("TERMINATED", "ERROR"):
             status = "unfinished"
         elif result.error is not None:
             status = f"error: {type(result.error).__name__}: {str(result.error)[:200]}"
@@ -458,11 +464,11 @@ def leaderboard_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trial_statuses(grid) -> dict[str, str]:
-    """``{trial_id: status}``; the ResultGrid keeps the Trial objects privately, so an
-    unknown layout gives ``{}`` (every trial then counts as finished)."""
-    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    return {t.trial_id: t.status for t in trials}
+def trial_statuses(experiment_path: str, fs=None) -> dict[str, str]:
+    """``{trial_id: Tune status}`` from the sweep's saved experiment state (what Tune wrote
+    when ``Tuner.fit`` returned, interrupted or not)."""
+    analysis = tune.ExperimentAnalysis(experiment_path, storage_filesystem=fs)
+    return {t.trial_id: t.status for t in analysis.trials}
 
 
 def _history(result, metric: str) -> list[float]:
@@ -478,27 +484,6 @@ def _client(uri: str):
     import mlflow
 
     return mlflow.MlflowClient(uri)
-
-
-def _parent_run(sweep: SweepJob, log) -> str:
-    """The sweep's MLflow run: found by name on ``--resume`` (reopened), else created."""
-    job = sweep.train
-    experiment_id = tracking.setup(job.mlflow_uri, job.experiment)
-    client = _client(job.mlflow_uri)
-    if sweep.resume:
-        found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`mlflow.runName` = '{sweep.name}' and "
-                                           "tags.`cvaa.tune.role` = 'sweep'",
-            order_by=["attributes.start_time DESC"], max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            log(f"[tune] resuming MLflow parent run {run_id} ({sweep.name})")
-            return run_id
-    run = client.create_run(experiment_id, run_name=sweep.name, tags={
-        "cvaa.tune.role": "sweep", "cvaa.tune.space": Path(sweep.space.source).name,
-        "cvaa.model": job.cfg.model.generator, "cvaa.data": job.data})
-    return run.info.run_id
 
 
 def _child_runs(uri: str, parent_id: str) -> dict[str, Any]:
@@ -530,22 +515,27 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
-    """Log the best trial's last checkpoint into its child run and register it."""
+    """Log the best trial's last checkpoint into its child run and register it, with the
+    test metrics its trial logged."""
     job = sweep.train
-    client = _client(job.mlflow_uri)
     checkpoint = ray.train.Checkpoint(best["checkpoint"],
                                       filesystem=storage_filesystem(job.storage))
     generator, state = load_checkpoint_generator(checkpoint)
-    status = client.get_run(best["run_id"]).info.status
-    registered = tracking.log_generator(best["run_id"], generator, state["config"],
-                                        job.register_name, sweep.alias, job.mlflow_uri)
-    if status != "FINISHED":  # log_generator reopened and closed the run as FINISHED
-        client.set_terminated(best["run_id"], status)
-    client.set_tag(best["run_id"], "cvaa.tune.best", "true")
+    trial_job = TrainJob(cfg=Config.from_dict(state["config"]), data=job.data,
+                         run_name=job.run_name, storage=job.storage,
+                         mlflow_uri=job.mlflow_uri, register_name=job.register_name,
+                         experiment=job.experiment, preset=job.preset)
+    child = tracking.RunLogger(job.mlflow_uri, best["run_id"])
+    metrics = child.client.get_run(best["run_id"]).data.metrics
+    test_row = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
+    registered = register(child, generator, trial_job, PreparedDataset(job.data),
+                          test_row or None, alias=sweep.alias)
+    child.client.set_tag(best["run_id"], "cvaa.tune.best", "true")
     return registered
 
 
-__all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepJob",
+__all__ = ["FinishingASHA", "OrphanedPlacementGroupReaper", "SweepError", "SweepInterrupted",
+           "SweepJob",
            "VAL_METRIC_KEYS", "asha_settings", "check_sweep", "leaderboard",
            "leaderboard_markdown", "max_concurrent_trials", "remove_orphaned_placement_groups",
-           "trial_resources", "tune_sweep"]
+           "trial_resources", "trial_statuses", "tune_sweep"]

@@ -1,28 +1,46 @@
-"""The driver side of ``jobs/train.py``: data -> TorchTrainer -> Table I -> registered model.
+"""The driver of a training run: TorchTrainer, then evaluation and registration as steps.
 
-Runs on the Ray driver (the machine of ``ray job submit`` or the local process). The
-workers run :func:`cvaa.distributed.worker.train_loop_per_worker`.
+Runs on the Ray driver (the machine of ``ray job submit`` or the local process); the
+workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.py`` calls
+:func:`run_training`, which composes the steps inside one MLflow run
+(:func:`cvaa.tracking.open_run`)::
+
+    with tracking.open_run(uri, name, resume=True) as run:
+        result = train(job, run)                                 # Ray Train DDP
+        table = evaluate_split(result.generator(), dataset, "test", cfg)   # Table I
+        log_evaluation(run, table, result.epochs)
+        register(run, result.generator(), job, table, dataset)   # models:/NAME@ALIAS
+
+A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
+import ray
+import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.distributed.cluster import forwarded_env
-from cvaa.scoring import evaluate_cases, table_markdown, table_rows
-from cvaa.models import build_generator
-from cvaa.gan import NonFiniteLossError
 from cvaa.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
+from cvaa.gan import NonFiniteLossError
+from cvaa.models import build_generator
+from cvaa.scoring import evaluate_cases, table_markdown, table_rows
+
+# Table I row labels of the generators (the paper's names).
+MODEL_LABELS = {"cvaa": "CVAA-GAN", "x2ct": "X2CT-GAN", "3dcnn": "3DCNN", "psr": "PSR"}
 
 
 def default_storage() -> str:
@@ -41,13 +59,17 @@ class TrainJob:
     register_name: str = "cvaa-gan"
     alias: str = "candidate"
     experiment: str = tracking.EXPERIMENT
-    inject: dict[str, Any] = field(default_factory=dict)
+    preset: str = ""
 
     def __post_init__(self) -> None:
         # Ray Train workers do not run in the driver's directory: local paths go absolute.
         self.data = store.absolute_uri(self.data)
         self.storage = store.absolute_uri(self.storage)
         self.mlflow_uri = store.absolute_uri(self.mlflow_uri)
+
+
+class EmptySplitError(ValueError):
+    """A split with no cases: Table I cannot be computed on it."""
 
 
 def storage_filesystem(storage: str):
@@ -65,121 +87,80 @@ def storage_filesystem(storage: str):
                            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
-def fit(job: TrainJob, log=print, *, callbacks: Sequence[Any] = (),
-        parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-        register: bool = True, close_on_error: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the test split, log to MLflow and register the generator.
+# --------------------------------------------------------------------------- step 1: train
+
+@dataclass
+class TrainResult:
+    """What :func:`train` leaves: the last checkpoint and the run's history."""
+
+    checkpoint: Any                      # ray.train.Checkpoint of the last epoch
+    metrics: dict[str, Any]              # rank 0's last report
+    epochs: int
+    history: dict[str, list[float]]
+    wall_seconds: float
+
+    def generator(self, cfg: Config | None = None):
+        """The trained generator (eval mode, CPU)."""
+        return load_checkpoint_generator(self.checkpoint, cfg)[0]
+
+
+def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = (),
+          worker_callbacks: Sequence[Any] = (), log: Callable[[str], None] = print
+          ) -> TrainResult:
+    """Train with Ray Train DDP into ``run``; resumes from the job's last checkpoint.
 
     Args:
-        job: the resolved job.
-        log: where progress lines go.
-        callbacks: extra Ray Train ``RunConfig`` callbacks (a Tune trial passes
+        job: the resolved job (config, data, storage).
+        run: the MLflow run rank 0 logs its epochs into.
+        callbacks: extra ``ray.train.UserCallback`` objects (a Tune trial passes
             ``TuneReportCallback``).
-        parent_run_id: makes the MLflow run a child of this run (a Tune sweep's run).
-        tags: extra tags of a newly created MLflow run.
-        register: log and register the generator; without it ``model_uri`` and
-            ``version`` are ``None`` (a sweep registers only its best trial).
-        close_on_error: mark the MLflow run FAILED when training raises. A Tune trial
-            turns it off: the sweep closes its children itself (KILLED for a trial ASHA
-            stopped, FAILED for an error), and a stopped trial's own late error handler
-            must not race it.
-
-    Returns ``{"model_uri", "run_id", "table", "rows", "metrics", "checkpoint", ...}``.
+        worker_callbacks: objects with ``on_epoch_start(epoch, trainer)``, called on every
+            rank before each epoch (0-based) with its :class:`cvaa.gan.GANTrainer`.
+        log: where the per-epoch progress lines go (``None``: nowhere).
 
     Raises:
         NonFiniteLossError: a loss went NaN/inf (the last good checkpoint is kept).
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    cfg = job.cfg
-    dataset = PreparedDataset(job.data)  # fails early, with the URI, if there is none
-    experiment_id = tracking.setup(job.mlflow_uri, job.experiment)
-    run_id = tracking.find_run(job.mlflow_uri, experiment_id, job.run_name)
-    if run_id is None:
-        import mlflow
-        run_tags = {"cvaa.model": cfg.model.generator, "cvaa.data": job.data, **(tags or {})}
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        run = mlflow.MlflowClient(job.mlflow_uri).create_run(
-            experiment_id, run_name=job.run_name, tags=run_tags)
-        run_id = run.info.run_id
-        log(f"[train] MLflow run {run_id} ({job.run_name}) at {job.mlflow_uri}")
-    else:
-        log(f"[train] resuming MLflow run {run_id} ({job.run_name})")
-    logger = tracking.RunLogger(job.mlflow_uri, run_id)
-    logger.log_params({**cfg.flat(), "data.prepared": job.data,
-                       "data.train_cases": len(dataset.split("train")),
-                       "data.test_cases": len(dataset.split("test"))})
-
-    train_cfg = cfg.train
-    resources = {"CPU": train_cfg.cpus_per_worker}
-    if train_cfg.use_gpu:
-        resources["GPU"] = train_cfg.gpus_per_worker
-    scaling = ray.train.ScalingConfig(
-        num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-        resources_per_worker=resources,
-        accelerator_type=train_cfg.accelerator_type or None)
-    run_config = ray.train.RunConfig(
-        name=job.run_name, storage_path=job.storage,
-        storage_filesystem=storage_filesystem(job.storage),
-        failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=train_cfg.checkpoints_to_keep),
-        worker_runtime_env={"env_vars": forwarded_env()},
-        callbacks=list(callbacks) or None)
-    loop_config = {"cfg": cfg.to_dict(), "data": job.data,
-                   "mlflow": {"tracking_uri": job.mlflow_uri, "run_id": run_id},
-                   "inject": job.inject}
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
-                           scaling_config=scaling, run_config=run_config)
-    start = time.perf_counter()
-    try:
+    cfg, t = job.cfg, job.cfg.train
+    dataset = PreparedDataset(job.data)
+    run.log_params({**cfg.flat(), "data.prepared": job.data,
+                    "data.config_hash": dataset.manifest.get("config_hash", ""),
+                    "data.train_cases": len(dataset.split("train")),
+                    "data.test_cases": len(dataset.split("test"))})
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    scaling = ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                      resources_per_worker=resources,
+                                      accelerator_type=t.accelerator_type or None)
+    with epoch_lines(t.epochs, log) as reporter:
+        run_config = ray.train.RunConfig(
+            name=job.run_name, storage_path=job.storage,
+            storage_filesystem=storage_filesystem(job.storage),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": forwarded_env()},
+            callbacks=[*callbacks, *([reporter] if reporter else [])] or None)
+        loop_config = {"cfg": cfg.to_dict(), "data": job.data,
+                       "mlflow": {"tracking_uri": job.mlflow_uri, "run_id": run.run_id},
+                       "callbacks": list(worker_callbacks)}
+        trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                               scaling_config=scaling, run_config=run_config)
+        start = time.perf_counter()
         result = trainer.fit()
-    except Exception:
-        if close_on_error:
-            logger.set_terminated("FAILED")
-        raise
     wall = time.perf_counter() - start
-    metrics = dict(result.metrics or {})
     outcome = result.return_value or {}
     if outcome.get("status") == "nonfinite":
-        logger.set_terminated("FAILED")
         kept = result.checkpoint.path if result.checkpoint else "none (first epoch)"
         raise NonFiniteLossError(f"training stopped: non-finite loss at "
                                  f"{outcome.get('message')}; last good checkpoint: {kept}")
     if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-
-    generator, state = load_checkpoint_generator(result.checkpoint, cfg)
-    log(f"[train] trained {state['epoch'] + 1} epochs in {wall:.1f} s; evaluating the test "
-        f"split ({len(dataset.split('test'))} cases)")
-    test_ids = dataset.split("test") or dataset.split("train")
-    cases = CaseDataset(dataset, test_ids, cache=False)
-    results = evaluate_cases(generator, (cases[i] for i in range(len(cases))),
-                             batch_size=cfg.train.batch_size)
-    label = {"cvaa": "CVAA-GAN", "x2ct": "X2CT-GAN", "3dcnn": "3DCNN",
-             "psr": "PSR"}.get(cfg.model.generator, cfg.model.generator)
-    rows = table_rows({label: results})
-    table = table_markdown(rows)
-    logger.log_table(rows, "evaluation/table_i.json")
-    logger.log_table([{"case_id": c, **r} for c, r in zip(test_ids, results)],
-                     "evaluation/per_case.json")
-    logger.log_text(table, "evaluation/table_i.md")
-    logger.log_metrics({f"test/{k}": v for k, v in rows[0].items()
-                        if isinstance(v, float)}, state["epoch"] + 1)
-    logger.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
-    _log_curves(logger, state.get("history", {}), label)
-    registered = {"model_uri": None, "version": None}
-    if register:
-        registered = tracking.log_generator(run_id, generator, cfg.to_dict(),
-                                            job.register_name, job.alias, job.mlflow_uri)
-    logger.set_terminated("FINISHED")
-    return {"model_uri": registered["model_uri"], "version": registered["version"],
-            "run_id": run_id, "table": table, "rows": rows, "metrics": metrics,
-            "checkpoint": result.checkpoint.path, "wall_seconds": wall,
-            "epochs": state["epoch"] + 1, "history": state.get("history", {})}
+        raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
+                           weights_only=True)
+    run.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
+    return TrainResult(result.checkpoint, dict(result.metrics or {}), state["epoch"] + 1,
+                       state.get("history", {}), wall)
 
 
 def load_checkpoint_generator(checkpoint, cfg: Config | None = None):
@@ -193,14 +174,131 @@ def load_checkpoint_generator(checkpoint, cfg: Config | None = None):
     return generator.eval(), state
 
 
-def _log_curves(logger: tracking.RunLogger, history: dict[str, list[float]], label: str) -> None:
+# --------------------------------------------------------------------------- step 2: evaluate
+
+class SplitTable(NamedTuple):
+    """Table I of one model on one split of a prepared dataset."""
+
+    split: str
+    case_ids: list[str]
+    per_case: list[dict[str, float]]
+    rows: list[dict[str, Any]]
+    markdown: str
+
+
+def evaluate_split(generator, dataset: PreparedDataset, split: str, cfg: Config
+                   ) -> SplitTable:
+    """Table I (both metric conventions) of ``generator`` on ``split`` of ``dataset``.
+
+    Raises:
+        EmptySplitError: the split has no cases (never silently another split).
+    """
+    case_ids = dataset.split(split)
+    if not case_ids:
+        raise EmptySplitError(f"{dataset.root}: the {split} split has no cases, so Table I "
+                              f"cannot be computed on it (prepare more cases or a larger "
+                              f"data.test_fraction)")
+    cases = CaseDataset(dataset, case_ids, cache=False)
+    per_case = evaluate_cases(generator, (cases[i] for i in range(len(cases))),
+                              batch_size=cfg.train.batch_size)
+    label = MODEL_LABELS.get(cfg.model.generator, cfg.model.generator)
+    rows = table_rows({label: per_case})
+    return SplitTable(split, list(case_ids), per_case, rows, table_markdown(rows))
+
+
+def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int) -> None:
+    """Table I and the per-case metrics as MLflow tables, Markdown and ``<split>/*``
+    metrics."""
+    run.log_table(table.rows, "evaluation/table_i.json")
+    run.log_table([{"case_id": c, **r} for c, r in zip(table.case_ids, table.per_case)],
+                  "evaluation/per_case.json")
+    run.log_text(f"Table I, {table.split} split ({len(table.case_ids)} cases)\n\n"
+                 f"{table.markdown}", "evaluation/table_i.md")
+    run.log_metrics({f"{table.split}/{k}": v for k, v in table.rows[0].items()
+                     if isinstance(v, float)}, step)
+
+
+def log_curves(run: tracking.RunLogger, history: dict[str, list[float]], title: str) -> None:
+    """The loss and validation curves as one PNG."""
     from cvaa.figures import curves_png
 
     keys = [k for k in ("loss_g", "loss_d", "loss_rec", "val/psnr", "val/ssim")
             if history.get(k)]
     if keys:
-        logger.log_bytes(curves_png({k: history[k] for k in keys}, title=label),
-                         "figures/curves.png")
+        run.log_bytes(curves_png({k: history[k] for k in keys}, title=title),
+                      "figures/curves.png")
+
+
+# --------------------------------------------------------------------------- step 3: register
+
+def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: PreparedDataset,
+             test_row: Mapping[str, Any] | None, *, alias: str | None = None
+             ) -> dict[str, Any]:
+    """Register ``generator`` as a new version of ``job.register_name`` under ``alias``
+    (default ``job.alias``), tagged and described with what a registry user needs: test
+    metrics (both conventions), generator, preset, sizes, spacing, the prepared dataset's
+    config hash and case counts, and the run it came from.
+
+    Args:
+        test_row: the model's Table I row on the test split (``psnr_mean``, ...), or
+            ``None`` when it was not evaluated.
+    """
+    cfg = job.cfg
+    size, pixels, spacing = cfg.preprocess.size, cfg.drr.detector_pixels, cfg.preprocess.spacing_mm
+    tags = {"generator": cfg.model.generator, "preset": job.preset or "custom",
+            "volume_size": str(size), "xray_pixels": str(pixels), "spacing_mm": str(spacing),
+            "data": job.data, "data.config_hash": str(dataset.manifest.get("config_hash", "")),
+            "data.train_cases": str(len(dataset.split("train"))),
+            "data.test_cases": str(len(dataset.split("test"))), "source_run_id": run.run_id}
+    if test_row:
+        for key in ("psnr", "ssim", "psnr_x2ct", "ssim_x2ct"):
+            tags[f"test.{key}"] = f"{test_row[f'{key}_mean']:.4f}"
+        quality = (f"Test split ({tags['data.test_cases']} cases): PSNR "
+                   f"{test_row['psnr_mean']:.2f} dB, SSIM {test_row['ssim_mean']:.4f} (volume); "
+                   f"PSNR {test_row['psnr_x2ct_mean']:.2f} dB, SSIM "
+                   f"{test_row['ssim_x2ct_mean']:.4f} (x2ct per-slice convention).")
+    else:
+        quality = "Not evaluated on a test split."
+    description = (f"{MODEL_LABELS[cfg.model.generator]} generator, preset {tags['preset']}: "
+                   f"PA + lateral X-rays (N, 2, {pixels}, {pixels}) in [0, 1] -> CT "
+                   f"(N, 1, {size}, {size}, {size}) in [0, 1], {spacing:g} mm voxels. "
+                   f"{quality} Trained on {job.data} (preprocessing config "
+                   f"{tags['data.config_hash']}); MLflow run {run.run_id}.")
+    return tracking.log_generator(run.run_id, generator, cfg.to_dict(), job.register_name,
+                                  alias or job.alias, job.mlflow_uri,
+                                  version_tags=tags, description=description)
+
+
+# --------------------------------------------------------------------------- the job
+
+def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``jobs/train.py``: train -> Table I on the test split -> registered model, in one
+    MLflow run (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
+
+    Returns ``{"model_uri", "version", "run_id", "table" (Markdown or None), "rows",
+    "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
+    """
+    dataset = PreparedDataset(job.data)  # fails early, with the URI, if there is none
+    tags = {"cvaa.model": job.cfg.model.generator, "cvaa.data": job.data}
+    with tracking.open_run(job.mlflow_uri, job.run_name, experiment=job.experiment,
+                           tags=tags, resume=True, log=log) as run:
+        result = train(job, run, log=log)
+        generator = result.generator(job.cfg)
+        label = MODEL_LABELS.get(job.cfg.model.generator, job.cfg.model.generator)
+        table = None
+        if dataset.split("test"):
+            log(f"evaluating the test split ({len(dataset.split('test'))} cases)")
+            table = evaluate_split(generator, dataset, "test", job.cfg)
+            log_evaluation(run, table, result.epochs)
+        else:
+            log("no test split in the dataset: Table I not computed")
+        log_curves(run, result.history, label)
+        registered = register(run, generator, job, dataset, table.rows[0] if table else None)
+    return {"model_uri": registered["model_uri"], "version": registered["version"],
+            "run_id": run.run_id, "table": table.markdown if table else None,
+            "rows": table.rows if table else [], "metrics": result.metrics,
+            "checkpoint": result.checkpoint.path, "wall_seconds": result.wall_seconds,
+            "epochs": result.epochs, "history": result.history}
 
 
 def ensure_prepared(cfg: Config, output: str, log=print) -> str:
@@ -211,3 +309,83 @@ def ensure_prepared(cfg: Config, output: str, log=print) -> str:
     phantoms = ensure_phantoms(cfg, default_phantom_dir(output, cfg), log=log)
     run_pipeline(list_inputs(phantoms), cfg, output, source=phantoms, log=log)
     return output
+
+
+# --------------------------------------------------------------------------- console
+
+def format_epoch(m: dict[str, Any], epochs: int, eta_s: float | None) -> str:
+    """One readable line per epoch, from rank 0's report.
+
+    Example:
+        >>> format_epoch({"epoch": 3, "loss_g": 0.0123, "val/psnr": 28.3,
+        ...               "val/ssim": 0.7012, "epoch_seconds": 12.1}, 16, 160.0)
+        'epoch  3/16  loss_g 0.0123  val PSNR 28.30 dB  SSIM 0.7012  12.1 s/epoch  ETA 2m40s'
+    """
+    width = len(str(epochs))
+    parts = [f"epoch {int(m.get('epoch', 0)):>{width}}/{epochs}"]
+    parts += [f"{k} {m[k]:.4f}" for k in ("loss_g", "loss_d") if k in m]
+    if "val/psnr" in m:
+        parts.append(f"val PSNR {m['val/psnr']:.2f} dB  SSIM {m.get('val/ssim', float('nan')):.4f}")
+    if "epoch_seconds" in m:
+        parts.append(f"{m['epoch_seconds']:.1f} s/epoch")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class EpochReporter(ray.train.UserCallback):
+    """Turns rank 0's report into a :func:`format_epoch` line on a Ray queue.
+
+    Ray Train calls it in the Train controller, a process whose output the quiet console
+    does not forward; :func:`epoch_lines` prints the queue on the driver.
+    """
+
+    def __init__(self, queue, epochs: int):
+        self.queue, self.epochs = queue, epochs
+        self.seconds: list[float] = []
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0] if metrics else {}
+        if "epoch_seconds" in m:
+            self.seconds.append(float(m["epoch_seconds"]))
+        recent = self.seconds[-5:]
+        eta = ((self.epochs - int(m.get("epoch", 0))) * sum(recent) / len(recent)
+               if recent else None)
+        self.queue.put(format_epoch(m, self.epochs, eta))
+
+
+@contextlib.contextmanager
+def epoch_lines(epochs: int, log: Callable[[str], None] | None
+                ) -> Iterator[EpochReporter | None]:
+    """An :class:`EpochReporter` for the trainer, and a driver thread that passes its lines
+    to ``log`` until the block ends (nothing at all when ``log`` is ``None``)."""
+    if log is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        while not (done.is_set() and queue.empty()):
+            try:
+                log(queue.get(timeout=0.5))
+            except Empty:
+                continue
+
+    thread = threading.Thread(target=pump, name="cvaa-epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield EpochReporter(queue, epochs)
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        ray.kill(queue.actor)

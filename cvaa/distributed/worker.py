@@ -4,7 +4,7 @@
 
     {"cfg": Config.to_dict(), "data": PREPARED_URI,
      "mlflow": {"tracking_uri": ..., "run_id": ...},
-     "inject": {"kill_at_epoch": -1, "nan_at_epoch": -1, "marker": PATH}}
+     "callbacks": [obj with on_epoch_start(epoch, trainer), ...]}
 
 Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (a
 ``checkpoint.pt`` readable with ``torch.load(..., weights_only=True)``) and alone talks to
@@ -14,7 +14,6 @@ value (``Result.return_value``) says whether the run completed or stopped on a N
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections import defaultdict
@@ -40,7 +39,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     cfg = Config.from_dict(config["cfg"])
-    inject = config.get("inject") or {}
+    callbacks = list(config.get("callbacks") or ())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
@@ -86,11 +85,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         history = defaultdict(list, state.get("history", {}))
         history["resumed_at_epoch"].append(float(start_epoch + 1))
         if rank == 0:
-            print(f"[train] resumed from the checkpoint of epoch {state['epoch'] + 1}")
+            print(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
 
     tracker = _RankZeroTracker(config.get("mlflow"), rank)
     for epoch in range(start_epoch, cfg.train.epochs):
-        _maybe_kill(inject, epoch, rank, world)
+        for callback in callbacks:
+            callback.on_epoch_start(epoch, trainer)
         if distributed and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         trainer.set_epoch(epoch)
@@ -98,8 +98,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         sums: dict[str, float] = defaultdict(float)
         steps, nonfinite = 0, ""
         for xrays, ct, _ in loader:
-            if epoch == inject.get("nan_at_epoch", -1):
-                ct = ct * float("nan")  # injected by tests: the NaN guard must fire
             try:
                 out = trainer.step(xrays, ct)
             except NonFiniteLossError as exc:
@@ -177,22 +175,6 @@ def training_mean_intensity(cases: CaseDataset, limit: int = 16) -> float:
         raise ValueError(f"{cases.dataset.root}: no training cases to take the mean "
                          "intensity of")
     return sum(means) / len(means)
-
-
-def _maybe_kill(inject: dict[str, Any], epoch: int, rank: int, world: int) -> None:
-    """Test hook: the last rank dies once at the start of ``kill_at_epoch`` (0-based)."""
-    if epoch != inject.get("kill_at_epoch", -1) or rank != world - 1:
-        return
-    marker = Path(inject["marker"])
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
-    print(f"[train] injected failure: rank {rank} exits at epoch {epoch + 1}", flush=True)
-    # Die a little into the epoch, as a real failure would: Ray Train's controller
-    # collects the previous epoch's report (and checkpoint) by polling the workers.
-    time.sleep(5)
-    os._exit(1)
 
 
 class _RankZeroTracker:

@@ -7,11 +7,11 @@ metrics, the GAN step) never imports it.
 
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, load_generator,
                                     load_model, log_generator)
-from cvaa.tracking.runs import (EXPERIMENT, RunLogger, TrackingUnavailableError,
+from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavailableError,
                                 check_tracking_uri, create_run, default_tracking_uri,
-                                find_run, setup)
+                                find_run, open_run, setup)
 
 __all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger",
            "TrackingUnavailableError", "check_tracking_uri", "create_run",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
-           "log_generator", "setup"]
+           "log_generator", "open_run", "RunKilled", "setup"]

@@ -8,10 +8,11 @@ Only the driver and rank 0 call into this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 EXPERIMENT = "cvaa"
 
@@ -46,16 +47,72 @@ def setup(tracking_uri: str, experiment: str = EXPERIMENT) -> str:
                                     artifact_location=_artifact_root(tracking_uri, experiment))
 
 
-def find_run(tracking_uri: str, experiment_id: str, run_name: str) -> str | None:
-    """The newest unfinished run called ``run_name`` (to resume into), if any."""
+def find_run(tracking_uri: str, experiment_id: str, run_name: str,
+             tags: Mapping[str, str] | None = None) -> str | None:
+    """The newest unfinished run called ``run_name`` (and carrying ``tags``), if any."""
     import mlflow
 
+    query = " and ".join([f"tags.`mlflow.runName` = '{run_name}'"]
+                         + [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()])
     runs = mlflow.MlflowClient(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+        max_results=1)
     if runs and runs[0].info.status != "FINISHED":
         return runs[0].info.run_id
     return None
+
+
+class RunKilled(Exception):
+    """Raised inside :func:`open_run` to close the run KILLED (a stop, not a failure)."""
+
+
+@contextlib.contextmanager
+def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
+             tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+             resume: bool = False, log: Callable[[str], None] | None = None
+             ) -> Iterator["RunLogger"]:
+    """The one lifecycle of every cvaa MLflow run: open it, yield a logger, close it.
+
+    Opening creates a run called ``name`` (a child of ``parent_run_id`` if given), or
+    with ``resume`` reopens the newest unfinished run of that name and ``tags`` (as
+    ``jobs/train.py --run-name`` and ``jobs/tune.py --resume`` do). Closing happens on every
+    exit path: FINISHED when the block ends, KILLED on ``KeyboardInterrupt`` or
+    :class:`RunKilled`, FAILED on any other exception, which is re-raised. A child run
+    is the exception to the last rule: it is closed FINISHED by itself, but when it raises
+    it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
+    the trial or the trial failed; see ``cvaa.distributed.sweep``).
+
+    Example:
+        >>> with open_run("sqlite:///mlflow.db", "cvaa-demo", resume=True) as run:
+        ...     run.log_metrics({"loss": 0.1}, step=1)
+    """
+    import mlflow
+
+    experiment_id = setup(tracking_uri, experiment)
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = find_run(tracking_uri, experiment_id, name, tags) if resume else None
+    if run_id is None:
+        run_tags = dict(tags or {})
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+        verb = "started"
+    else:
+        client.update_run(run_id, status="RUNNING")
+        verb = "resumed"
+    if log:
+        log(f"MLflow run {name} {verb} ({run_id} at {tracking_uri})")
+    logger = RunLogger(tracking_uri, run_id)
+    try:
+        yield logger
+    except (KeyboardInterrupt, RunKilled):
+        logger.set_terminated("KILLED")
+        raise
+    except BaseException:
+        if not parent_run_id:
+            logger.set_terminated("FAILED")
+        raise
+    logger.set_terminated("FINISHED")
 
 
 class RunLogger:
