@@ -1,71 +1,178 @@
-"""The MLflow model registry: registering a trained generator and loading it back."""
+"""The MLflow model registry: registering a trained generator and loading it back.
+
+A registered generator is an MLflow models-from-code pyfunc (:mod:`cvaa.tracking.pyfunc_model`):
+the model file, the generator's ``state_dict`` and resolved config, and the ``cvaa`` source
+the file imports. Loading runs no pickle, so it works where MLflow is hardened with
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, and survives renames of cvaa's classes.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
 
 from cvaa.tracking.runs import check_tracking_uri
 
+# The model definition MLflow logs as code (it is run as a file, never imported from cvaa).
+MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+# What the model file imports, as PyPI distributions: mlflow itself, and torch, numpy and
+# pyyaml for cvaa.config, cvaa.models and cvaa.scoring (they import neither Ray nor MLflow).
+# cvaa travels with the model as source (code_paths); it is on no package index.
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pyyaml")
+
 
 def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_name: str,
-                  alias: str, tracking_uri: str) -> dict[str, Any]:
-    """Log the generator as an MLflow PyTorch model in ``run_id``, register a new version
-    of ``register_name`` and point ``alias`` at it. Loadable for any batch size:
-    ``mlflow.pytorch.load_model("models:/NAME@ALIAS")`` gives the ``nn.Module``.
+                  alias: str, tracking_uri: str, *,
+                  version_tags: Mapping[str, str] | None = None,
+                  description: str = "") -> dict[str, Any]:
+    """Log the generator into the existing run ``run_id`` as a models-from-code pyfunc,
+    register it as a new version of ``register_name``, describe that version and point
+    ``alias`` at it. The run's status is left as it was (its owner closes it).
 
-    Pickle serialisation keeps the module's Python class (the default ``pt2`` export fixes
-    the input shapes); loading needs ``cvaa`` importable, as the model's requirements say.
+    Args:
+        run_id: the run the model is logged into (any status).
+        generator: the ``nn.Module`` built from ``cfg_dict`` (left untouched, any device).
+        cfg_dict: its resolved config (``Config.to_dict()``); stored as the model's
+            ``cvaa_config`` metadata and as the artifact the generator is rebuilt from.
+        version_tags: tags for the new version (values are stored as strings).
+        description: the new version's description ("" leaves it empty).
+
+    Returns:
+        ``{"model_uri": "models:/NAME@ALIAS", "version": "N", "logged_uri": "models:/ID"}``.
+
+    Example:
+        >>> out = log_generator(run_id, G, cfg.to_dict(), "cvaa-gan", "candidate", uri,
+        ...                     version_tags={"test/psnr": "33.1"})     # doctest: +SKIP
+        >>> mlflow.pyfunc.load_model(out["model_uri"]).predict(xrays)  # doctest: +SKIP
     """
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     import numpy as np
-    from mlflow.models import ModelSignature
+    import torch
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
+    from mlflow.exceptions import MlflowException
 
+    _check_rebuildable(generator, cfg_dict)
     size = cfg_dict["preprocess"]["size"]
     pixels = cfg_dict["drr"]["detector_pixels"]
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2, pixels, pixels), "xrays")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size, size), "ct")]))
-    generator = generator.cpu().eval()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            generator, name="generator", serialization_format="pickle",
-            signature=signature, registered_model_name=register_name,
-            metadata={"cvaa_config": cfg_dict},
-            pip_requirements=_requirements())
     client = mlflow.MlflowClient(tracking_uri)
-    version = info.registered_model_version
-    client.set_registered_model_alias(register_name, alias, str(version))
-    return {"model_uri": f"models:/{register_name}@{alias}", "version": str(version),
+    run = client.get_run(run_id)
+    mlflow.set_tracking_uri(tracking_uri)  # Model.log and its registration use the global URI
+    with tempfile.TemporaryDirectory(prefix="cvaa-model-") as tmp:
+        weights, config = Path(tmp) / "generator.pt", Path(tmp) / "config.json"
+        torch.save(generator.state_dict(), weights)
+        config.write_text(json.dumps(cfg_dict, indent=1))
+        code = _package_source(Path(tmp) / "code")
+        # Model.log takes run_id (mlflow.pyfunc.log_model does not), so the run is neither
+        # reopened nor ended. With no active run it would create the logged model in the
+        # default experiment; created here, it lives in the run's experiment.
+        logged = client.create_logged_model(run.info.experiment_id, name="generator",
+                                            source_run_id=run_id, params=run.data.params)
+        with warnings.catch_warnings():
+            # The signature describes the input; an example would be a (1, 2, P, P) JSON array.
+            warnings.filterwarnings("ignore", ".*An input example was not provided")
+            info = Model.log(
+                artifact_path=None, name="generator", flavor=mlflow.pyfunc, run_id=run_id,
+                model_id=logged.model_id, python_model=str(MODEL_FILE),
+                artifacts={"weights": str(weights), "config": str(config)},
+                code_paths=[str(code)], signature=signature,
+                metadata={"cvaa_config": cfg_dict}, pip_requirements=_requirements())
+    # Registered through the client (mlflow.register_model prints to stderr), with the
+    # version's tags and description in the same call.
+    try:
+        client.create_registered_model(register_name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    created = client.create_model_version(
+        register_name, source=f"models:/{logged.model_id}", run_id=run_id,
+        tags={k: str(v) for k, v in (version_tags or {}).items()},
+        description=description or None, model_id=logged.model_id)
+    version = str(created.version)
+    # The alias moves last: whoever resolves it finds the version fully described.
+    client.set_registered_model_alias(register_name, alias, version)
+    return {"model_uri": f"models:/{register_name}@{alias}", "version": version,
             "logged_uri": info.model_uri}
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
+def _check_rebuildable(generator, cfg_dict: dict[str, Any]) -> None:
+    """Fail before logging when the loader could not rebuild ``generator`` from the config."""
+    from cvaa.config import Config
+    from cvaa.models import build_generator
 
+    cfg = Config.from_dict(cfg_dict, source="log_generator cfg_dict")
+    try:
+        build_generator(cfg.model.generator, cfg).load_state_dict(generator.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"the generator does not match cfg_dict (model.generator="
+                         f"{cfg.model.generator!r}): {exc}") from exc
+
+
+def _package_source(dst: Path) -> Path:
+    """Copy the ``cvaa`` package's ``.py`` files (no caches or other files) to ``dst/cvaa``."""
     import cvaa
 
-    reqs = [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}",
-            f"cvaa=={cvaa.__version__}"]
-    return reqs
+    def not_source(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "__pycache__"
+                or not (n.endswith(".py") or Path(folder, n).is_dir())]
+
+    return Path(shutil.copytree(Path(cvaa.__file__).parent, dst / "cvaa", ignore=not_source))
+
+
+def _requirements() -> list[str]:
+    """:data:`REQUIREMENTS` pinned to the installed versions (torch without ``+cpu``)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None):
-    """``models:/NAME@ALIAS`` (or any model URI) -> the generator ``nn.Module`` on CPU."""
+    """``models:/NAME@ALIAS`` (or any model URI) -> the generator ``nn.Module`` on CPU.
+
+    Raises:
+        ModelLookupError: a model that :func:`log_generator` did not log.
+    """
     import mlflow
-    import mlflow.pytorch
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    return _load_pyfunc_generator(model_uri, mlflow.models.get_model_info(model_uri))
+
+
+def _load_pyfunc_generator(model_uri: str, info) -> Any:
+    """The generator inside the models-from-code pyfunc at ``model_uri`` (eval, CPU).
+
+    In a process that has imported ``cvaa`` already, the model file's ``import cvaa...``
+    finds that package (MLflow only prepends the logged source to ``sys.path``), so the
+    generator's classes are the caller's; in a fresh process the logged source is used.
+    """
+    import mlflow.pyfunc
+
+    if "model_code_path" not in info.flavors.get("python_function", {}):
+        raise ModelLookupError(f"{model_uri}: not a models-from-code generator (flavors: "
+                               f"{sorted(info.flavors)}); an older cvaa logged pickled "
+                               "PyTorch models: register it again with "
+                               "cvaa.tracking.log_generator")
+    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not hasattr(python_model, "generator"):
+        raise ModelLookupError(f"{model_uri}: its pyfunc ({type(python_model).__name__}) "
+                               "holds no generator; log it with cvaa.tracking.log_generator")
+    return python_model.generator.eval()
 
 
 # --------------------------------------------------------------------------- inference side
 
 class ModelLookupError(LookupError):
-    """A model URI that names nothing in the registry, or a model without cvaa metadata."""
+    """A model URI that names nothing in the registry, or a model :func:`log_generator` did
+    not log (no cvaa metadata, or a pickled PyTorch model of an older cvaa)."""
 
 
 class LoadedModel(NamedTuple):
@@ -93,10 +200,10 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
     Raises:
         TrackingUnavailableError: the store cannot be reached.
         ModelLookupError: no such model, version or alias (the message lists the aliases
-            there are), or a model logged without ``cvaa_config``.
+            there are), a model logged without ``cvaa_config``, or one that is not a
+            models-from-code pyfunc (older cvaa versions logged pickled PyTorch models).
     """
     import mlflow
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
     check_tracking_uri(tracking_uri)
@@ -123,7 +230,7 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
             label = f"{name}@{alias} (v{version})"
         elif number:
             try:
-                version = client.get_model_version(name, number).version
+                version = str(client.get_model_version(name, number).version)
             except MlflowException as exc:
                 raise ModelLookupError(f"{model_uri}: registered model {name!r} has no "
                                        f"version {number!r}") from exc
@@ -132,11 +239,12 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
             raise ModelLookupError(f"{model_uri}: name an alias or a version "
                                    f"(models:/{name}@ALIAS or models:/{name}/VERSION)")
     try:
-        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+        info = mlflow.models.get_model_info(model_uri)
     except MlflowException as exc:
         raise ModelLookupError(f"{model_uri}: cannot read the model ({exc.message})") from exc
+    metadata = info.metadata or {}
     if "cvaa_config" not in metadata:
         raise ModelLookupError(f"{model_uri}: no 'cvaa_config' in the model's metadata; log "
                                "it with cvaa.tracking.log_generator")
-    generator = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    generator = _load_pyfunc_generator(model_uri, info)
     return LoadedModel(generator, metadata["cvaa_config"], model_uri, label, version)
