@@ -31,8 +31,10 @@ def forwarded_env() -> dict[str, str]:
 
 
 def quiet_libraries(verbose: bool = False) -> None:
-    """Ray's and MLflow's loggers at WARNING (INFO with ``verbose``)."""
-    level = logging.INFO if verbose else logging.WARNING
+    """Ray's and MLflow's loggers at ERROR (INFO with ``verbose``)."""
+    level = logging.INFO if verbose else logging.ERROR
+    # MLflow sets its loggers' level from this variable when it is imported.
+    os.environ["MLFLOW_LOGGING_LEVEL"] = logging.getLevelName(level)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
 
@@ -61,7 +63,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
+                              "logging_level": logging.INFO if verbose else logging.ERROR}
     if joins_cluster(address):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
