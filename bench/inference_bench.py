@@ -146,9 +146,9 @@ def _registry_load(generator, cfg, name: str, tmp: Path) -> float:
     from cvaa import tracking
 
     uri = f"sqlite:///{tmp}/mlflow.db"
-    run_id = tracking.create_run(uri, f"bench-{name}")
-    tracking.log_generator(run_id, generator, cfg.to_dict(), f"bench-{name}", "bench", uri)
-    tracking.RunLogger(uri, run_id).set_terminated()  # log_generator leaves the run's status
+    with tracking.open_run(uri, f"bench-{name}") as run:
+        tracking.log_generator(run.run_id, generator, cfg.to_dict(), f"bench-{name}", "bench",
+                               uri)
     times = []
     for _ in range(2):
         start = time.perf_counter()

@@ -40,12 +40,17 @@ def _trained_generator() -> torch.nn.Module:
     return generator.eval()
 
 
+def _new_run(uri: str, name: str) -> str:
+    """A RUNNING run to log into (the test closes it, or not)."""
+    return mlflow.MlflowClient(uri).create_run(tracking.setup(uri), run_name=name).info.run_id
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
     generator = _trained_generator()
-    run_id = tracking.create_run(uri, "register-tiny")
+    run_id = _new_run(uri, "register-tiny")
     out = tracking.log_generator(run_id, generator, CFG.to_dict(), NAME, ALIAS, uri,
                                  version_tags=TAGS, description=DESCRIPTION)
     status = mlflow.MlflowClient(uri).get_run(run_id).info.status
@@ -60,7 +65,7 @@ def registered(tmp_path_factory):
 def legacy(registered, tmp_path_factory):
     """The generator logged the old way, as a pickled PyTorch model, as ``tiny-legacy@old``."""
     uri = registered["uri"]
-    run_id = tracking.create_run(uri, "register-legacy")
+    run_id = _new_run(uri, "register-legacy")
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(registered["generator"], name="legacy",
@@ -303,7 +308,7 @@ def test_log_generator_leaves_the_run_status_and_experiment(registered, tmp_path
     monkeypatch.chdir(tmp_path)   # where a default experiment would put its artifacts
     uri = registered["uri"]
     client = mlflow.MlflowClient(uri)
-    run_id = tracking.create_run(uri, "killed-trial")
+    run_id = _new_run(uri, "killed-trial")
     client.set_terminated(run_id, "KILLED")
     out = tracking.log_generator(run_id, registered["generator"], CFG.to_dict(), NAME,
                                  "killed", uri)
@@ -319,7 +324,7 @@ def test_log_generator_leaves_the_run_status_and_experiment(registered, tmp_path
 
 def test_a_generator_that_does_not_match_its_config_is_not_registered(registered):
     uri = registered["uri"]
-    run_id = tracking.create_run(uri, "mismatch")
+    run_id = _new_run(uri, "mismatch")
     x2ct = load_config("cpu", overrides=["model.generator=x2ct"])
     with pytest.raises(ValueError, match="model.generator='x2ct'"):
         tracking.log_generator(run_id, registered["generator"], x2ct.to_dict(),

@@ -21,9 +21,8 @@ def register_tiny_models(root: Path, names: tuple[str, ...] = ("cvaa", "x2ct"),
         cfg = load_config("cpu", overrides=[f"model.generator={name}"])
         torch.manual_seed(0)
         generator = build_generator(name, cfg)
-        run_id = tracking.create_run(uri, f"register-tiny-{name}")
-        out = tracking.log_generator(run_id, generator, cfg.to_dict(), f"tiny-{name}",
-                                     alias, uri)
-        tracking.RunLogger(uri, run_id).set_terminated()
+        with tracking.open_run(uri, f"register-tiny-{name}") as run:
+            out = tracking.log_generator(run.run_id, generator, cfg.to_dict(), f"tiny-{name}",
+                                         alias, uri)
         models[name] = out["model_uri"]
     return uri, models

@@ -508,7 +508,7 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
             continue   # --resume picks the run up again
         if row["status"].startswith("stopped") and status != "KILLED":
             # ASHA stopped the trial's driver mid-fit: its run is still open (a trial's
-            # fit() leaves closing to the sweep, so no late error handler races this).
+            # open_run leaves a child's failure to its parent, so no late handler races this).
             client.set_terminated(row["run_id"], "KILLED")
         elif status == "RUNNING":
             client.set_terminated(row["run_id"], "FAILED")

@@ -8,10 +8,10 @@ metrics, the GAN step) never imports it.
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, load_generator,
                                     load_model, log_generator)
 from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavailableError,
-                                check_tracking_uri, create_run, default_tracking_uri,
+                                check_tracking_uri, default_tracking_uri,
                                 find_run, open_run, setup)
 
 __all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger",
-           "TrackingUnavailableError", "check_tracking_uri", "create_run",
+           "TrackingUnavailableError", "check_tracking_uri",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
            "log_generator", "open_run", "RunKilled", "setup"]

@@ -198,13 +198,3 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
         if not root.is_dir():
             raise TrackingUnavailableError(f"{tracking_uri}: no MLflow file store at {root}")
 
-
-def create_run(tracking_uri: str, run_name: str, tags: Mapping[str, str] | None = None,
-               experiment: str = EXPERIMENT) -> str:
-    """A new run in ``experiment`` (created if needed); returns its id."""
-    import mlflow
-
-    experiment_id = setup(tracking_uri, experiment)
-    run = mlflow.MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name,
-                                                       tags=dict(tags or {}))
-    return run.info.run_id
