@@ -1,10 +1,15 @@
 """The Ray Train per-worker loop: DDP GAN training with validation, checkpoints, MLflow.
 
-``train_loop_per_worker(config)`` runs on every rank. ``config`` is plain builtins:
+``train_loop_per_worker(config)`` runs on every rank. ``config`` is plain builtins plus
+the callbacks the caller of :func:`cvaa.distributed.training.train` passed in:
 
     {"cfg": Config.to_dict(), "data": PREPARED_URI,
      "mlflow": {"tracking_uri": ..., "run_id": ...},
      "callbacks": [obj with on_epoch_start(epoch, trainer), ...]}
+
+A callback's ``on_epoch_start(epoch, trainer)`` runs on every rank before each epoch
+(0-based) with the rank's :class:`cvaa.gan.GANTrainer`: a hook for schedules or freezing,
+and how the tests poison the weights to check the NaN guard.
 
 Every epoch every rank calls ``ray.train.report``; rank 0 attaches the checkpoint (a
 ``checkpoint.pt`` readable with ``torch.load(..., weights_only=True)``) and alone talks to
