@@ -172,7 +172,7 @@ def main() -> int:
                             "--mlflow-uri", mlflow_uri, "--register-name", f"table1-{model}",
                             "--alias", "table1"], log, env)
         walls[model] = seconds
-        run_ids[MODELS[model]] = re.search(r"MLflow run (\w+)", out).group(1)
+        run_ids[MODELS[model]] = re.search(r"^MLflow run (\w+) at ", out, re.M).group(1)
         uris.append(f"models:/table1-{model}@table1")
 
     labels = [MODELS[m] for m in args.models]
