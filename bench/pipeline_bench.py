@@ -4,8 +4,9 @@
     python bench/pipeline_bench.py --n 8 --preset cpu
 
 Phantoms are generated once (not timed); each measurement prepares them into a fresh output
-directory, so nothing is skipped. Prints cases/s per worker count and the speed-up ratio
-(target on a 2-core machine: >= 1.7x from 1 to 2 workers).
+directory, so nothing is skipped. Prints cases/s per worker count (with the cases per Ray
+task the pipeline chose) and the speed-up ratio (target on a 2-core machine: >= 1.7x from
+1 to 2 workers).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def main() -> int:
                 seconds = time.perf_counter() - start
                 assert len(m["prepared"]) == len(inputs), m["rejected"]
                 rates[w].append(len(inputs) / seconds)
-                print(f"workers={w} repeat={r}: {len(inputs)} cases in {seconds:.1f} s = "
+                print(f"workers={w} repeat={r}: {len(inputs)} cases "
+                      f"({m['summary']['cases_per_task']} per task) in {seconds:.1f} s = "
                       f"{len(inputs) / seconds:.3f} cases/s", flush=True)
     best = {w: max(v) for w, v in rates.items()}
     print(f"\npreset {args.preset}, {args.n} phantoms, best of {args.repeats}:")

@@ -6,8 +6,8 @@
     python jobs/preprocess.py                       # embedded default: synthetic phantoms
 
 Under ``ray job submit`` (or with ``--address``) it runs on that cluster; otherwise it
-starts a local Ray. One task per CT: read -> orient -> resample -> DRR -> crop -> clip ->
-normalise -> write. Every input ends up prepared or rejected (with its reason) in
+starts a local Ray. A few CTs per Ray task: read -> orient -> resample -> DRR -> crop ->
+clip -> normalise -> write. Every input ends up prepared or rejected (with its reason) in
 ``OUTPUT/manifest.json``; a re-run with the same config skips the cases already done.
 """
 

@@ -1,17 +1,27 @@
 """jobs/preprocess.py end to end: phantoms + real CTs + broken inputs, local and on S3."""
 
+import contextlib
 import gzip
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from cvaa.config import load_config
-from cvaa.data.dataset import PreparedDataset, list_inputs, split_by_patient
-from cvaa.distributed.pipeline import ensure_phantoms, run_pipeline
+from cvaa.data.dataset import (CaseInput, PreparedDataset, case_id_for, list_inputs,
+                               split_by_patient)
+from cvaa.distributed import pipeline
+from cvaa.distributed.pipeline import (DATA_CONTEXT_SETTINGS, TASK_RETRIES, Progress,
+                                       cases_per_task, ensure_phantoms, run_pipeline)
 
 pytestmark = pytest.mark.ray
 
@@ -84,23 +94,40 @@ def _check_prepared(output, cfg, n_prepared=7, n_rejected=3):
     return m
 
 
-def _scheduler_settings():
+def _data_context_fields():
+    """The process-wide Ray Data settings the pipeline changes while it runs."""
     import ray.data
-    from ray.data._internal.execution import streaming_executor_state as executor_state
 
-    return (executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S,
-            ray.data.DataContext.get_current().op_resource_reservation_enabled)
+    ctx = ray.data.DataContext.get_current()
+    return {name: getattr(ctx, name) for name in DATA_CONTEXT_SETTINGS}
+
+
+def _progress_counts(lines, tag="[preprocess]", unit="cases"):
+    """(done, total, rejected or None) of each progress line."""
+    found = [re.fullmatch(rf"{re.escape(tag)} (\d+)/(\d+) {unit}  [\d.]+ {unit}/s"
+                          r"(?:  ETA \S+)?(?:  rejected (\d+))?", line) for line in lines]
+    return [(int(m[1]), int(m[2]), m[3] and int(m[3])) for m in found if m]
 
 
 def test_pipeline_end_to_end_and_resume(tmp_path, inputs_manifest):
     cfg = load_config("cpu", overrides=CPU)
-    scheduler_before = _scheduler_settings()
+    settings_before = _data_context_fields()
     out = str(tmp_path / "prepared")
     inputs = list_inputs(str(inputs_manifest))
     assert len(inputs) == 10
-    first = run_pipeline(inputs, cfg, out, log=lambda *_: None)
+    lines = []
+    start = time.perf_counter()
+    first = run_pipeline(inputs, cfg, out, log=lines.append)
+    seconds = time.perf_counter() - start
     m = _check_prepared(out, cfg)
     assert first["summary"]["processed"] == 10
+    # Progress: throttled to one line per PROGRESS_EVERY_S plus a final one, counting to
+    # the total, with the rejections; then the reasons and the summary line.
+    progress = _progress_counts(lines)
+    assert 1 <= len(progress) <= 1 + seconds / pipeline.PROGRESS_EVERY_S
+    assert progress[-1] == (10, 10, 3)
+    assert sum(line.startswith("[preprocess] rejected ") for line in lines) == 3
+    assert lines[-1].startswith("[preprocess] prepared 7, rejected 3 (0 skipped")
     # Both thorax CTs belong to one patient: they land on the same side.
     thorax = [r["case_id"] for r in m["prepared"] if r["patient_id"] == "P-thorax"]
     assert len(thorax) == 2
@@ -111,8 +138,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, inputs_manifest):
     assert again["split"] == first["split"]
     assert [r["case_id"] for r in again["prepared"]] == [r["case_id"] for r in m["prepared"]]
 
-    # The scheduler settings tuned for one-CT tasks hold inside the pipeline only.
-    assert _scheduler_settings() == scheduler_before
+    # Ray Data's process-wide settings hold inside the pipeline only.
+    assert _data_context_fields() == settings_before
 
     changed = cfg.override(["drr.sad_mm=900"])
     third = run_pipeline(inputs, changed, out, log=lambda *_: None)
@@ -120,18 +147,128 @@ def test_pipeline_end_to_end_and_resume(tmp_path, inputs_manifest):
     assert third["config_hash"] != first["config_hash"]
 
 
-def test_a_crash_inside_a_task_is_recorded_and_retried_later(tmp_path, inputs_manifest):
+def test_a_crash_inside_a_task_is_recorded_and_retried_later(tmp_path, inputs_manifest,
+                                                             monkeypatch):
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.0)  # a line per finished case
     cfg = load_config("cpu", overrides=CPU)
     inputs = list_inputs(str(inputs_manifest))[:2]
     out = tmp_path / "out"
     out.mkdir()
     (out / "cases").write_text("a file where a directory must go")  # every write fails
-    m = run_pipeline(inputs, cfg, str(out), log=lambda *_: None)
+    lines = []
+    m = run_pipeline(inputs, cfg, str(out), log=lines.append)
     assert len(m["rejected"]) == 2 and not m["prepared"]
     assert all(r["kind"] == "error" for r in m["rejected"])
+    counts = _progress_counts(lines)
+    assert [done for done, _, _ in counts][:2] == [1, 2] and counts[-1] == (2, 2, 2)
     (out / "cases").unlink()
     m = run_pipeline(inputs, cfg, str(out), log=lambda *_: None)
     assert len(m["prepared"]) == 2 and m["summary"]["processed"] == 2
+
+
+def test_settings_are_restored_when_the_pipeline_fails(tmp_path, inputs_manifest,
+                                                       monkeypatch):
+    monkeypatch.setattr(pipeline, "PROGRESS_EVERY_S", 0.0)
+    cfg = load_config("cpu", overrides=CPU)
+    before = _data_context_fields()
+    assert before != DATA_CONTEXT_SETTINGS   # else this test could not see a leak
+    during = []
+
+    class ConsoleGone(Exception):
+        pass
+
+    def log(line):  # the first progress line fails, as a closed console would
+        if _progress_counts([line]):
+            during.append(_data_context_fields())
+            raise ConsoleGone(line)
+
+    with pytest.raises(ConsoleGone):
+        run_pipeline(list_inputs(str(inputs_manifest))[:2], cfg, str(tmp_path), log=log)
+    assert during == [DATA_CONTEXT_SETTINGS]     # in force while the pipeline ran
+    assert _data_context_fields() == before      # and every one put back
+
+
+@contextlib.contextmanager
+def _kill_readers(fifo):
+    """Kill (SIGKILL) each process that opens the named pipe ``fifo`` for reading, as the
+    kernel kills a worker out of memory; yields the list of killed PIDs."""
+    os.mkfifo(fifo)
+    stop, killed = threading.Event(), []
+
+    def readers():
+        pids = set()
+        for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f) == str(fifo) for f in fd_dir.iterdir()):
+                    pids.add(int(fd_dir.parent.name))
+        return pids - {os.getpid()}
+
+    def wait_for(condition, seconds=10.0):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def serve():
+        while True:
+            fd = os.open(fifo, os.O_WRONLY)  # waits for a reader
+            try:
+                if stop.is_set():
+                    return
+                wait_for(readers)  # the reader's open completes just after ours
+                for pid in readers():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                wait_for(lambda: not readers())  # gone, so the next open waits again
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the waiting open return
+        thread.join(timeout=10)
+        os.close(fd)
+
+
+@pytest.mark.slow  # six worker deaths, each followed by a fresh worker: ~20-30 s on 2 CPUs
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the reader in /proc")
+def test_a_dying_worker_loses_only_its_own_case(tmp_path, inputs_manifest):
+    cfg = load_config("cpu", overrides=CPU)
+    phantoms = list_inputs(str(inputs_manifest))[:3]
+    fifo = tmp_path / "kills_its_reader.nii.gz"
+    dying = CaseInput(str(fifo), "P-dying", case_id_for(str(fifo)))
+    inputs = [phantoms[0], dying, *phantoms[1:]]
+    assert cases_per_task(len(inputs), workers=1) == 2   # the dying case has a task-mate
+    lines = []
+    with _kill_readers(fifo) as killed:
+        m = run_pipeline(inputs, cfg, str(tmp_path / "out"), workers=1, log=lines.append)
+    # Every try of its task of two, then every try of it alone.
+    assert len(killed) == 2 * (1 + TASK_RETRIES)
+    assert {r["case_id"] for r in m["prepared"]} == {i.case_id for i in phantoms}
+    [rejected] = m["rejected"]
+    assert rejected["case_id"] == dying.case_id
+    assert rejected["reason"].startswith(str(fifo)) and "died" in rejected["reason"]
+    assert ("[preprocess] 2 cases lost with dying workers; retrying them one per task"
+            in lines)
+    assert _progress_counts(lines)[-1] == (4, 4, 1)
+
+
+@pytest.mark.parametrize("n_cases, workers, expected", [
+    (16, 2, 4), (16, 1, 8), (32, 2, 8), (6, 2, 2), (3, 2, 1), (1, 8, 1), (10_000, 64, 8)])
+def test_cases_per_task_keeps_every_worker_busy(n_cases, workers, expected):
+    assert cases_per_task(n_cases, workers) == expected
+
+
+def test_progress_is_throttled_to_a_few_lines():
+    lines = []
+    progress = Progress("[preprocess]", 10_000, lines.append)
+    for i in range(10_000):
+        progress.add(rejected=i % 1000 == 0)
+    progress.finish()
+    assert _progress_counts(lines) == [(10_000, 10_000, 10)]   # not one line per case
 
 
 @pytest.mark.s3
@@ -141,7 +278,6 @@ def test_pipeline_on_s3(s3_server, s3_bucket, inputs_manifest, real_ct_paths):
     s3_cases = []
     for i, case in enumerate(cases):
         src = case["uri"]
-        from pathlib import Path
         path = Path(src)
         if path.is_dir():
             for f in sorted(path.iterdir()):

@@ -11,6 +11,7 @@ are off and Ray's and MLflow's loggers say only warnings. ``verbose=True`` (the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -75,3 +76,20 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``2m40s``, ``3h05m`` (``?`` when unknown), for ETAs on the console.
+
+    Example:
+        >>> format_duration(160), format_duration(11100), format_duration(float("inf"))
+        ('2m40s', '3h05m', '?')
+    """
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -33,7 +33,7 @@ from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
-from cvaa.distributed.cluster import forwarded_env
+from cvaa.distributed.cluster import format_duration, forwarded_env
 from cvaa.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
 from cvaa.gan import NonFiniteLossError
 from cvaa.models import build_generator
@@ -329,15 +329,8 @@ def format_epoch(m: dict[str, Any], epochs: int, eta_s: float | None) -> str:
     if "epoch_seconds" in m:
         parts.append(f"{m['epoch_seconds']:.1f} s/epoch")
     if eta_s is not None:
-        parts.append(f"ETA {_duration(eta_s)}")
+        parts.append(f"ETA {format_duration(eta_s)}")
     return "  ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class EpochReporter(ray.train.UserCallback):
