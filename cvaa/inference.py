@@ -8,6 +8,10 @@ Pure torch + numpy + SimpleITK + pydicom (no Ray, no MLflow: the registry lookup
     volume = volume_from_prediction(reconstruct(G, xrays), cfg)   # HU, 2 mm, LPS
     write_volume(volume, "ct.nii.gz")                        # or write_dicom_series(...)
 
+A DICOM series is labelled as a model's estimate (:func:`estimate_label`) and, when both
+radiographs are DICOM of one patient and study, filed with them
+(:func:`read_pair_identity`); otherwise its patient is ``ANONYMOUS`` in a new study.
+
 What can and cannot match training. The model was trained on DRRs: a perspective
 line integral of attenuation ``L`` (dimensionless) divided by a fixed constant
 (``drr.log_scale``), with air at 0 and the trunk peaking near ``L = 4..8`` (0.35..0.7 at
@@ -179,6 +183,114 @@ def _read_itk(path: Path, uri: str, reason: str = "") -> np.ndarray:
     if array.ndim != 2:
         raise InvalidXrayError(uri, f"image of shape {array.shape}; an X-ray is 2D")
     return array
+
+
+# --------------------------------------------------------------------------- identity
+
+@dataclass(frozen=True, repr=False)
+class DicomIdentity:
+    """The patient and study of a DICOM radiograph, to file a reconstruction with them.
+
+    Used only to write the output series (:func:`write_dicom_series`): never logged or
+    printed, and ``repr`` shows no values, so a traceback or a debugger does not either.
+    Values are the header's text, ``""`` where a tag is absent or empty.
+    """
+
+    patient_name: str = ""
+    patient_id: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_instance_uid: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+
+    def __repr__(self) -> str:
+        return "DicomIdentity(<withheld>)"
+
+
+# DicomIdentity field -> DICOM keyword (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study).
+_IDENTITY_KEYWORDS = {
+    "patient_name": "PatientName", "patient_id": "PatientID",
+    "patient_birth_date": "PatientBirthDate", "patient_sex": "PatientSex",
+    "study_instance_uid": "StudyInstanceUID", "study_date": "StudyDate",
+    "study_time": "StudyTime", "accession_number": "AccessionNumber", "study_id": "StudyID",
+}
+
+
+def read_dicom_identity(uri: str | os.PathLike) -> DicomIdentity | None:
+    """The patient and study tags of a DICOM radiograph, or ``None`` for another format.
+
+    Reads only those tags (header up to the pixels, ``specific_tags``), with pydicom's
+    value validation off: its warnings quote the values.
+
+    Raises:
+        InvalidXrayError: missing file, or a DICOM file whose header cannot be read.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.tag import Tag
+
+    uri = str(uri)
+    tags = [Tag(keyword) for keyword in _IDENTITY_KEYWORDS.values()]
+    try:
+        with local_copy(uri) as path:
+            if not path.is_file():
+                raise InvalidXrayError(uri, "no such file")
+            if not _is_dicom(path):
+                return None
+            with pydicom.config.disable_value_validation():
+                try:
+                    ds = pydicom.dcmread(str(path), stop_before_pixels=True,
+                                         specific_tags=tags)
+                except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+                    raise InvalidXrayError(uri, "not a readable DICOM file "
+                                                f"({type(exc).__name__})") from exc
+                values = {name: _dicom_text(ds.get(keyword))
+                          for name, keyword in _IDENTITY_KEYWORDS.items()}
+    except InvalidVolumeError as exc:  # S3 errors from local_copy
+        raise InvalidXrayError(uri, exc.problem) from exc
+    return DicomIdentity(**values)
+
+
+def read_pair_identity(pa_uri: str | os.PathLike,
+                       lateral_uri: str | os.PathLike) -> DicomIdentity | None:
+    """The PA's :class:`DicomIdentity` when both views are DICOM of one patient and study.
+
+    Returns ``None`` unless both files are DICOM.
+
+    Raises:
+        InvalidXrayError: naming both files, when their ``PatientID`` or
+            ``StudyInstanceUID`` differ (the message names the tag, not its values).
+
+    Example:
+        >>> read_pair_identity("pa.dcm", "lat.png") is None
+        True
+    """
+    pa, lateral = read_dicom_identity(pa_uri), read_dicom_identity(lateral_uri)
+    if pa is None or lateral is None:
+        return None
+    differ = [keyword for name, keyword in (("patient_id", "PatientID"),
+                                            ("study_instance_uid", "StudyInstanceUID"))
+              if getattr(pa, name) != getattr(lateral, name)]
+    if differ:
+        raise InvalidXrayError(
+            f"{pa_uri}, {lateral_uri}",
+            f"the two radiographs differ in {' and '.join(differ)}: they must show one "
+            "patient in one study")
+    return pa
+
+
+def _dicom_text(value: Any) -> str:
+    """A header value as DICOM text: multiple values joined by ``\\``, ``""`` if absent."""
+    from pydicom.multival import MultiValue
+
+    if value is None:
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -376,11 +488,72 @@ def write_volume(volume: Volume, out: str) -> str:
 
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Display names of cfg.model.generator for the label; other names are shown as they are.
+_GENERATOR_TITLES = {"cvaa": "CVAA-GAN", "x2ct": "X2CT-GAN", "3dcnn": "3D CNN", "psr": "PSR"}
+# DICOM value lengths (PS3.5 table 6.2-1): LO 64, ST 1024, LT 10240 characters.
+_LO, _ST, _LT = 64, 1024, 10240
+
+
+@dataclass(frozen=True)
+class EstimateLabel:
+    """What a written series says about itself: a model's estimate, not an acquired CT.
+
+    Attributes:
+        series_description: ``SeriesDescription`` (at most 64 characters).
+        comments: ``ImageComments`` and ``DerivationDescription``: which model, from what,
+            and that it is not for diagnosis.
+        model_name: ``ManufacturerModelName`` (at most 64 characters).
+    """
+
+    series_description: str
+    comments: str
+    model_name: str
+
+
+def estimate_label(model_uri: str = "", *, model_label: str = "", version: str = "",
+                   generator: str = "cvaa") -> EstimateLabel:
+    """The label of a series estimated by a registered model.
+
+    Args:
+        model_uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or another model URI;
+            ``""``: a model not named (the label still says it is an estimate).
+        model_label: a short name for ``ManufacturerModelName`` (``LoadedModel.label``);
+            defaults to the URI.
+        version: the registry version (``LoadedModel.version``), ``""`` outside a registry.
+        generator: the architecture, ``cfg.model.generator``.
+
+    Example:
+        >>> estimate_label("models:/cvaa-gan@candidate", version="3").series_description
+        'CT estimate from 2 X-rays (cvaa-gan v3)'
+    """
+    title = _GENERATOR_TITLES.get(generator, generator)
+    if not model_uri:
+        return EstimateLabel("CT estimate from 2 X-rays",
+                             f"Not an acquired CT: a CT volume estimated by a {title} model "
+                             "from a PA and a lateral radiograph. Not for diagnosis.",
+                             _fit(model_label or "cvaa", _LO))
+    name = model_uri
+    if model_uri.startswith("models:/"):
+        ref = model_uri[len("models:/"):].rstrip("/")
+        name = ref.partition("@")[0] if "@" in ref else ref.rpartition("/")[0] or ref
+    head, tail = "CT estimate from 2 X-rays (", f" v{version})" if version else ")"
+    description = head + _fit(name, _LO - len(head) - len(tail)) + tail   # the version kept
+    registry = f" (registry version {version})" if version else ""
+    comments = (f"Not an acquired CT: a CT volume estimated by the {title} model "
+                f"{model_uri}{registry} from a PA and a lateral radiograph. Not for "
+                "diagnosis.")
+    return EstimateLabel(description, _fit(comments, _LT), _fit(model_label or model_uri, _LO))
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked by ``...``."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
-                       series_description: str = "cvaa reconstruction",
-                       patient_id: str = "ANONYMOUS") -> list[str]:
+                       label: EstimateLabel | None = None,
+                       identity: DicomIdentity | None = None,
+                       identity_removed: bool = False) -> list[str]:
     """Write a volume in HU as a DICOM CT series, one file per slice along ``D``.
 
     Pixel data are int16 HU (slope 1, intercept 0); every slice carries the same study,
@@ -390,6 +563,20 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
     size, spacing and physical positions. Written into a temporary sibling directory that
     is renamed into place at the end.
 
+    The series is ``DERIVED\\SECONDARY``, labelled by ``label`` (``SeriesDescription``,
+    ``ImageComments``, ``DerivationDescription``, ``ManufacturerModelName``), with new
+    series, instance and frame of reference UIDs (its coordinates are the model's, not the
+    radiographs').
+
+    Args:
+        volume: the CT in HU.
+        directory: a new (or empty) directory.
+        label: from :func:`estimate_label`; default ``estimate_label()``, naming no model.
+        identity: the radiographs' patient and study (:func:`read_pair_identity`) to file
+            the series with; ``None``: patient ``ANONYMOUS`` in a new study.
+        identity_removed: also mark ``PatientIdentityRemoved = YES`` (``--anonymize``);
+            only with ``identity=None``.
+
     Returns:
         The files written, in slice order.
     """
@@ -397,6 +584,9 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    if identity is not None and identity_removed:
+        raise ValueError("identity_removed=True needs identity=None")
+    label = label if label is not None else estimate_label()
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -404,46 +594,64 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
     sx, sy, sz = (float(s) for s in volume.spacing_mm)
     origin = np.array(volume.origin_mm, float)
     hu = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)  # (D, H, W)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    series, frame = generate_uid(), generate_uid()
     now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
+    # Patient and study: the radiographs' (copied as they are, empty tags left out), or an
+    # anonymous patient in a study of its own.
+    filed = {keyword: getattr(identity, name) for name, keyword in _IDENTITY_KEYWORDS.items()
+             if getattr(identity, name)} if identity is not None else {}
+    filed.setdefault("PatientName", "ANONYMOUS" if identity is None else "")
+    filed.setdefault("PatientID", "ANONYMOUS" if identity is None else "")
+    filed.setdefault("StudyInstanceUID", generate_uid())
+    if identity is None:
+        filed.update(StudyDate=now[0], StudyTime=now[1])
     names = []
     try:
-        for k in range(hu.shape[0]):
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = CT_IMAGE_STORAGE
-            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.FrameOfReferenceUID = frame
-            ds.Modality = "CT"
-            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.SeriesDescription = series_description
-            ds.PatientName, ds.PatientID = patient_id, patient_id
-            ds.StudyDate = ds.SeriesDate = ds.ContentDate = now[0]
-            ds.StudyTime = ds.SeriesTime = ds.ContentTime = now[1]
-            ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
-            ds.Manufacturer = "cvaa"
-            ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
-            position = origin + direction[:, 2] * k * sz
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.SliceLocation = _ds(position @ np.cross(direction[:, 0], direction[:, 1]))
-            ds.PixelSpacing = [_ds(sy), _ds(sx)]        # row spacing, column spacing
-            ds.SliceThickness = ds.SpacingBetweenSlices = _ds(sz)
-            ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-            ds.PixelRepresentation = 1
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
-            ds.WindowCenter, ds.WindowWidth = "40", "400"
-            ds.PixelData = np.ascontiguousarray(hu[k]).tobytes()
-            name = tmp / f"CT{k + 1:05d}.dcm"
-            pydicom.dcmwrite(str(name), ds, enforce_file_format=True)
-            names.append(target / name.name)
+        # Validation off: pydicom's warnings about a copied value would quote it.
+        with pydicom.config.disable_value_validation():
+            for k in range(hu.shape[0]):
+                meta = FileMetaDataset()
+                meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+                meta.MediaStorageSOPInstanceUID = generate_uid()
+                meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds = Dataset()
+                ds.file_meta = meta
+                ds.SpecificCharacterSet = "ISO_IR 192"   # UTF-8: names as the input has them
+                ds.SOPClassUID = CT_IMAGE_STORAGE
+                ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+                for keyword, value in filed.items():
+                    setattr(ds, keyword, value)
+                if identity_removed:
+                    ds.PatientIdentityRemoved = "YES"
+                    ds.DeidentificationMethod = "cvaa --anonymize: no input identifiers copied"
+                ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series, frame
+                ds.Modality = "CT"
+                ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+                ds.SeriesDescription = label.series_description
+                ds.ImageComments = label.comments
+                ds.DerivationDescription = _fit(label.comments, _ST)
+                ds.Manufacturer, ds.ManufacturerModelName = "cvaa", label.model_name
+                ds.SeriesDate = ds.ContentDate = now[0]
+                ds.SeriesTime = ds.ContentTime = now[1]
+                ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+                ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0],
+                                                               *direction[:, 1])]
+                position = origin + direction[:, 2] * k * sz
+                ds.ImagePositionPatient = [_ds(v) for v in position]
+                ds.SliceLocation = _ds(position @ np.cross(direction[:, 0], direction[:, 1]))
+                ds.PixelSpacing = [_ds(sy), _ds(sx)]        # row spacing, column spacing
+                ds.SliceThickness = ds.SpacingBetweenSlices = _ds(sz)
+                ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
+                ds.SamplesPerPixel = 1
+                ds.PhotometricInterpretation = "MONOCHROME2"
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+                ds.PixelRepresentation = 1
+                ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+                ds.WindowCenter, ds.WindowWidth = "40", "400"
+                ds.PixelData = np.ascontiguousarray(hu[k]).tobytes()
+                name = tmp / f"CT{k + 1:05d}.dcm"
+                pydicom.dcmwrite(str(name), ds, enforce_file_format=True)
+                names.append(target / name.name)
         if target.exists():  # an empty directory (checked by check_output)
             target.rmdir()
         os.replace(tmp, target)
@@ -481,23 +689,33 @@ class Reconstruction:
 
 
 def reconstruct_to_file(generator: nn.Module, cfg: Config, xrays: np.ndarray, out: str, *,
-                        dicom: bool = False, origin_mm: Sequence[float] | None = None,
+                        dicom: bool = False, label: EstimateLabel | None = None,
+                        identity: DicomIdentity | None = None, identity_removed: bool = False,
+                        origin_mm: Sequence[float] | None = None,
                         source: str = "") -> Reconstruction:
-    """Forward pass -> HU volume with the training geometry -> NIfTI/MHA or DICOM series."""
+    """Forward pass -> HU volume with the training geometry -> NIfTI/MHA or DICOM series.
+
+    With ``dicom``, ``label``, ``identity`` and ``identity_removed`` go to
+    :func:`write_dicom_series`.
+    """
     seconds: dict[str, Any] = {}
     start = time.perf_counter()
     normalized = reconstruct(generator, xrays)
     seconds["forward"] = time.perf_counter() - start
     start = time.perf_counter()
     volume = volume_from_prediction(normalized, cfg, origin_mm, source)
-    written = write_dicom_series(volume, out) if dicom else [write_volume(volume, out)]
+    if dicom:
+        written = write_dicom_series(volume, out, label=label, identity=identity,
+                                     identity_removed=identity_removed)
+    else:
+        written = [write_volume(volume, out)]
     seconds["write"] = time.perf_counter() - start
     return Reconstruction(volume, normalized, np.asarray(xrays), written, seconds)
 
 
 __all__ = [
     "InvalidXrayError", "TYPICAL_PEAK_ATTENUATION", "DEFAULT_WINDOW_PCT", "read_xray",
-    "default_xray_range", "normalize_xray", "fit_detector", "prepare_xrays", "xrays_from_ct",
+    "DicomIdentity", "read_dicom_identity", "read_pair_identity", "default_xray_range", "normalize_xray", "fit_detector", "prepare_xrays", "xrays_from_ct",
     "reconstruct", "volume_from_prediction", "check_output", "write_volume",
-    "write_dicom_series", "Reconstruction", "reconstruct_to_file",
+    "EstimateLabel", "estimate_label", "write_dicom_series", "Reconstruction", "reconstruct_to_file",
 ]

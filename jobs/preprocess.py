@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE", help="dotted override, e.g. preprocess.size=64")
     p.add_argument("--workers", type=int, help="cases in flight at once (default: all CPUs)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--keep-names", action="store_true",
+                   help="case ids from the file names (data without identifiers only); "
+                        "default: pseudonyms, a keyed hash of each URI and patient id")
+    p.add_argument("--pseudonym-key", metavar="FILE",
+                   help="file with the pseudonym key (hex, >= 16 bytes) to use instead of "
+                        "the one generated once and stored with the prepared dataset")
     add_verbose_argument(p)
     p.add_argument("--phantom-dir", help="where generated phantoms are cached "
                                          "(default: OUTPUT/../phantoms-<hash>)")
@@ -53,23 +59,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from cvaa.data.dataset import list_inputs
+    from cvaa.data.dataset import dataset_key, list_inputs
     from cvaa.distributed.cluster import init_ray
     from cvaa.distributed.pipeline import default_phantom_dir, ensure_phantoms, run_pipeline
 
     init_ray(args.address, verbose=args.verbose)
     source = args.input
-    if source is None:
+    keep_names = args.keep_names
+    if source is None:   # synthetic phantoms carry no identifiers: readable ids
         source = ensure_phantoms(cfg, args.phantom_dir or default_phantom_dir(args.output, cfg))
+        keep_names = True
     try:
-        inputs = list_inputs(source)
-    except InvalidVolumeError as exc:
+        key = None if keep_names else dataset_key(args.output, args.pseudonym_key)
+        inputs = list_inputs(source, key)
+    except (InvalidVolumeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not inputs:
         print(f"error: no CT volumes found under {source}", file=sys.stderr)
         return 2
-    manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source)
+    manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source,
+                            pseudonymous=key is not None)
     return 0 if manifest["prepared"] else 1
 
 

@@ -3,7 +3,9 @@
     python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
         --pa pa.dcm --lateral lat.dcm --out ct.nii.gz
     python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
-        --pa pa.png --lateral lat.png --out ct_dicom/ --dicom
+        --pa pa.dcm --lateral lat.dcm --out ct_dicom/ --dicom    # filed with the patient
+    python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
+        --pa pa.dcm --lateral lat.dcm --out ct_dicom/ --dicom --anonymize
     python jobs/reconstruct.py --model models:/cvaa-gan@candidate \\
         --from-ct ../shared/data/ct/abdomen_lumbar_3mm.nii.gz --out roundtrip.nii.gz
 
@@ -34,7 +36,20 @@ diag(1, 1, -1) (axial slices from superior to inferior), centred at (0, 0, 0) mm
 input CT's crop with --from-ct; as NIfTI / MHA / NRRD by suffix, or a DICOM CT series in a
 directory with --dicom. --from-ct renders the two DRRs from a CT with the training geometry
 and also prints the metrics against that CT's prepared cube. Bad input exits with status 2
-and writes nothing.
+and writes nothing; two DICOM radiographs with different PatientID or StudyInstanceUID are
+bad input.
+
+A DICOM series says what it is: ImageType DERIVED\SECONDARY, SeriesDescription "CT
+estimate from 2 X-rays (NAME vN)", and ImageComments / DerivationDescription "Not an
+acquired CT: a CT volume estimated by the ... model models:/NAME@ALIAS (registry version
+N) from a PA and a lateral radiograph. Not for diagnosis." (Manufacturer cvaa,
+ManufacturerModelName the model). When --pa and --lateral are both DICOM, the series is
+filed with their patient and study (PatientName, PatientID, PatientBirthDate, PatientSex,
+StudyInstanceUID, StudyDate, StudyTime, AccessionNumber, StudyID, copied from the PA) as a
+new series with its own frame of reference; otherwise (PNG, NIfTI, --from-ct) the patient
+is ANONYMOUS in a new study. --anonymize writes it without any of the inputs' identifiers
+(ANONYMOUS, a new study, PatientIdentityRemoved YES). These identifiers are only copied
+into the series: never printed or logged.
 """
 
 from __future__ import annotations
@@ -60,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "--lateral; also prints the metrics against it")
     p.add_argument("--out", required=True, help="output volume (.nii.gz, .nii, .mha, .nrrd) "
                    "or, with --dicom, a new directory for the DICOM series")
-    p.add_argument("--dicom", action="store_true", help="write a DICOM CT series")
+    p.add_argument("--dicom", action="store_true",
+                   help="write a DICOM CT series, labelled as this model's estimate; filed "
+                   "with the patient and study of --pa and --lateral when both are DICOM")
+    p.add_argument("--anonymize", action="store_true",
+                   help="with --dicom: copy no identifiers from DICOM inputs (patient "
+                   "ANONYMOUS, a new study, PatientIdentityRemoved YES)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
                                         "else sqlite:///~/.cvaa/mlflow.db)")
     p.add_argument("--invert", action="store_true",
@@ -83,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = " and ".join(f"--{v}" for v in ("pa", "lateral") if not getattr(args, v))
         return _fail(f"missing X-ray view: {missing} (give both --pa and --lateral, "
                      "or --from-ct CT)")
+    if args.anonymize and not args.dicom:
+        return _fail("--anonymize applies to a DICOM series (--dicom); NIfTI / MHA / NRRD "
+                     "output carries no patient identifiers")
 
     import torch
 
@@ -97,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     mlflow_uri = args.mlflow_uri or tracking.default_tracking_uri()
     start = time.perf_counter()
+    identity = None  # the DICOM inputs' patient and study: into the series only, never shown
     try:
         if not args.from_ct:  # bad files fail before the model is fetched
             pa, lateral = inference.read_xray(args.pa), inference.read_xray(args.lateral)
+            identity = inference.read_pair_identity(args.pa, args.lateral)
         model = tracking.load_model(args.model, mlflow_uri)
         cfg = Config.from_dict(model.config, source=f"{args.model} cvaa_config")
         loaded = time.perf_counter()
@@ -114,16 +139,25 @@ def main(argv: list[str] | None = None) -> int:
                 names=(args.pa, args.lateral))
         prepped = time.perf_counter()
         generator = model.generator.to(torch.device(args.device))
+        filed = identity is not None and not args.anonymize
         result = inference.reconstruct_to_file(
-            generator, cfg, xrays, args.out, dicom=args.dicom, origin_mm=origin,
-            source=args.from_ct or f"{args.pa} + {args.lateral}")
+            generator, cfg, xrays, args.out, dicom=args.dicom,
+            label=inference.estimate_label(model.uri, model_label=model.label,
+                                           version=model.version,
+                                           generator=cfg.model.generator),
+            identity=identity if filed else None, identity_removed=args.anonymize,
+            origin_mm=origin, source=args.from_ct or f"{args.pa} + {args.lateral}")
     except (inference.InvalidXrayError, InvalidVolumeError, tracking.ModelLookupError,
             tracking.TrackingUnavailableError, ValueError) as exc:
         return _fail(str(exc))
     total = time.perf_counter() - start
 
     vol = result.volume
-    where = args.out if not args.dicom else f"{args.out} ({len(result.written)} DICOM slices)"
+    where = args.out
+    if args.dicom:
+        filing = ("with the radiographs' patient and study" if filed else
+                  "anonymized, new study" if args.anonymize else "patient ANONYMOUS, new study")
+        where += f" ({len(result.written)} DICOM slices, {filing})"
     print(f"model: {model.label} ({cfg.model.generator}), X-rays {xrays.shape[1]}x"
           f"{xrays.shape[2]} -> CT {'x'.join(map(str, vol.shape))} at "
           f"{vol.spacing_mm[0]:g} mm, HU {vol.array.min():.0f}..{vol.array.max():.0f}")

@@ -61,8 +61,9 @@ def _png(path, image01, bits):
     return path
 
 
-def _dicom_xray(path, image01, monochrome1=False, rows=None):
-    """A DX image as a detector would store it (uint16, rescale 1/0)."""
+def _dicom_xray(path, image01, monochrome1=False, tags=None):
+    """A DX image as a detector would store it (uint16, rescale 1/0), with ``tags``
+    (keyword -> value) in its header, written as they are (no value validation)."""
     pixels = np.round(image01 * 4095).astype(np.uint16)
     if monochrome1:
         pixels = (4095 - pixels).astype(np.uint16)
@@ -81,7 +82,10 @@ def _dicom_xray(path, image01, monochrome1=False, rows=None):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
     ds.PixelData = pixels.tobytes()
-    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    with pydicom.config.disable_value_validation():
+        for keyword, value in (tags or {}).items():
+            setattr(ds, keyword, value)
+        pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
     return path
 
 
@@ -161,6 +165,11 @@ def test_dicom_series_writer_reads_back_with_read_ct(tmp_path, round_trip):
     assert canon.origin_mm == pytest.approx(volume.origin_mm, abs=1e-4)
     np.testing.assert_allclose(canon.array, np.rint(volume.array), atol=0)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    # Without a model named, still an estimate, in an anonymous patient's new study.
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert ds.SeriesDescription == "CT estimate from 2 X-rays"
+    assert ds.ImageComments.startswith("Not an acquired CT: a CT volume estimated by a ")
+    assert ds.PatientID == "ANONYMOUS" and list(ds.ImageType)[0] == "DERIVED"
 
 
 # --------------------------------------------------------------------------- the job
@@ -294,3 +303,177 @@ def test_reconstruct_rejects_wrong_shapes():
     g = torch.nn.Conv2d(2, 1, 1)
     with pytest.raises(ValueError, match=r"\(2, P, P\)"):
         inference.reconstruct(g, np.zeros((1, 32, 32), np.float32))
+
+
+# --------------------------------------------------------------------------- DICOM identity
+
+# One patient's PA and lateral, as a DX modality would store them. The birth date is in the
+# old ACR-NEMA form, which pydicom's value validation would quote in a warning.
+PATIENT = {
+    "SpecificCharacterSet": "ISO_IR 100", "PatientName": "Müller^Jürgen^Quirin",
+    "PatientID": "PID-77813-XQ", "PatientBirthDate": "1961.02.03", "PatientSex": "M",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.7781300001", "StudyDate": "20240102",
+    "StudyTime": "101112", "AccessionNumber": "ACC-4471-ZZ", "StudyID": "STUDY-7743",
+    "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.7781300002",
+    "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.7781300003",
+}
+# What must not leak: every identifying value, in the input's and in UTF-8 encoding.
+PLANTED = ["Müller", "Jürgen", "Quirin", "PID-77813-XQ", "1961.02.03", "7781300001",
+           "ACC-4471-ZZ", "STUDY-7743", "20240102"]
+LABEL = "CT estimate from 2 X-rays (tiny-cvaa v1)"
+
+
+def _dicom_pair(tmp_path, round_trip, lateral_tags=None):
+    xrays, _ = round_trip
+    pa = _dicom_xray(tmp_path / "pa.dcm", xrays[0], tags=PATIENT)
+    lat = _dicom_xray(tmp_path / "lat.dcm", xrays[1], monochrome1=True,
+                      tags={**PATIENT, **(lateral_tags or {})})
+    return pa, lat
+
+
+def _series(out):
+    files = sorted(out.glob("*.dcm"))
+    assert len(files) == 32
+    return [pydicom.dcmread(str(f)) for f in files]
+
+
+def _leaks(text_or_bytes):
+    data = text_or_bytes if isinstance(text_or_bytes, bytes) else text_or_bytes.encode()
+    return [v for v in PLANTED for enc in ("utf-8", "latin-1") if v.encode(enc) in data]
+
+
+def _assert_labelled(ds):
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert ds.Modality == "CT"
+    assert ds.SeriesDescription == LABEL and len(ds.SeriesDescription) <= 64
+    comments = ("Not an acquired CT: a CT volume estimated by the CVAA-GAN model "
+                "models:/tiny-cvaa@candidate (registry version 1) from a PA and a lateral "
+                "radiograph. Not for diagnosis.")
+    assert ds.ImageComments == comments and ds.DerivationDescription == comments
+    assert ds.Manufacturer == "cvaa"
+    assert ds.ManufacturerModelName == "tiny-cvaa@candidate (v1)"
+
+
+def test_dicom_inputs_file_the_series_with_their_patient_and_study(
+        tmp_path, registry, round_trip, capsys, caplog, recwarn):
+    pa, lat = _dicom_pair(tmp_path, round_trip)
+    out = tmp_path / "series"
+    code, stdout, err = _run(["--model", registry["model"], "--pa", str(pa), "--lateral",
+                              str(lat), "--out", str(out), "--dicom"], registry, capsys)
+    assert code == 0, err
+    assert "with the radiographs' patient and study" in stdout
+    series = _series(out)
+    inputs = [pydicom.dcmread(str(f)) for f in (pa, lat)]
+    for ds in series:
+        _assert_labelled(ds)
+        assert str(ds.PatientName) == PATIENT["PatientName"]     # re-encoded as UTF-8
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        for keyword in ("PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                        "StudyDate", "StudyTime", "AccessionNumber", "StudyID"):
+            assert ds.data_element(keyword).value == PATIENT[keyword], keyword
+        assert "PatientIdentityRemoved" not in ds
+    # A new series in the patient's study: its own series, instance and frame UIDs.
+    input_uids = {str(x.get(k)) for x in inputs for k in ("SeriesInstanceUID",
+                                                          "SOPInstanceUID",
+                                                          "FrameOfReferenceUID")}
+    assert len({ds.SeriesInstanceUID for ds in series}) == 1
+    assert len({ds.FrameOfReferenceUID for ds in series}) == 1
+    assert len({ds.SOPInstanceUID for ds in series}) == 32
+    new_uids = {ds.SeriesInstanceUID, ds.FrameOfReferenceUID} | {
+        d.SOPInstanceUID for d in series}
+    assert not new_uids & input_uids
+    # The identifiers went into the files only: not to the console, logs or warnings.
+    assert not _leaks(stdout + err) and not _leaks(caplog.text)
+    assert not _leaks(" ".join(str(w.message) for w in recwarn))
+
+
+def test_anonymize_writes_no_input_identifier(tmp_path, registry, round_trip, capsys):
+    pa, lat = _dicom_pair(tmp_path, round_trip)
+    out = tmp_path / "series"
+    code, stdout, err = _run(["--model", registry["model"], "--pa", str(pa), "--lateral",
+                              str(lat), "--out", str(out), "--dicom", "--anonymize"],
+                             registry, capsys)
+    assert code == 0, err
+    assert "anonymized" in stdout and not _leaks(stdout + err)
+    for ds in _series(out):
+        _assert_labelled(ds)
+        assert ds.PatientName == "ANONYMOUS" and ds.PatientID == "ANONYMOUS"
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
+        assert ds.StudyInstanceUID != PATIENT["StudyInstanceUID"]
+        for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"):
+            assert keyword not in ds, keyword
+    leaked = {f.name: _leaks(f.read_bytes()) for f in out.iterdir()}
+    assert not any(leaked.values()), leaked
+    # The scan finds the identifiers where they are (the inputs): it can fail.
+    assert set(_leaks(pa.read_bytes())) == set(PLANTED)
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID"])
+def test_radiographs_of_two_patients_or_studies_are_refused(keyword, tmp_path, registry,
+                                                            round_trip, capsys):
+    other = {"PatientID": "PID-OTHER-99",
+             "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.99"}[keyword]
+    pa, lat = _dicom_pair(tmp_path, round_trip, lateral_tags={keyword: other})
+    out = tmp_path / "series"
+    before = set(tmp_path.rglob("*"))
+    code, stdout, err = _run(["--model", registry["model"], "--pa", str(pa), "--lateral",
+                              str(lat), "--out", str(out), "--dicom"], registry, capsys)
+    assert code == 2
+    assert err.startswith(f"error: {pa}, {lat}: ") and keyword in err, err
+    assert not _leaks(stdout + err) and "PID-OTHER-99" not in err
+    assert not out.exists() and set(tmp_path.rglob("*")) == before
+
+
+def test_png_inputs_to_dicom_are_labelled_and_anonymous(tmp_path, registry, round_trip,
+                                                        capsys):
+    xrays, _ = round_trip
+    pa, lat = (_png(tmp_path / f"{v}.png", xrays[i], 16) for i, v in enumerate(("pa", "lat")))
+    out = tmp_path / "series"
+    code, stdout, err = _run(["--model", registry["model"], "--pa", str(pa), "--lateral",
+                              str(lat), "--out", str(out), "--dicom"], registry, capsys)
+    assert code == 0, err
+    assert "patient ANONYMOUS, new study" in stdout
+    series = _series(out)
+    for ds in series:
+        _assert_labelled(ds)
+        assert ds.PatientName == "ANONYMOUS" and ds.PatientID == "ANONYMOUS"
+        assert "PatientIdentityRemoved" not in ds and "AccessionNumber" not in ds
+    assert len({ds.StudyInstanceUID for ds in series}) == 1
+
+
+def test_anonymize_needs_dicom_output(tmp_path, registry, capsys):
+    out = tmp_path / "ct.nii.gz"
+    code, _, err = _run(["--model", registry["model"], "--pa", "pa.dcm", "--lateral",
+                         "lat.dcm", "--out", str(out), "--anonymize"], registry, capsys)
+    assert code == 2 and "error: --anonymize applies to a DICOM series" in err
+    assert not out.exists()
+
+
+def test_pair_identity_needs_two_dicom_files_and_hides_its_values(tmp_path, round_trip):
+    pa, lat = _dicom_pair(tmp_path, round_trip)
+    png = _png(tmp_path / "lat.png", round_trip[0][1], 8)
+    assert inference.read_dicom_identity(png) is None
+    assert inference.read_pair_identity(pa, png) is None
+    identity = inference.read_pair_identity(pa, lat)
+    assert identity.patient_id == PATIENT["PatientID"]
+    assert identity.accession_number == PATIENT["AccessionNumber"]
+    assert not _leaks(repr(identity)) and not _leaks(str(identity))
+
+
+@pytest.mark.parametrize("uri, version, description", [
+    ("models:/cvaa-gan@candidate", "3", "CT estimate from 2 X-rays (cvaa-gan v3)"),
+    ("models:/cvaa-gan/12", "12", "CT estimate from 2 X-rays (cvaa-gan v12)"),
+    ("runs:/0123456789abcdef0123456789abcdef/model", "",
+     "CT estimate from 2 X-rays (runs:/0123456789abcdef0123456789a...)"),
+    ("models:/" + "n" * 80 + "@a", "7",
+     "CT estimate from 2 X-rays (" + "n" * 30 + "... v7)"),
+])
+def test_estimate_label_fits_dicom_lengths_and_keeps_the_version(uri, version, description):
+    label = inference.estimate_label(uri, version=version, generator="x2ct")
+    assert label.series_description == description
+    assert len(label.series_description) <= 64 and len(label.model_name) <= 64
+    assert label.model_name == uri[:61] + ("..." if len(uri) > 64 else "")
+    assert label.comments.startswith("Not an acquired CT: a CT volume estimated by the "
+                                      f"X2CT-GAN model {uri}")
+    assert (f"(registry version {version})" in label.comments) == bool(version)
+    assert label.comments.endswith("Not for diagnosis.")

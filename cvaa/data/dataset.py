@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io as _io
 import json
 import re
+import secrets
 import time
 import traceback
 from dataclasses import dataclass
@@ -50,8 +52,45 @@ class CaseInput:
     case_id: str
 
 
+# The prepared dataset's pseudonym key (hex), written once beside its manifest.
+PSEUDONYM_KEY = "pseudonym.key"
+
+
+def pseudonym(key: bytes, kind: str, value: str) -> str:
+    """``KIND-<12 hex>``: a keyed hash (HMAC-SHA256) of ``value``, so that a case or patient
+    id says nothing about the file or person it came from, and nobody without the key can
+    test a guessed name against it.
+
+    Example:
+        >>> pseudonym(b"k" * 32, "case", "s3://pacs/export/0001.nii.gz")
+        'case-4dca84b495e5'
+    """
+    digest = hmac.new(key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind}-{digest[:12]}"
+
+
+def dataset_key(output: str, key_file: str | None = None) -> bytes:
+    """The pseudonym key of the prepared dataset at ``output``: read from ``key_file`` when
+    given (the user keeps it), else the one stored with the dataset, else a new random key
+    that is stored there (``PSEUDONYM_KEY``), so a re-run derives the same ids."""
+    if key_file:
+        text = store.read_text(key_file).strip()
+    else:
+        uri = store.join(output, PSEUDONYM_KEY)
+        if store.exists(uri):
+            text = store.read_text(uri).strip()
+        else:
+            text = secrets.token_hex(32)
+            store.write_text(uri, text + "\n")
+    key = bytes.fromhex(text) if re.fullmatch(r"[0-9a-fA-F]{32,}", text) else text.encode()
+    if len(key) < 16:
+        raise ValueError(f"{key_file or output}: a pseudonym key needs at least 16 bytes")
+    return key
+
+
 def case_id_for(uri: str) -> str:
-    """A readable, collision-free id: the file's stem plus a hash of the whole URI."""
+    """A readable, collision-free id: the file's stem plus a hash of the whole URI (for
+    data without identifiers, ``--keep-names``)."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
         if name.lower().endswith(suffix):
@@ -67,13 +106,15 @@ def config_hash(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- inputs
 
-def list_inputs(source: str) -> list[CaseInput]:
+def list_inputs(source: str, key: bytes | None = None) -> list[CaseInput]:
     """The CTs named by ``source``: a directory, an ``s3://`` prefix, or a manifest file
     (``.csv`` with a ``uri`` column and an optional ``patient_id`` column; ``.json`` with a
     list of URIs or of ``{"uri": ..., "patient_id": ...}``, optionally under ``"cases"``).
 
     Without a patient id, each CT is its own patient. Relative paths in a manifest are
-    relative to the manifest's directory.
+    relative to the manifest's directory. With a pseudonym ``key`` (the default of
+    ``jobs/preprocess.py``) case and patient ids are :func:`pseudonym` s of the URI and the
+    patient id; without one they are readable (:func:`case_id_for`, the given patient id).
     """
     lower = source.lower()
     if lower.endswith((".csv", ".json")):
@@ -89,8 +130,13 @@ def list_inputs(source: str) -> list[CaseInput]:
         if uri in seen:
             continue
         seen.add(uri)
-        case_id = case_id_for(uri)
-        patient = str(row.get("patient_id") or "").strip() or case_id
+        given_patient = str(row.get("patient_id") or "").strip()
+        if key is None:
+            case_id = case_id_for(uri)
+            patient = given_patient or case_id
+        else:
+            case_id = pseudonym(key, "case", uri)
+            patient = pseudonym(key, "patient", given_patient or uri)
         out.append(CaseInput(uri, patient, case_id))
     return out
 
@@ -157,8 +203,11 @@ def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
             ct_shape=list(prep.normalized.shape),
             xray_shape=list(xrays.shape),
         )
+        # The case file carries no source URI: only the manifest (and the per-case record
+        # it is rebuilt from) maps a case id to a file.
+        meta = {k: v for k, v in record.items() if k != "source_uri"}
         store.write_bytes(store.join(output, record["path"]),
-                          encode_case(prep.normalized, xrays, record))
+                          encode_case(prep.normalized, xrays, meta))
         record["seconds"] = round(time.perf_counter() - start, 3)
         store.write_text(store.join(output, "cases", f"{item.case_id}.json"),
                          json.dumps(record, indent=1))

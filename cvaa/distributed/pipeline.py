@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from cvaa.config import Config
+from cvaa.data import store
 from cvaa.data.dataset import (CaseInput, config_hash, previous_outcomes, process_case,
                                split_by_patient, write_manifest)
 from cvaa.distributed.cluster import cluster_cpus, format_duration, forwarded_env
@@ -168,7 +169,7 @@ def _worker_died(item: CaseInput, cfg_hash: str) -> dict[str, Any]:
 
 
 def run_pipeline(inputs: list[CaseInput], cfg: Config, output: str, *,
-                 workers: int | None = None, source: str = "",
+                 workers: int | None = None, source: str = "", pseudonymous: bool = False,
                  log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prepare every input under ``output``; returns (and writes) the manifest.
 
@@ -179,6 +180,9 @@ def run_pipeline(inputs: list[CaseInput], cfg: Config, output: str, *,
         workers: at most this many tasks in flight (default: as many as the cluster's
             CPUs); tasks are sized so that each of them gets at least two.
         source: the ``--input`` that named the inputs, recorded in the manifest.
+        pseudonymous: the inputs' ids are pseudonyms (``list_inputs(..., key)``): the
+            console then names rejected cases by id only (their files and reasons are in
+            the manifest, which alone maps ids to sources).
         log: where the progress lines go.
 
     Example:
@@ -225,6 +229,7 @@ def run_pipeline(inputs: list[CaseInput], cfg: Config, output: str, *,
     manifest = {
         "format": "cvaa-prepared/1",
         "input": source,
+        "ids": "pseudonymous" if pseudonymous else "names",
         "output": output,
         "config": cfg.to_dict(),
         "config_hash": cfg_hash,
@@ -239,7 +244,9 @@ def run_pipeline(inputs: list[CaseInput], cfg: Config, output: str, *,
     }
     write_manifest(output, manifest)
     for r in rejected:
-        log(f"[preprocess] rejected {r['reason']}")
+        log(f"[preprocess] rejected {r['case_id']} ({r['kind']}); its file and the reason are "
+            f"in {store.join(output, 'manifest.json')}" if pseudonymous
+            else f"[preprocess] rejected {r['reason']}")
     s = manifest["summary"]
     log(f"[preprocess] prepared {s['prepared']}, rejected {s['rejected']} "
         f"({s['skipped']} skipped as already done), {s['seconds']:.1f} s, "
