@@ -161,8 +161,9 @@ def main() -> int:
     run([py, "jobs/preprocess.py", "--output", prepared, *common], log, env)
     real = str(work / "prepared-real")
     shared = Path(os.path.relpath(ROOT.parent / "shared" / "data", ROOT))
-    run([py, "jobs/preprocess.py", "--input", str(shared), "--output", real, *common],
-        log, env)
+    # Public, de-identified CTs (TotalSegmentator): readable case ids in the figures.
+    run([py, "jobs/preprocess.py", "--input", str(shared), "--output", real, "--keep-names",
+         *common], log, env)
 
     walls, run_ids, uris = {}, {}, []
     for model in args.models:
