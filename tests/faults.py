@@ -77,13 +77,16 @@ class KillTrialWorkerAfterEpoch(tune.Callback):
 
 class PoisonWeightsAtEpoch:
     """Worker callback: the generator's weights become NaN at the start of ``epoch``
-    (0-based), so the next loss is non-finite."""
+    (0-based), on every rank or only on ``rank``, so the next loss there is non-finite."""
 
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, epoch: int, rank: int | None = None):
+        self.epoch, self.rank = epoch, rank
 
     def on_epoch_start(self, epoch: int, trainer) -> None:
-        if epoch == self.epoch:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if epoch == self.epoch and self.rank in (None, rank):
             with torch.no_grad():
                 for p in trainer.generator.parameters():
                     p.fill_(math.nan)

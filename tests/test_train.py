@@ -1,6 +1,7 @@
 """jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,6 +188,28 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, prepared_c
     run = mlflow.MlflowClient(job.mlflow_uri).search_runs(
         [tracking.setup(job.mlflow_uri)], "tags.`mlflow.runName` = 'nan-run'")[0]
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.ray
+def test_a_nan_on_one_rank_stops_both_ranks_together(tmp_path, prepared_cpu):
+    """Rank 1 alone goes non-finite at epoch 2 (gloo, 2 CPU workers): the ranks agree on
+    it (all-reduce), both stop in the same step without hanging, the run fails with the
+    NaN error and the epoch-1 checkpoint stays the last one."""
+    job = _job(tmp_path, prepared_cpu, ["train.epochs=3", "train.num_workers=2"],
+               run_name="nan-rank1")
+    start = time.monotonic()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2, step 1") as exc:
+        with tracking.open_run(job.mlflow_uri, job.run_name) as run:
+            train(job, run, worker_callbacks=[faults.PoisonWeightsAtEpoch(1, rank=1)],
+                  log=None)
+    assert time.monotonic() - start < 300                     # no hang
+    # the error comes from rank 0, whose own loss was finite: it stopped for rank 1
+    assert re.search(r"loss is [0-9.]+ on this rank", str(exc.value)), str(exc.value)
+    ckpts = sorted((tmp_path / "ray" / "nan-rank1").glob("epoch_*"))
+    assert [p.name for p in ckpts] == ["epoch_0001"]
+    state = torch.load(ckpts[-1] / CHECKPOINT_FILE, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["generator"].values())
+    assert mlflow.MlflowClient(job.mlflow_uri).get_run(run.run_id).info.status == "FAILED"
 
 
 def _free_port():
