@@ -9,6 +9,10 @@ Two numbers per generator and device:
   resize them (``cvaa.inference.prepare_xrays``), forward, back to HU and write a
   compressed NIfTI; median of ``--repeats``, with the median of each stage.
 
+On the CPU each generator runs once per ``--cpu-conv`` path of its large 3D kernels
+(``model.cpu_conv``; default both ``fft`` and ``direct``), with the peak resident memory of
+its forward calls (``peak RSS``: the kernel's high-water mark, reset before each path).
+
 With ``--registry`` it also times the registry lookup and model load
 (``cvaa.tracking.load_model`` of ``models:/NAME@bench`` from a temporary SQLite store), the
 rest of the CLI's latency. Weights are random (seed 0): the cost does not depend on them.
@@ -16,6 +20,7 @@ rest of the CLI's latency. Weights are random (seed 0): the cost does not depend
     python bench/inference_bench.py                          # cvaa + x2ct, CPU (+ CUDA)
     python bench/inference_bench.py --models cvaa --repeats 5 --registry
     python bench/inference_bench.py --preset cpu --repeats 20  # the 32^3 test size
+    python bench/inference_bench.py --models cvaa --repeats 1 --threads 2 --cpu-conv fft
 """
 
 from __future__ import annotations
@@ -54,6 +59,27 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> tuple[float, float, flo
     return first, statistics.median(times), statistics.median(cpu)
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident memory since the last reset (``VmHWM``), else since the process began."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024          # kB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kB on Linux
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="paper")
@@ -63,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry", action="store_true",
                    help="also time the registry lookup + model load")
     p.add_argument("--cpu", action="store_true", help="skip CUDA even if present")
+    p.add_argument("--cpu-conv", choices=["both", "auto", "fft", "direct"], default="both",
+                   help="CPU path of large 3D kernels (model.cpu_conv); both = fft and direct")
     args = p.parse_args(argv)
+    cpu_convs = ["fft", "direct"] if args.cpu_conv == "both" else [args.cpu_conv]
 
     import numpy as np
     import torch
@@ -86,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         for view, image in zip(("pa", "lat"), xrays):
             paths.append(tmp / f"{name}_{view}.png")
             Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(paths[-1])
-        torch.manual_seed(0)
-        generator = build_generator(name, cfg).eval()
-        params = count_parameters(generator)
-        for device in devices:
+        # CUDA ignores cpu_conv (always cuDNN): one run there.
+        runs = [("cpu", c) for c in cpu_convs] + [(d, "auto") for d in devices if d != "cpu"]
+        for device, cpu_conv in runs:
+            run_cfg = load_config(args.preset, overrides=[f"model.generator={name}",
+                                                          f"model.cpu_conv={cpu_conv}"])
+            torch.manual_seed(0)
+            generator = build_generator(name, run_cfg).eval()
+            params = count_parameters(generator)
             g = generator.to(device)
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             x = torch.from_numpy(xrays)[None].to(device)
@@ -98,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     g(x)
 
+            peak_reset = device == "cpu" and _reset_peak_rss()
             first, fwd, fwd_cpu = _median_time(forward, args.repeats, sync)
+            peak = _peak_rss_bytes() if device == "cpu" else None
             stages: dict[str, list[float]] = {"read+prepare": [], "forward": [], "write": []}
 
             def round_trip():
@@ -113,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
             _, trip, trip_cpu = _median_time(round_trip, args.repeats)
             med = {f"trip {k}": statistics.median(v[1:]) for k, v in stages.items()}
-            rows.append({"model": name, "device": device, "params": params, "first": first,
+            conv = cpu_conv if device == "cpu" else "cuDNN"
+            rows.append({"model": name, "device": device, "conv": conv, "params": params,
+                         "first": first, "peak": peak, "peak reset": peak_reset,
                          "forward": fwd, "forward cpu": fwd_cpu, "trip": trip,
                          "trip cpu": trip_cpu, **med})
-            print(f"[bench] {name} on {device}: forward {fwd:.3f} s, round trip "
-                  f"{trip:.3f} s", flush=True)
+            peak_text = f", forward peak RSS {peak / 1e9:.2f} GB" if peak else ""
+            print(f"[bench] {name} on {device} ({conv} conv): forward {fwd:.3f} s"
+                  f"{peak_text}, round trip {trip:.3f} s", flush=True)
         generator.cpu()
         if args.registry:
             rows[-1]["load"] = _registry_load(generator, cfg, name, tmp)
@@ -128,15 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Reconstruction latency, preset {args.preset} ({size}^2 X-rays -> {size}^3 CT), "
           f"batch 1, median of {args.repeats} after a warm-up; torch threads "
           f"{torch.get_num_threads()}")
-    print("| model | device | params (M) | first call s | forward s | forward CPU s | "
-          "read+prepare s | forward (in trip) s | HU + NIfTI write s | round trip s | "
-          "round trip CPU s | registry load s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if any(r["peak"] and not r["peak reset"] for r in rows):
+        print("peak RSS could not be reset between runs: each is the process's peak so far")
+    print("| model | device | conv | params (M) | first call s | forward s | forward peak "
+          "RSS GB | forward CPU s | read+prepare s | forward (in trip) s | HU + NIfTI write s | "
+          "round trip s | round trip CPU s | registry load s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         load = f"{r['load']:.2f}" if "load" in r else "-"
-        print(f"| {r['model']} | {r['device']} | {r['params'] / 1e6:.1f} | {r['first']:.3f} | "
-              f"{r['forward']:.3f} | {r['forward cpu']:.3f} | {r['trip read+prepare']:.3f} | "
-              f"{r['trip forward']:.3f} | {r['trip write']:.3f} | {r['trip']:.3f} | "
+        peak = f"{r['peak'] / 1e9:.2f}" if r["peak"] else "-"
+        print(f"| {r['model']} | {r['device']} | {r['conv']} | {r['params'] / 1e6:.1f} | "
+              f"{r['first']:.3f} | {r['forward']:.3f} | {peak} | {r['forward cpu']:.3f} | "
+              f"{r['trip read+prepare']:.3f} | {r['trip forward']:.3f} | {r['trip write']:.3f} | "
+              f"{r['trip']:.3f} | "
               f"{r['trip cpu']:.3f} | {load} |")
     return 0
 

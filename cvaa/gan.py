@@ -46,12 +46,36 @@ def make_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run on ``device`` trains in: ``auto`` is bf16 on CUDA, fp32 elsewhere.
+
+    Explicit ``bf16``/``fp16``/``fp32`` pass through on every device (CPU autocast runs
+    them too, so tests exercise each branch).
+
+    Example:
+        >>> resolve_precision("auto", torch.device("cpu"))
+        'fp32'
+    """
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in _AUTOCAST_DTYPES and precision != "fp32":
+        raise ValueError(f"precision={precision!r} must be one of "
+                         f"['auto', 'bf16', 'fp16', 'fp32']")
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16 autocast on CUDA; fp32 elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
+    """bf16/fp16 autocast on ``device``'s type (CUDA or CPU); no autocast for fp32.
+
+    Autocast only casts op inputs: parameters (and so checkpoints) stay float32.
+    """
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @dataclass
@@ -61,7 +85,8 @@ class GANTrainer:
     Args:
         generator, discriminator: the models, possibly DDP-wrapped.
         cfg: the resolved config (loss weights, optimiser, precision).
-        device: where the batches go.
+        device: where the batches go; ``train.precision="auto"`` resolves against it
+            (:func:`resolve_precision`).
     """
 
     generator: nn.Module
@@ -79,8 +104,11 @@ class GANTrainer:
         self.opt_d = (make_optimizer(self.discriminator.parameters(), o.lr_d, o)
                       if self.discriminator is not None else None)
         self.base_lr = {"g": o.lr_g, "d": o.lr_d}
-        use_scaler = self.device.type == "cuda" and self.cfg.train.precision == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.precision = resolve_precision(self.cfg.train.precision, self.device)
+        # fp16's 5-bit exponent underflows small gradients: scale the loss (on any device).
+        # bf16 has fp32's exponent range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.precision == "fp16")
 
     def set_epoch(self, epoch: int) -> None:
         """Apply the LR schedule for ``epoch`` (0-based)."""
@@ -101,12 +129,16 @@ class GANTrainer:
             ``{"loss_d", "loss_g", "loss_adv", "loss_rec", "loss_proj"}`` as floats.
 
         Raises:
-            NonFiniteLossError: if any loss is NaN or inf (nothing is stepped then).
+            NonFiniteLossError: if any loss is NaN or inf (nothing is stepped then). An
+                fp16 gradient overflow with a finite loss is not an error: the scaler
+                skips that update and lowers its scale.
         """
-        amp = autocast_context(self.device, self.cfg.train.precision)
+        amp = autocast_context(self.device, self.precision)
         out: dict[str, float] = {}
+        # Networks run under autocast; their outputs are cast to float32 and the losses
+        # computed outside it, so losses, metrics and the NaN guard see fp32 values.
         with amp:
-            fake = self.generator(xrays)                      # (B, 1, D, H, W)
+            fake = self.generator(xrays).float()              # (B, 1, D, H, W)
         if self.discriminator is not None:
             # D step: real vs detached fake (LSGAN, eq. 1) in one forward (D's instance
             # norm is per sample, so this equals two), so DDP reduces D's gradients once.
@@ -114,10 +146,13 @@ class GANTrainer:
             n = xrays.shape[0]
             with amp:
                 scores = self.discriminator(torch.cat([xrays, xrays]),
-                                            torch.cat([target, fake.detach().to(target.dtype)]))
-                loss_d = lsgan_d_loss(scores[:n], scores[n:])
+                                            torch.cat([target, fake.detach()]))
+            loss_d = lsgan_d_loss(scores[:n].float(), scores[n:].float())
             self._check("D", loss_d)
             self.opt_d.zero_grad(set_to_none=True)
+            # With fp16 a finite loss can still give inf gradients (scale too large):
+            # scaler.step then skips the update and update() lowers the scale. Gradients
+            # are all-reduced by DDP before unscaling, so every rank skips together.
             self.scaler.scale(loss_d).backward()
             self.scaler.step(self.opt_d)
             out["loss_d"] = float(loss_d.detach())
@@ -125,11 +160,10 @@ class GANTrainer:
             # forward whose parameters get no gradient.
             set_requires_grad(self.discriminator, False)
             with amp:
-                d_fake = unwrap(self.discriminator)(xrays, fake)
+                d_fake = unwrap(self.discriminator)(xrays, fake).float()
         else:
             d_fake = None
-        with amp:
-            loss_g, parts = generator_loss(fake, target, d_fake, self.cfg.loss)
+        loss_g, parts = generator_loss(fake, target, d_fake, self.cfg.loss)
         self._check("G", loss_g)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss_g).backward()

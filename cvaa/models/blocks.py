@@ -8,6 +8,8 @@ leaving a parameter that never receives a gradient).
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Literal, Sequence
 
 import torch
@@ -15,6 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 Activation = Literal["relu", "lrelu"] | None
+CpuConv = Literal["auto", "fft", "direct"]
+CPU_CONV_MODES: tuple[str, ...] = ("auto", "fft", "direct")
+# Share of the available memory ``auto`` lets one FFT convolution take: the estimate is for
+# one call, while a training step keeps every level's spectra for its backward pass (and
+# the rest of the activations grow too), so half is left for everything else.
+FFT_MEMORY_FRACTION = 0.5
 
 
 def _check_dims(spatial_dims: int) -> None:
@@ -98,6 +106,84 @@ def fft_conv3d(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
     return out.contiguous()
 
 
+def fft_conv_bytes(input_shape: Sequence[int], weight_shape: Sequence[int],
+                   backward: bool = True) -> int:
+    """Estimated extra working memory of :func:`fft_conv3d` over the direct conv, in bytes.
+
+    Counts complex64 half spectra (``rfftn``: last axis ``n // 2 + 1``) on the padded
+    transform grid. Forward: the input ``(B, C_in)`` and weight ``(C_out, C_in)`` spectra,
+    kept for the backward, plus the contiguous copies the einsum's batched matmul makes of
+    both, and the output's ``(B, C_out)``; backward: one gradient spectrum of each of the
+    three while the forward's are still alive. The real padded volumes are an order smaller
+    (one real value per grid point and channel) and not counted. Measured for
+    ``ConcatConv(3, (16, 16), 2, kernel_size=7)`` forward + backward, 1 thread, peak RSS of
+    fft minus direct: 0.41 GB at 64^3 (estimate 0.45), 1.42 GB at 96^3 (estimate 1.50).
+    At 128^3 (135^3 grid) the estimate is 2.9 GB for one such conv; the whole paper-size
+    generator measured +2.7 GB (FFT 5.4-5.7 GB, direct 2.7-2.9 GB).
+
+    Args:
+        input_shape: ``(B, C_in, D, H, W)`` (``C_in`` summed over the inputs).
+        weight_shape: ``(C_out, C_in, kD, kH, kW)``.
+        backward: count the gradients' spectra too (autograd will run a backward pass).
+
+    Example:
+        >>> round(fft_conv_bytes((1, 32, 128, 128, 128), (2, 32, 7, 7, 7)) / 1e9, 2)
+        2.9
+    """
+    batch, c_in, *spatial = input_shape
+    c_out, _, *kernel = weight_shape
+    size = [fast_fft_size(s + k - 1) for s, k in zip(spatial, kernel)]
+    bins = math.prod(size[:-1]) * (size[-1] // 2 + 1)       # rfftn's half spectrum
+    operands, output = batch * c_in + c_out * c_in, batch * c_out
+    spectra = 2 * operands + output                          # forward, with einsum copies
+    if backward:
+        spectra += operands + output                         # their gradients
+    complex64 = 8
+    return spectra * bins * complex64
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can give without swapping: ``MemAvailable`` from /proc/meminfo
+    (free pages plus reclaimable cache), else free physical pages (``SC_AVPHYS_PAGES``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024          # reported in kB
+    except OSError:
+        pass                                                   # not Linux: sysconf below
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_cpu_conv(mode: CpuConv, input_shape: Sequence[int], weight_shape: Sequence[int],
+                    available_bytes: int, backward: bool = True) -> Literal["fft", "direct"]:
+    """The CPU path of a convolution that :func:`fft_conv3d` can compute.
+
+    ``fft`` and ``direct`` are returned as given; ``auto`` takes the FFT (faster: a
+    paper-size CVAA forward + backward in 60 s instead of 120 s on 2 threads) unless its
+    estimated memory (:func:`fft_conv_bytes`) exceeds ``FFT_MEMORY_FRACTION`` of
+    ``available_bytes``; the direct convolution needs no such buffers.
+
+    Args:
+        mode: ``auto``, ``fft`` or ``direct`` (``ModelConfig.cpu_conv``).
+        input_shape: ``(B, C_in, D, H, W)``; weight_shape: ``(C_out, C_in, kD, kH, kW)``.
+        available_bytes: memory available now (:func:`available_memory_bytes`).
+        backward: whether a backward pass will follow (its spectra are counted).
+
+    Example:
+        >>> choose_cpu_conv("auto", (1, 32, 128, 128, 128), (2, 32, 7, 7, 7), 16 * 2**30)
+        'fft'
+        >>> choose_cpu_conv("auto", (1, 32, 128, 128, 128), (2, 32, 7, 7, 7), 2 * 2**30)
+        'direct'
+    """
+    if mode not in CPU_CONV_MODES:
+        raise ValueError(f"cpu_conv must be one of {list(CPU_CONV_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    budget = FFT_MEMORY_FRACTION * available_bytes
+    return "fft" if fft_conv_bytes(input_shape, weight_shape, backward) <= budget else "direct"
+
+
 class ConcatConv(nn.Module):
     """A convolution over the channel concatenation of several inputs, without the concat.
 
@@ -113,10 +199,12 @@ class ConcatConv(nn.Module):
         out_channels: output channels.
         kernel_size, stride, padding, bias: as for ``nn.Conv3d``; padding defaults to
             ``kernel_size // 2``.
+        cpu_conv: on a CPU, how large 3D kernels are convolved: ``fft``, ``direct`` or
+            ``auto`` (FFT unless it would not fit the memory budget; ``choose_cpu_conv``).
 
-    Large 3D kernels (>= ``FFT_MIN_KERNEL``, stride 1, same padding) on a CPU go through
-    :func:`fft_conv3d`: the same function and weights, several times faster there. On a GPU
-    the direct convolution (cuDNN) is used.
+    Large 3D kernels (>= ``FFT_MIN_KERNEL``, stride 1, same padding) on a CPU can go through
+    :func:`fft_conv3d`: the same function and weights, about twice as fast there but with
+    extra memory for the spectra. On a GPU the direct convolution (cuDNN) is always used.
 
     Example:
         >>> a, b = torch.rand(1, 2, 6, 6, 6), torch.rand(1, 3, 6, 6, 6)
@@ -129,11 +217,14 @@ class ConcatConv(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int | Sequence[int], out_channels: int,
                  kernel_size: int = 3, stride: int = 1, padding: int | None = None,
-                 bias: bool = True) -> None:
+                 bias: bool = True, cpu_conv: CpuConv = "auto") -> None:
         super().__init__()
         splits = (in_channels,) if isinstance(in_channels, int) else tuple(in_channels)
         if not splits:
             raise ValueError("in_channels needs at least one entry")
+        if cpu_conv not in CPU_CONV_MODES:
+            raise ValueError(f"cpu_conv must be one of {list(CPU_CONV_MODES)}, got {cpu_conv!r}")
+        self.cpu_conv = cpu_conv
         _check_positive(**{f"in_channels[{i}]": c for i, c in enumerate(splits)})
         _check_positive(out_channels=out_channels, kernel_size=kernel_size, stride=stride)
         self.splits = splits
@@ -164,14 +255,22 @@ class ConcatConv(nn.Module):
         return out
 
     def _use_fft(self, x: torch.Tensor) -> bool:
-        """Whether ``forward`` convolves ``x`` through :func:`fft_conv3d`: large odd 3D
-        kernels, stride 1, same padding, on a CPU. Read off the conv at call time, so
-        generators pickled before this path existed take it too."""
+        """Whether ``forward`` convolves ``x`` (the first input) through :func:`fft_conv3d`:
+        large odd 3D kernels, stride 1, same padding, on a CPU, and ``cpu_conv`` (with
+        ``auto``: the memory now available) picks the FFT."""
         conv = self.conv
-        return (x.device.type == "cpu" and isinstance(conv, nn.Conv3d)
+        if not (x.device.type == "cpu" and isinstance(conv, nn.Conv3d)
                 and min(conv.kernel_size) >= self.FFT_MIN_KERNEL
                 and all(k % 2 for k in conv.kernel_size) and conv.stride == (1, 1, 1)
-                and conv.padding == tuple(k // 2 for k in conv.kernel_size))
+                and conv.padding == tuple(k // 2 for k in conv.kernel_size)):
+            return False
+        if self.cpu_conv != "auto":
+            return self.cpu_conv == "fft"
+        input_shape = (x.shape[0], sum(self.splits), *x.shape[2:])
+        # Under no_grad (inference) no gradient spectra are built.
+        backward = torch.is_grad_enabled() and (conv.weight.requires_grad or x.requires_grad)
+        return choose_cpu_conv("auto", input_shape, tuple(conv.weight.shape),
+                               available_memory_bytes(), backward) == "fft"
 
 
 class ConvNormAct(nn.Module):
@@ -336,5 +435,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["fast_fft_size", "fft_conv3d", "ConcatConv", "ConvNormAct", "UpConv", "DenseLayer",
-           "DenseBlock", "UNet", "conv_type", "instance_norm", "activation", "count_parameters"]
+__all__ = ["fast_fft_size", "fft_conv3d", "fft_conv_bytes", "available_memory_bytes",
+           "choose_cpu_conv", "CpuConv", "CPU_CONV_MODES", "ConcatConv", "ConvNormAct", "UpConv",
+           "DenseLayer", "DenseBlock", "UNet", "conv_type", "instance_norm", "activation",
+           "count_parameters"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import ConcatConv, ConvNormAct, UpConv
+from .blocks import ConcatConv, ConvNormAct, CpuConv, UpConv
 
 
 def _check_channels(**values: int) -> None:
@@ -29,6 +29,7 @@ class ViewAttentionAlignment(nn.Module):
 
     Args:
         channels: channels of ``U``, ``F_1``, ``F_2`` (and of ``coarse``).
+        cpu_conv: CPU path of the 7^3 conv: ``auto``, ``fft`` or ``direct`` (``ConcatConv``).
 
     Example:
         >>> x = torch.rand(1, 4, 6, 6, 6)
@@ -36,14 +37,15 @@ class ViewAttentionAlignment(nn.Module):
         torch.Size([1, 4, 6, 6, 6])
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, cpu_conv: CpuConv = "auto") -> None:
         super().__init__()
         _check_channels(channels=channels)
         # Convs over channel concatenations take the parts separately (``ConcatConv``):
         # same function and weights, without materialising the concatenation.
         self.structure = nn.ModuleList(
             ConvNormAct(3, (channels, channels), channels, norm=False) for _ in range(2))
-        self.mix = ConcatConv(3, (channels, channels), 2, kernel_size=7, padding=3)
+        self.mix = ConcatConv(3, (channels, channels), 2, kernel_size=7, padding=3,
+                              cpu_conv=cpu_conv)
 
     def weights(self, u: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(B, 2, D, H, W)``; they sum to 1 at every voxel."""
@@ -92,6 +94,7 @@ class CVAAModule(nn.Module):
             level, which has no up-convolution.
         checkpoint: recompute VAA, FD and the merge in the backward pass instead of keeping
             their activations (trades about a third more compute for memory).
+        cpu_conv: CPU path of VAA's 7^3 conv (``ViewAttentionAlignment``).
 
     Example:
         >>> x = torch.rand(1, 4, 6, 6, 6)
@@ -100,12 +103,12 @@ class CVAAModule(nn.Module):
     """
 
     def __init__(self, channels: int, out_channels: int | None,
-                 checkpoint: bool = False) -> None:
+                 checkpoint: bool = False, cpu_conv: CpuConv = "auto") -> None:
         super().__init__()
         _check_channels(channels=channels)
         if out_channels is not None:
             _check_channels(out_channels=out_channels)
-        self.vaa = ViewAttentionAlignment(channels)
+        self.vaa = ViewAttentionAlignment(channels, cpu_conv)
         self.fd = FineDistillation(channels)
         self.block = ConvNormAct(3, (channels,) * 4, channels)
         self.up = UpConv(3, channels, out_channels) if out_channels is not None else nn.Identity()

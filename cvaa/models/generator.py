@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .blocks import ConvNormAct, UpConv
+from .blocks import ConvNormAct, CpuConv, UpConv
 from .encoder import VIEW_AXES, Expand2Dto3D, Feat2D
 from .fusion import CVAAModule
 
@@ -63,6 +63,8 @@ class CVAAGenerator(nn.Module):
         stem_channels, growth, dense_layers, encoder_channels: of each view's Feat2D.
         decoder_channels: channels at each decoder scale, deepest first (stages + 1).
         checkpoint: activation checkpointing in the CVAA modules.
+        cpu_conv: CPU path of the VAA 7^3 convs: ``auto``, ``fft`` or ``direct``
+            (``ModelConfig.cpu_conv``; ``ConcatConv``).
 
     Example:
         >>> g = CVAAGenerator(32, 8, 4, (1, 1, 1), (16, 24, 32), (32, 16, 8, 8))
@@ -76,7 +78,7 @@ class CVAAGenerator(nn.Module):
                  dense_layers: Sequence[int] = (6, 12, 24, 16, 6),
                  encoder_channels: Sequence[int] = (128, 256, 512, 512, 512),
                  decoder_channels: Sequence[int] = (256, 128, 64, 32, 16, 16),
-                 checkpoint: bool = False) -> None:
+                 checkpoint: bool = False, cpu_conv: CpuConv = "auto") -> None:
         super().__init__()
         check_encoder_decoder(size, dense_layers, encoder_channels, decoder_channels)
         self.size = size
@@ -95,7 +97,7 @@ class CVAAGenerator(nn.Module):
         self.bottom = nn.Sequential(ConvNormAct(3, dec[0], dec[0]), UpConv(3, dec[0], dec[1]))
         # Every later scale: a CVAA module; the full-resolution one has no up-convolution.
         self.fusions = nn.ModuleList(
-            CVAAModule(dec[j], dec[j + 1] if j < n else None, checkpoint=checkpoint)
+            CVAAModule(dec[j], dec[j + 1] if j < n else None, checkpoint, cpu_conv)
             for j in range(1, n + 1))
         self.head = nn.Conv3d(dec[n], 1, kernel_size=3, padding=1)
 
@@ -108,7 +110,7 @@ class CVAAGenerator(nn.Module):
     def from_config(cls, cfg: "Config") -> "CVAAGenerator":
         m = cfg.model
         return cls(volume_size(cfg), m.stem_channels, m.growth, m.dense_layers,
-                   m.encoder_channels, m.decoder_channels, m.checkpoint)
+                   m.encoder_channels, m.decoder_channels, m.checkpoint, m.cpu_conv)
 
     def forward(self, xrays: torch.Tensor) -> torch.Tensor:
         """(B, 2, S, S) X-rays (PA, lateral) -> (B, 1, S, S, S) volume in (0, 1)."""
