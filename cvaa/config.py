@@ -168,7 +168,15 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Adam for G and D (paper section III.B: 2e-4, beta 0.5 / 0.99)."""
+    """Adam for G and D (paper section III.B: 2e-4, beta 0.5 / 0.99).
+
+    Args:
+        lr_g, lr_d: learning rates at the ``reference_batch`` (the paper's: batch 4).
+        lr_scaling: how the learning rates follow a global batch other than
+            ``reference_batch``: ``none``, ``linear`` (lr x batch / reference) or ``sqrt``
+            (lr x sqrt(batch / reference)); see :func:`cvaa.gan.scaled_lr`.
+        reference_batch: the global batch the learning rates were chosen for.
+    """
 
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -176,6 +184,8 @@ class OptimConfig:
     beta2: float = 0.99
     constant_epochs: int = 100
     decay_epochs: int = 100
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: int = 4
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,8 @@ class TrainConfig:
 
     Args:
         epochs: total epochs (``optim`` decides where the LR decay starts).
-        batch_size: per-worker batch.
+        batch_size: the global batch, split evenly over ``num_workers`` (it must divide);
+            each DDP rank steps on ``batch_size // num_workers`` cases.
         seed: seeds initialisation, shuffling and the validation split.
         val_fraction: fraction of the training *patients* held out for per-epoch
             validation (at least one case); the test split is kept for the final table.
@@ -259,6 +270,14 @@ class Config:
             raise ConfigError(f"{source}: drr.detector_pixels={pixels} must equal "
                               f"preprocess.size={size} (the 2D->3D expansion maps detector "
                               "pixels to voxels)")
+        t = self.train
+        if t.batch_size < 1 or t.num_workers < 1 or t.batch_size % t.num_workers:
+            raise ConfigError(f"{source}: train.batch_size={t.batch_size} is the global batch "
+                              f"and must be a positive multiple of train.num_workers="
+                              f"{t.num_workers} (each worker steps on an equal share)")
+        if self.optim.reference_batch < 1:
+            raise ConfigError(f"{source}: optim.reference_batch must be >= 1, got "
+                              f"{self.optim.reference_batch}")
         m = self.model
         if m.generator in ("cvaa", "x2ct"):
             stages = len(m.dense_layers)

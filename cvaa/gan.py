@@ -42,6 +42,27 @@ def lr_factor(epoch: int, cfg: OptimConfig) -> float:
     return max(0.0, 1.0 - (epoch - cfg.constant_epochs + 1) / (cfg.decay_epochs + 1))
 
 
+def scaled_lr(lr: float, cfg: Config) -> float:
+    """``lr`` (chosen for ``optim.reference_batch``) at the global batch
+    ``train.batch_size``, by ``optim.lr_scaling``.
+
+    Example:
+        >>> from cvaa.config import load_config
+        >>> cfg = load_config("paper", overrides=["train.batch_size=32", "train.num_workers=8",
+        ...                                       "optim.lr_scaling=linear"])
+        >>> round(scaled_lr(2e-4, cfg), 6)
+        0.0016
+    """
+    ratio = cfg.train.batch_size / cfg.optim.reference_batch
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.lr_scaling]
+    return lr * factor
+
+
+def per_worker_batch(cfg: Config) -> int:
+    """Cases per DDP rank and step: the global ``train.batch_size`` over the workers."""
+    return cfg.train.batch_size // cfg.train.num_workers
+
+
 def make_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -100,10 +121,11 @@ class GANTrainer:
 
     def __post_init__(self) -> None:
         o = self.cfg.optim
-        self.opt_g = make_optimizer(self.generator.parameters(), o.lr_g, o)
-        self.opt_d = (make_optimizer(self.discriminator.parameters(), o.lr_d, o)
+        lr_g, lr_d = scaled_lr(o.lr_g, self.cfg), scaled_lr(o.lr_d, self.cfg)
+        self.opt_g = make_optimizer(self.generator.parameters(), lr_g, o)
+        self.opt_d = (make_optimizer(self.discriminator.parameters(), lr_d, o)
                       if self.discriminator is not None else None)
-        self.base_lr = {"g": o.lr_g, "d": o.lr_d}
+        self.base_lr = {"g": lr_g, "d": lr_d}
         self.precision = resolve_precision(self.cfg.train.precision, self.device)
         # fp16's 5-bit exponent underflows small gradients: scale the loss (on any device).
         # bf16 has fp32's exponent range and needs no scaler.

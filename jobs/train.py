@@ -2,7 +2,8 @@
 
     python jobs/train.py                                   # embedded default, CPU, ~minutes
     python jobs/train.py --data s3://bucket/prepared --preset paper --workers 8 --gpu \\
-        --accelerator-type A40 --storage s3://bucket/ray --mlflow-uri http://mlflow:5000
+        --set train.batch_size=32 --set optim.lr_scaling=sqrt --accelerator-type A40 \\
+        --storage s3://bucket/ray --mlflow-uri http://mlflow:5000
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py
 
 Without ``--data`` it first runs the preprocessing job's embedded default (synthetic lumbar
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.distributed.cluster import cluster_cpus, init_ray, joins_cluster
     from cvaa.distributed.training import (EmptySplitError, TrainJob, default_storage,
                                            ensure_prepared, run_training)
-    from cvaa.gan import NonFiniteLossError
+    from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 
     start = time.perf_counter()
     init_ray(args.address, verbose=args.verbose)
@@ -77,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                    storage=args.storage or default_storage(),
                    mlflow_uri=args.mlflow_uri or tracking.default_tracking_uri(),
                    register_name=args.register_name, alias=args.alias, preset=args.preset)
-    t = cfg.train
+    t, o = cfg.train, cfg.optim
     print(f"[train] {cfg.model.generator}, preset {args.preset}, {t.epochs} epochs, "
           f"{t.num_workers} worker(s) x {t.cpus_per_worker:g} CPU"
-          f"{f' + {t.gpus_per_worker:g} GPU' if t.use_gpu else ''}, batch {t.batch_size} "
-          f"per worker; data {data}")
+          f"{f' + {t.gpus_per_worker:g} GPU' if t.use_gpu else ''}; data {data}")
+    print(f"[train] global batch {t.batch_size} ({per_worker_batch(cfg)} per worker); "
+          f"lr G {scaled_lr(o.lr_g, cfg):.3g}, D {scaled_lr(o.lr_d, cfg):.3g} (lr_scaling "
+          f"{o.lr_scaling} from batch {o.reference_batch})")
     try:
         out = run_training(job, log=lambda line: print(f"[train] {line}"))
     except NonFiniteLossError as exc:

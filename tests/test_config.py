@@ -124,3 +124,36 @@ def test_inconsistent_sizes_fail_at_load(overrides, fragment):
     # the same sizes are fine for a model that has no such constraint
     if overrides[0].startswith("model."):
         load_config("cpu", overrides=overrides + ["model.generator=3dcnn"])
+
+
+def test_batch_size_is_the_global_batch_and_must_divide_over_the_workers():
+    from cvaa.gan import per_worker_batch
+
+    cfg = load_config("cpu", overrides=["train.batch_size=8", "train.num_workers=4"])
+    assert per_worker_batch(cfg) == 2
+    with pytest.raises(ConfigError, match=r"train.batch_size=4 is the global batch.*"
+                                          r"train.num_workers=8"):
+        load_config("cpu", overrides=["train.num_workers=8"])
+
+
+@pytest.mark.parametrize("rule, batch, expected", [
+    ("none", 32, 2e-4), ("linear", 32, 1.6e-3), ("sqrt", 16, 4e-4), ("linear", 4, 2e-4),
+    ("sqrt", 1, 1e-4),
+])
+def test_learning_rate_scaling_from_the_reference_batch(rule, batch, expected):
+    from cvaa.gan import scaled_lr
+
+    cfg = load_config("paper", overrides=[f"train.batch_size={batch}",
+                                          f"optim.lr_scaling={rule}"])
+    assert scaled_lr(cfg.optim.lr_g, cfg) == pytest.approx(expected)
+
+
+def test_the_trainer_steps_with_the_scaled_learning_rate():
+    from cvaa.gan import GANTrainer
+    from cvaa.models import build_discriminator, build_generator
+
+    cfg = load_config("cpu", overrides=["train.batch_size=16", "optim.lr_scaling=linear"])
+    trainer = GANTrainer(build_generator("cvaa", cfg), build_discriminator(cfg), cfg)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr_g * 4)
+    trainer.set_epoch(cfg.optim.constant_epochs + 1)   # the decay applies to the scaled rate
+    assert trainer.opt_g.param_groups[0]["lr"] < cfg.optim.lr_g * 4

@@ -362,7 +362,7 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     space: SearchSpace = sweep["space"]
-    cfg = space.apply(Config.from_dict(sweep["cfg"]), params)
+    cfg = space.apply(Config.from_dict(sweep["cfg"]), params).validate(f"trial {trial_id}")
     job = TrainJob(cfg=cfg, data=sweep["data"], run_name=f"{sweep['sweep']}-{trial_id}",
                    storage=sweep["trial_storage"], mlflow_uri=sweep["mlflow_uri"],
                    experiment=sweep["experiment"])

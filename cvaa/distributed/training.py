@@ -35,7 +35,7 @@ from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.distributed.cluster import format_duration, forwarded_env
 from cvaa.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
-from cvaa.gan import NonFiniteLossError
+from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 from cvaa.models import build_generator
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
 
@@ -125,6 +125,9 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
     cfg, t = job.cfg, job.cfg.train
     dataset = PreparedDataset(job.data)
     run.log_params({**cfg.flat(), "data.prepared": job.data,
+                    "train.per_worker_batch": per_worker_batch(cfg),
+                    "optim.lr_g_scaled": scaled_lr(cfg.optim.lr_g, cfg),
+                    "optim.lr_d_scaled": scaled_lr(cfg.optim.lr_d, cfg),
                     "data.config_hash": dataset.manifest.get("config_hash", ""),
                     "data.train_cases": len(dataset.split("train")),
                     "data.test_cases": len(dataset.split("test"))})

@@ -31,7 +31,7 @@ from cvaa.config import Config
 from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
 from cvaa.scoring import evaluate_cases, predict
 from cvaa.models import build_discriminator, build_generator, set_output_prior
-from cvaa.gan import GANTrainer, NonFiniteLossError, unwrap
+from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Reported every epoch as ``val/<name>`` (means over the validation patients).
@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     train_ids, val_ids = validation_split(dataset, cfg.train.val_fraction, cfg.train.seed)
     train_set = CaseDataset(dataset, train_ids)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.train.batch_size, shuffle=True,
+        train_set, batch_size=per_worker_batch(cfg), shuffle=True,
         generator=torch.Generator().manual_seed(cfg.train.seed))
     loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler + device
     val_set = CaseDataset(dataset, val_ids[rank::world])  # each rank validates a shard
@@ -159,7 +159,7 @@ def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
               device) -> dict[str, float]:
     """Mean validation metrics over all ranks' shards, keyed ``val/<metric>``."""
     results = evaluate_cases(generator, (val_set[i] for i in range(len(val_set))),
-                             batch_size=cfg.train.batch_size)
+                             batch_size=per_worker_batch(cfg))
     keys = list(VAL_METRICS)
     sums = torch.tensor([sum(r[k] for r in results) for k in keys] + [len(results)],
                         dtype=torch.float64, device=device)
