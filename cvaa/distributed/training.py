@@ -95,13 +95,20 @@ class TrainResult:
 
     checkpoint: Any                      # ray.train.Checkpoint of the last epoch
     metrics: dict[str, Any]              # rank 0's last report
-    epochs: int
-    history: dict[str, list[float]]
     wall_seconds: float
+    state: dict[str, Any]                # the checkpoint's content (read once)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.state["epoch"]) + 1
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return self.state.get("history", {})
 
     def generator(self, cfg: Config | None = None):
         """The trained generator (eval mode, CPU)."""
-        return load_checkpoint_generator(self.checkpoint, cfg)[0]
+        return generator_from_state(self.state, cfg)
 
 
 def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = (),
@@ -158,23 +165,30 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
                                  f"{outcome.get('message')}; last good checkpoint: {kept}")
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
-                           weights_only=True)
+    state = load_checkpoint_state(result.checkpoint)
     run.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
-    return TrainResult(result.checkpoint, dict(result.metrics or {}), state["epoch"] + 1,
-                       state.get("history", {}), wall)
+    return TrainResult(result.checkpoint, dict(result.metrics or {}), wall, state)
+
+
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins)."""
+    with checkpoint.as_directory() as ckpt_dir:
+        return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
+                          weights_only=True)
 
 
 def load_checkpoint_generator(checkpoint, cfg: Config | None = None):
     """The generator (eval mode, CPU) and the raw state of a Ray Train checkpoint."""
-    with checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
-                           weights_only=True)
+    state = load_checkpoint_state(checkpoint)
+    return generator_from_state(state, cfg), state
+
+
+def generator_from_state(state: dict[str, Any], cfg: Config | None = None):
+    """The generator of a checkpoint's state, built from ``cfg`` or the state's config."""
     cfg = cfg or Config.from_dict(state["config"])
     generator = build_generator(cfg.model.generator, cfg)
     generator.load_state_dict(state["trainer"]["generator"])
-    return generator.eval(), state
+    return generator.eval()
 
 
 # --------------------------------------------------------------------------- step 2: evaluate
