@@ -7,9 +7,10 @@ workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.
 
     with tracking.open_run(uri, name, resume=True) as run:
         result = train(job, run)                                 # Ray Train DDP
-        table = evaluate_split(result.generator(), dataset, "test", cfg)   # Table I
+        generator = result.generator(cfg)
+        table = evaluate_split(generator, dataset, "test", cfg)  # Table I
         log_evaluation(run, table, result.epochs)
-        register(run, result.generator(), job, table, dataset)   # models:/NAME@ALIAS
+        register(run, generator, job, dataset, table.rows[0])    # models:/NAME@ALIAS
 
 A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
