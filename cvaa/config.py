@@ -210,6 +210,10 @@ class TrainConfig:
         precision: autocast dtype, on GPU and CPU alike: ``bf16`` (no loss scaling
             needed), ``fp16`` (with a GradScaler) or ``fp32`` (no autocast); ``auto`` is
             bf16 on CUDA and fp32 elsewhere (:func:`cvaa.gan.resolve_precision`).
+        prefetch_batches: batches each worker reads ahead of its training step (its
+            memory holds at most ``prefetch_batches + 1`` batches of cases, whatever the
+            size of the dataset; :mod:`cvaa.data.stream`).
+        io_threads: concurrent case reads (local or S3, and decompression) per worker.
         max_failures: worker failures survived by restoring the last checkpoint.
         checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
     """
@@ -225,6 +229,8 @@ class TrainConfig:
     accelerator_type: str = ""
     cpus_per_worker: float = 1.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    prefetch_batches: int = 2
+    io_threads: int = 2
     max_failures: int = 2
     checkpoints_to_keep: int = 2
 
@@ -275,6 +281,9 @@ class Config:
             raise ConfigError(f"{source}: train.batch_size={t.batch_size} is the global batch "
                               f"and must be a positive multiple of train.num_workers="
                               f"{t.num_workers} (each worker steps on an equal share)")
+        if t.prefetch_batches < 1 or t.io_threads < 1:
+            raise ConfigError(f"{source}: train.prefetch_batches={t.prefetch_batches} and "
+                              f"train.io_threads={t.io_threads} must be >= 1")
         if self.optim.reference_batch < 1:
             raise ConfigError(f"{source}: optim.reference_batch must be >= 1, got "
                               f"{self.optim.reference_batch}")

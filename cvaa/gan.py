@@ -141,11 +141,16 @@ class GANTrainer:
             for group in self.opt_d.param_groups:
                 group["lr"] = self.base_lr["d"] * factor
 
-    def step(self, xrays: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    def step(self, xrays: torch.Tensor, target: torch.Tensor, weight: float = 1.0
+             ) -> dict[str, float]:
         """One D step then one G step on a batch.
 
         Args:
             xrays: ``(B, 2, P, P)`` in [0, 1]; target: ``(B, 1, D, H, W)`` in [0, 1].
+            weight: multiplies both losses before backward. ``0`` is a padding step: this
+                rank takes part in DDP's gradient all-reduce (which every rank must join)
+                without adding to the gradients (:mod:`cvaa.data.stream`). The returned
+                losses are unweighted.
 
         Returns:
             ``{"loss_d", "loss_g", "loss_adv", "loss_rec", "loss_proj"}`` as floats.
@@ -175,7 +180,7 @@ class GANTrainer:
             # With fp16 a finite loss can still give inf gradients (scale too large):
             # scaler.step then skips the update and update() lowers the scale. Gradients
             # are all-reduced by DDP before unscaling, so every rank skips together.
-            self.scaler.scale(loss_d).backward()
+            self.scaler.scale(loss_d * weight).backward()
             self.scaler.step(self.opt_d)
             out["loss_d"] = float(loss_d.detach())
             # G step: D's weights frozen; the unwrapped D avoids a DDP reduction for a
@@ -188,7 +193,7 @@ class GANTrainer:
         loss_g, parts = generator_loss(fake, target, d_fake, self.cfg.loss)
         self._check("G", loss_g)
         self.opt_g.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_g).backward()
+        self.scaler.scale(loss_g * weight).backward()
         self.scaler.step(self.opt_g)
         self.scaler.update()
         if self.discriminator is not None:

@@ -56,16 +56,16 @@ def test_train_job_makes_local_paths_absolute_for_the_workers(tmp_path, monkeypa
 
 
 def test_training_mean_intensity_averages_the_first_training_cases(prepared_cpu):
-    from cvaa.data.dataset import CaseDataset, PreparedDataset
+    from cvaa.data.dataset import PreparedDataset
     from cvaa.distributed.worker import training_mean_intensity
 
     ds = PreparedDataset(prepared_cpu)
     ids = ds.split("train")
-    expected = sum(float(ds.load(c)["ct"].mean()) for c in ids[:3]) / 3
-    assert training_mean_intensity(CaseDataset(ds, ids), limit=3) == pytest.approx(expected)
+    expected = sum(float(ds.load(c)["ct"].mean()) for c in sorted(ids)[:3]) / 3
+    assert training_mean_intensity(ds, ids[::-1], limit=3) == pytest.approx(expected)
     assert 0.0 < expected < 0.5             # mostly air and soft tissue
     with pytest.raises(ValueError, match="no training cases"):
-        training_mean_intensity(CaseDataset(ds, []))
+        training_mean_intensity(ds, [])
 
 
 def test_lr_schedule_constant_then_linear_decay():
@@ -127,6 +127,14 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     assert run.data.params["model.generator"] == "cvaa"
     assert len(client.get_metric_history(out["run_id"], "loss_g")) == 2
     assert len(client.get_metric_history(out["run_id"], "val/ssim")) == 2
+    # streamed ingest: every training case once per epoch over the two ranks
+    from cvaa.data.dataset import PreparedDataset, validation_split
+    train_ids, _ = validation_split(PreparedDataset(prepared_cpu), job.cfg.train.val_fraction,
+                                    job.cfg.train.seed)
+    seen = client.get_metric_history(out["run_id"], "epoch_cases")
+    assert [m.value for m in seen] == [len(train_ids)] * 2
+    assert all(0 <= m.value <= 1 for m in
+               client.get_metric_history(out["run_id"], "data_wait_fraction"))
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "evaluation")}
     assert {"evaluation/table_i.json", "evaluation/table_i.md"} <= artifacts
     figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}

@@ -327,6 +327,10 @@ class PreparedDataset:
         record = self.records[case_id]
         return decode_case(store.read_bytes(store.join(self.root, record["path"])))
 
+    def arrays(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(xrays (2, P, P), ct (1, D, H, W))`` of a case: what training streams."""
+        case = self.load(case_id)
+        return case["xrays"], case["ct"]
 
 
 class CaseDataset:

@@ -30,11 +30,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -121,18 +122,34 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+_S3_CLIENTS: dict[tuple, Any] = {}
+_S3_LOCK = threading.Lock()
+
+
 def s3_client():
     """A boto3 S3 client: standard credential chain, ``AWS_ENDPOINT_URL`` honoured,
-    transient errors retried with backoff (botocore's ``standard`` mode, 5 attempts)."""
-    import boto3
-    from botocore.config import Config as BotoConfig
+    transient errors retried with backoff (botocore's ``standard`` mode, 5 attempts).
 
+    One client per process and endpoint/credentials, shared by threads (boto3 clients are
+    thread-safe; making one costs tens of milliseconds, too much per case read).
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client(
-        "s3", endpoint_url=endpoint,
-        config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=10, read_timeout=60,
-                          s3={"addressing_style": "path"}))
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"),
+           os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_PROFILE"))
+    with _S3_LOCK:
+        client = _S3_CLIENTS.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config as BotoConfig
+
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint,
+                config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"},
+                                  connect_timeout=10, read_timeout=60,
+                                  max_pool_connections=32,
+                                  s3={"addressing_style": "path"}))
+            _S3_CLIENTS[key] = client
+        return client
 
 
 def list_s3(uri: str) -> list[str]:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from cvaa.config import Config
-from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
+from cvaa.data.dataset import PreparedDataset, validation_split
+from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.scoring import evaluate_cases, predict
 from cvaa.models import build_discriminator, build_generator, set_output_prior
 from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
@@ -54,19 +55,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     # ------------------------------------------------------------------ data
+    # Streamed, never cached: each epoch this rank reads its share of a seeded permutation
+    # (every case once over the ranks), prefetched in threads (cvaa.data.stream).
     dataset = PreparedDataset(config["data"])
     train_ids, val_ids = validation_split(dataset, cfg.train.val_fraction, cfg.train.seed)
-    train_set = CaseDataset(dataset, train_ids)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=per_worker_batch(cfg), shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.train.seed))
-    loader = ray.train.torch.prepare_data_loader(loader)  # DistributedSampler + device
-    val_set = CaseDataset(dataset, val_ids[rank::world])  # each rank validates a shard
+    if not train_ids:
+        raise ValueError(f"{dataset.root}: no training cases after the validation split")
+    batch = per_worker_batch(cfg)
+    stream = CaseStream(dataset.arrays, prefetch=cfg.train.prefetch_batches,
+                        threads=cfg.train.io_threads, pin_memory=device.type == "cuda")
+    my_val_ids = val_ids[rank::world]  # each rank validates a shard
 
     # ------------------------------------------------------------------ models
     generator = build_generator(cfg.model.generator, cfg)
     if cfg.model.output_prior:  # same cases on every rank; a resumed run loads over it
-        set_output_prior(generator, training_mean_intensity(train_set))
+        set_output_prior(generator, training_mean_intensity(dataset, train_ids))
     discriminator = build_discriminator(cfg) if generator.uses_discriminator else None
     generator = ray.train.torch.prepare_model(generator)
     if discriminator is not None:
@@ -96,21 +99,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.train.epochs):
         for callback in callbacks:
             callback.on_epoch_start(epoch, trainer)
-        if distributed and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         trainer.set_epoch(epoch)
         tick = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
-        steps, nonfinite = 0, ""
-        for xrays, ct, _ in loader:
+        steps, cases, wait, nonfinite = 0, 0, 0.0, ""
+        plan = epoch_plan(train_ids, seed=cfg.train.seed, epoch=epoch, rank=rank,
+                          world=world, batch=batch)
+        batches = stream.iterate(plan)
+        while True:
+            waited = time.perf_counter()
+            item = next(batches, None)
+            wait += time.perf_counter() - waited
+            if item is None:
+                break
+            xrays = item.xrays.to(device, non_blocking=True)
+            ct = item.ct.to(device, non_blocking=True)
             try:
-                out = trainer.step(xrays, ct)
+                out = trainer.step(xrays, ct, weight=item.weight)
             except NonFiniteLossError as exc:
                 nonfinite = f"epoch {epoch + 1}, step {steps + 1}: {exc}"
+                batches.close()
                 break
-            for k, v in out.items():
-                sums[k] += v
-            steps += 1
+            if item.weight > 0:  # a padding step (weight 0) is not one of the epoch's
+                for k, v in out.items():
+                    sums[k] += v
+                steps += 1
+                cases += len(item.case_ids)
+        train_seconds = time.perf_counter() - tick
         if nonfinite:
             # Stop every rank cleanly (no retries: a NaN would recur); the last good
             # checkpoint stays the run's checkpoint, the driver raises with this message.
@@ -118,7 +133,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return {"status": "nonfinite", "message": nonfinite}
         metrics: dict[str, Any] = {k: _mean_over_ranks(v / max(steps, 1), distributed, device)
                                    for k, v in sorted(sums.items())}
-        metrics.update(_validate(unwrap(generator), val_set, cfg, distributed, device))
+        metrics.update(
+            epoch_cases=_sum_over_ranks(cases, distributed, device),
+            data_wait_fraction=_mean_over_ranks(wait / max(train_seconds, 1e-9),
+                                                distributed, device),
+            cases_per_second=_mean_over_ranks(cases / max(train_seconds, 1e-9),
+                                              distributed, device))
+        metrics.update(_validate(unwrap(generator), stream, my_val_ids, cfg, distributed,
+                                 device))
         metrics.update(epoch=epoch + 1, lr_g=trainer.opt_g.param_groups[0]["lr"],
                        epoch_seconds=time.perf_counter() - tick, nonfinite=0.0)
         for k, v in metrics.items():
@@ -136,7 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
                 tracker.log_epoch(metrics, epoch + 1)
                 if figure_due:
-                    tracker.log_figure(unwrap(generator), val_set or train_set, epoch + 1)
+                    tracker.log_figure(unwrap(generator), dataset,
+                                       (my_val_ids or train_ids)[0], epoch + 1)
                     tracker.log_checkpoint(Path(tmp) / CHECKPOINT_FILE, epoch + 1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
@@ -155,11 +178,23 @@ def _mean_over_ranks(value: float, distributed: bool, device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
-              device) -> dict[str, float]:
+def _sum_over_ranks(value: float, distributed: bool, device) -> float:
+    if not distributed:
+        return float(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _validate(generator, stream: CaseStream, case_ids: list[str], cfg: Config,
+              distributed: bool, device) -> dict[str, float]:
     """Mean validation metrics over all ranks' shards, keyed ``val/<metric>``."""
-    results = evaluate_cases(generator, (val_set[i] for i in range(len(val_set))),
-                             batch_size=per_worker_batch(cfg))
+    batch = per_worker_batch(cfg)
+    items = ((x, c) for b in stream.iterate(chunks(case_ids, batch))
+             for x, c in zip(b.xrays, b.ct))
+    results = evaluate_cases(generator, items, batch_size=batch)
     keys = list(VAL_METRICS)
     sums = torch.tensor([sum(r[k] for r in results) for k in keys] + [len(results)],
                         dtype=torch.float64, device=device)
@@ -172,14 +207,13 @@ def _validate(generator, val_set: CaseDataset, cfg: Config, distributed: bool,
     return {f"val/{k}": float(sums[i]) / count for i, k in enumerate(keys)}
 
 
-def training_mean_intensity(cases: CaseDataset, limit: int = 16) -> float:
-    """Mean normalised CT intensity over the first ``limit`` cases (read into the set's
-    cache, so the first epoch does not read them again)."""
-    means = [float(cases[i][1].mean()) for i in range(min(limit, len(cases)))]
-    if not means:
-        raise ValueError(f"{cases.dataset.root}: no training cases to take the mean "
-                         "intensity of")
-    return sum(means) / len(means)
+def training_mean_intensity(dataset: PreparedDataset, case_ids: list[str],
+                            limit: int = 16) -> float:
+    """Mean normalised CT intensity over the first ``limit`` (sorted) training cases."""
+    chosen = sorted(case_ids)[:limit]
+    if not chosen:
+        raise ValueError(f"{dataset.root}: no training cases to take the mean intensity of")
+    return sum(float(dataset.arrays(c)[1].mean()) for c in chosen) / len(chosen)
 
 
 class _RankZeroTracker:
@@ -196,15 +230,16 @@ class _RankZeroTracker:
             self.run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)},
                                  epoch)
 
-    def log_figure(self, generator, cases: CaseDataset, epoch: int) -> None:
-        if not self.active or len(cases) == 0:
+    def log_figure(self, generator, dataset: PreparedDataset, case_id: str,
+                   epoch: int) -> None:
+        if not self.active:
             return
         from cvaa.figures import slice_grid
 
-        xrays, ct, _ = cases[0]
-        pred = predict(generator, xrays[None])[0]
-        png = slice_grid({"prediction": [pred.numpy()], "ground truth": [ct.numpy()]},
-                         row_labels=[cases.case_ids[0]], title=f"epoch {epoch}")
+        xrays, ct = dataset.arrays(case_id)
+        pred = predict(generator, torch.from_numpy(xrays)[None])[0]
+        png = slice_grid({"prediction": [pred.numpy()], "ground truth": [ct]},
+                         row_labels=[case_id], title=f"epoch {epoch}")
         self.run.log_bytes(png, f"figures/slices_epoch_{epoch:04d}.png")
 
     def log_checkpoint(self, path: Path, epoch: int) -> None:

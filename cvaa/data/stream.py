@@ -1,0 +1,161 @@
+"""Streaming ingest for training: each rank's cases of an epoch, read ahead in threads.
+
+Nothing is cached: a worker holds at most ``prefetch + 1`` batches of cases at a time,
+whatever the size of the archive (a paper-size case is 8.5 MB decoded; 10,000 cases
+cached would be 85 GB per worker). Reading (local disk or S3) and decompression run in
+background threads while the training step runs: both release the GIL (socket I/O, zlib).
+
+The plan of an epoch (:func:`epoch_plan`) is a function of ``(case ids, seed, epoch,
+rank, world, batch)`` only, so a worker group restarted after a failure replays the same
+order, and every rank knows every other rank's share without talking to it:
+
+- the training case ids are permuted by a generator seeded with ``(seed, epoch)``;
+- rank ``r`` takes every ``world``-th case from position ``r``, so each case is seen
+  exactly once per epoch across the ranks;
+- the ranks' shares differ by at most one case, so one rank may be a step short: it pads
+  with a *weight-0 step* (a real case, loss multiplied by zero). DDP needs every rank in
+  every step's gradient all-reduce; a weight-0 step takes part without adding to the
+  gradient sum, and is not counted in the epoch's losses.
+
+Plain numpy/torch (no Ray): :mod:`cvaa.distributed.worker` feeds it the prepared dataset.
+
+Example:
+    >>> plan = epoch_plan([f"c{i}" for i in range(5)], seed=0, epoch=0, rank=1, world=2,
+    ...                   batch=2)
+    >>> [(len(step.case_ids), step.weight) for step in plan]
+    [(2, 1.0), (1, 0.0)]
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as futures
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rank's cases of one training step; ``weight`` 0 marks a padding step."""
+
+    case_ids: tuple[str, ...]
+    weight: float = 1.0
+
+
+def epoch_order(case_ids: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's seeded permutation of ``case_ids`` (sorted first: the order of the
+    input does not matter)."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(ids))
+    return [ids[i] for i in order]
+
+
+def epoch_plan(case_ids: Sequence[str], *, seed: int, epoch: int, rank: int, world: int,
+               batch: int) -> list[Step]:
+    """This rank's steps of ``epoch``: as many on every rank, every case once over all.
+
+    Raises:
+        ValueError: no cases, or a bad rank / world / batch.
+    """
+    if not case_ids:
+        raise ValueError("no training cases to plan an epoch over")
+    if world < 1 or not 0 <= rank < world or batch < 1:
+        raise ValueError(f"bad plan: rank={rank} world={world} batch={batch}")
+    order = epoch_order(case_ids, seed, epoch)
+    mine = order[rank::world]
+    steps = -(-(-(-len(order) // world)) // batch)  # ceil(ceil(N / world) / batch)
+    plan = [Step(tuple(mine[i:i + batch])) for i in range(0, len(mine), batch)]
+    while len(plan) < steps:  # one short (or, with fewer cases than ranks, all of it)
+        plan.append(Step((order[rank % len(order)],), weight=0.0))
+    return plan
+
+
+def chunks(case_ids: Sequence[str], batch: int) -> list[Step]:
+    """Fixed-order steps (validation, evaluation): no shuffling, no padding."""
+    return [Step(tuple(case_ids[i:i + batch])) for i in range(0, len(case_ids), batch)]
+
+
+@dataclass
+class Batch:
+    """A step's tensors: ``xrays (B, 2, P, P)``, ``ct (B, 1, D, H, W)``, float32."""
+
+    xrays: torch.Tensor
+    ct: torch.Tensor
+    case_ids: tuple[str, ...]
+    weight: float
+
+
+@dataclass
+class StreamStats:
+    """What a :class:`CaseStream` measured since it was made (or :meth:`reset`)."""
+
+    cases: int = 0
+    wait_seconds: float = 0.0        # time the consumer spent blocked on the next batch
+    read_seconds: float = 0.0        # summed over the threads (read + decode per case)
+    started: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.cases, self.wait_seconds, self.read_seconds = 0, 0.0, 0.0
+        self.started = time.perf_counter()
+
+
+class CaseStream:
+    """Reads the cases of a plan ahead of the consumer, in a small thread pool.
+
+    Args:
+        load: ``case_id -> (xrays (2, P, P), ct (1, D, H, W))`` numpy arrays (e.g.
+            :meth:`cvaa.data.dataset.PreparedDataset.load`); called from the threads.
+        prefetch: batches read ahead of the one being consumed (memory: at most
+            ``prefetch + 1`` batches of decoded cases, plus the stacked one in use).
+        threads: concurrent case reads.
+        pin_memory: pin the stacked batches (for fast, asynchronous copies to a GPU).
+
+    Iterating :meth:`iterate` yields :class:`Batch` es in the plan's order. A case that
+    cannot be read raises its error (with the case id) at its turn in the order.
+    """
+
+    def __init__(self, load: Callable[[str], tuple[np.ndarray, np.ndarray]], *,
+                 prefetch: int = 2, threads: int = 2, pin_memory: bool = False):
+        if prefetch < 1 or threads < 1:
+            raise ValueError(f"prefetch ({prefetch}) and threads ({threads}) must be >= 1")
+        self.load, self.prefetch, self.threads = load, prefetch, threads
+        self.pin_memory = pin_memory
+        self.stats = StreamStats()
+
+    def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray, float]:
+        tick = time.perf_counter()
+        try:
+            xrays, ct = self.load(case_id)
+        except Exception as exc:
+            raise RuntimeError(f"case {case_id}: cannot be read for training: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        return xrays, ct, time.perf_counter() - tick
+
+    def iterate(self, plan: Sequence[Step]) -> Iterator[Batch]:
+        pool = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="cvaa-ingest")
+        pending: collections.deque = collections.deque()
+        queued = 0
+        try:
+            while queued < len(plan) or pending:
+                while queued < len(plan) and len(pending) <= self.prefetch:
+                    step = plan[queued]
+                    pending.append((step, [pool.submit(self._read, c) for c in step.case_ids]))
+                    queued += 1
+                step, jobs = pending.popleft()
+                tick = time.perf_counter()
+                done = [job.result() for job in jobs]
+                self.stats.wait_seconds += time.perf_counter() - tick
+                self.stats.read_seconds += sum(d[2] for d in done)
+                self.stats.cases += len(done)
+                xrays = torch.from_numpy(np.stack([d[0] for d in done]))
+                ct = torch.from_numpy(np.stack([d[1] for d in done]))
+                del done, jobs
+                if self.pin_memory:
+                    xrays, ct = xrays.pin_memory(), ct.pin_memory()
+                yield Batch(xrays, ct, step.case_ids, step.weight)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
