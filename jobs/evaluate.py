@@ -11,9 +11,10 @@ Rows are models (labelled NAME@ALIAS (vN) unless --labels), columns MAE, MSE, co
 SSIM on [0, 1] volumes ("volume" convention) and X2CT-GAN's per-slice PSNR / SSIM ("x2ct"),
 each as mean (std) over the cases. Writes table_i.md, table_i.csv, per_case.csv and fig2.png
 (mid-axial / sagittal / coronal slices of --cases cases: one column per model, then the
-ground truth) under --out, and logs them to an MLflow evaluation run. Splits of more than
---ray-threshold cases run as Ray Data batch inference (each actor loads a model once);
-smaller ones in this process.
+ground truth) under --out, and logs them to an MLflow evaluation run. The models run on the
+Ray cluster (RAY_ADDRESS, else a local one), never in this process: Ray Data batch inference
+with one actor per GPU (--gpu) or per CPU, each loading a model once; --engine local runs
+them here instead.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "else sqlite:///~/.cvaa/mlflow.db)")
     p.add_argument("--cases", type=int, default=2, help="cases shown in Fig. 2 (default 2)")
     p.add_argument("--labels", nargs="+", help="row labels, one per model")
-    p.add_argument("--engine", choices=("auto", "local", "ray"), default="auto",
-                   help="auto: Ray Data when the split has more than --ray-threshold cases")
-    p.add_argument("--ray-threshold", type=int, default=64,
-                   help="split size above which auto uses Ray Data (default 64)")
+    p.add_argument("--engine", choices=("ray", "local", "auto"), default="ray",
+                   help="ray (default; auto is the same): Ray Data on the cluster; "
+                        "local: in this process")
     p.add_argument("--batch-size", type=int, default=4,
                    help="cases per forward pass and per Ray Data batch (default 4)")
     p.add_argument("--workers", type=int, help="Ray Data actors (default: cluster CPUs - 1, "
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     job = EvalJob(models=args.models, data=args.data, split=args.split,
                   out=args.out or str(default_output_root() / run_name),
                   mlflow_uri=args.mlflow_uri or tracking.default_tracking_uri(),
-                  figure_cases=args.cases, engine=args.engine,
-                  ray_threshold=args.ray_threshold, batch_size=args.batch_size,
+                  figure_cases=args.cases, engine=args.engine, batch_size=args.batch_size,
                   workers=args.workers, use_gpu=args.gpu, labels=args.labels,
                   run_name=run_name, address=args.address, verbose=args.verbose)
     start = time.perf_counter()

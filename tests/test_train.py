@@ -110,6 +110,29 @@ def test_nan_loss_raises_before_any_update():
 # --------------------------------------------------------------------------- Ray Train
 
 @pytest.mark.ray
+@pytest.mark.parametrize("workers", [1, 2])
+def test_table_i_on_cluster_workers_equals_in_process_scoring(prepared_cpu, workers):
+    from cvaa.data.dataset import PreparedDataset
+    from cvaa.distributed.training import TrainResult, evaluate_on_workers, evaluate_split
+
+    cfg = load_config("cpu", overrides=["train.cpus_per_worker=0.5", "train.batch_size=2",
+                                        "train.num_workers=2"])
+    torch.manual_seed(3)
+    generator = build_generator("cvaa", cfg).eval()
+    result = TrainResult(None, {}, 0.0, {"epoch": 0, "config": cfg.to_dict(),
+                                         "trainer": {"generator": generator.state_dict()}})
+    dataset = PreparedDataset(prepared_cpu)
+    here = evaluate_split(generator, dataset, "test", cfg)
+    there = evaluate_on_workers(result, dataset, "test", cfg, workers=workers)
+    assert there.case_ids == here.case_ids and len(here.case_ids) >= 2
+    for got, want in zip(there.per_case, here.per_case):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    assert there.markdown == here.markdown
+
+
+@pytest.mark.ray
 def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2"],
                alias="candidate")

@@ -2,11 +2,13 @@
 and Fig. 2, written to a directory and logged to an MLflow evaluation run.
 
 Like :mod:`cvaa.distributed.training`, this is an edge module: it reaches MLflow through
-:mod:`cvaa.tracking` and imports Ray lazily, only for large splits. Small splits (at most
-``ray_threshold`` cases) run in this process; larger ones use Ray Data batch inference:
-``map_batches`` over the case ids with a callable class, so each actor loads the model once
-from the registry and then reads, predicts and scores its cases, returning only the metrics
-(the driver never holds the volumes).
+:mod:`cvaa.tracking` and Ray (imported lazily). The models run where the compute is, never
+on the driver: Ray Data batch inference (``map_batches`` over the case ids with a callable
+class, so each actor -- a GPU actor with ``use_gpu`` -- loads the model once and then reads,
+predicts and scores its cases, returning only the metrics), and one cluster task per model
+for the few volumes of Fig. 2. ``engine="local"`` runs everything in this process instead
+(debugging, or a machine without Ray). The post-training Table I of ``jobs/train.py`` uses
+the same :func:`score_on_cluster`.
 
 Example:
     >>> out = run(EvalJob(models=["models:/cvaa-gan@candidate", "models:/x2ct@candidate"],
@@ -35,7 +37,7 @@ from cvaa.figures import slice_grid
 from cvaa.metrics import evaluate_batch
 
 GROUND_TRUTH = "Ground truth"
-ENGINES = ("auto", "local", "ray")
+ENGINES = ("ray", "local", "auto")  # auto: the same as ray (kept for existing scripts)
 # Config keys that must agree between a model and the dataset it is evaluated on.
 _SHAPE_KEYS = (("preprocess", "size"), ("drr", "detector_pixels"))
 
@@ -54,8 +56,8 @@ class EvalJob:
         out: directory for ``table_i.md``, ``table_i.csv``, ``per_case.csv``, ``fig2.png``.
         split: ``test``, ``train`` or ``all``.
         figure_cases: cases shown in Fig. 2 (the first ones of the split, sorted by id).
-        engine: ``local`` (this process), ``ray`` (Ray Data), or ``auto``: Ray when the
-            split has more than ``ray_threshold`` cases.
+        engine: ``ray`` (Ray Data on the cluster; ``auto`` is the same) or ``local``
+            (this process).
         batch_size: cases per forward pass (and per Ray Data batch).
         workers: Ray Data actors (default: one per GPU with ``use_gpu``, else one per CPU
             of the cluster but one).
@@ -70,8 +72,7 @@ class EvalJob:
     split: str = "test"
     mlflow_uri: str = field(default_factory=tracking.default_tracking_uri)
     figure_cases: int = 2
-    engine: str = "auto"
-    ray_threshold: int = 64
+    engine: str = "ray"
     batch_size: int = 4
     workers: int | None = None
     use_gpu: bool = False
@@ -113,21 +114,23 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
     for m in models:
         _check_compatible(m, dataset.config, job.data, log)
     labels = _unique(job.labels or [m.label for m in models])
-    engine = job.engine
-    if engine == "auto":
-        engine = "ray" if len(case_ids) > job.ray_threshold else "local"
+    engine = "local" if job.engine == "local" else "ray"
     device = torch.device("cuda" if job.use_gpu else "cpu")
+    specs = [ModelSpec(uri, job.mlflow_uri) for uri in job.models]
+    if engine == "ray":
+        from cvaa.distributed.cluster import init_ray
+
+        init_ray(job.address, verbose=job.verbose)  # joins RAY_ADDRESS or starts a local Ray
     log(f"[evaluate] {len(models)} model(s) x {len(case_ids)} {job.split} cases of "
         f"{job.data} ({engine})")
 
     per_case: dict[str, list[dict[str, float]]] = {}
-    for label, m in zip(labels, models):
+    for label, m, spec in zip(labels, models, specs):
         start = time.perf_counter()
         if engine == "ray":
-            per_case[label] = evaluate_ray(m.uri, job.mlflow_uri, job.data, case_ids,
-                                           batch_size=job.batch_size, workers=job.workers,
-                                           use_gpu=job.use_gpu, address=job.address,
-                                           verbose=job.verbose)
+            per_case[label] = score_on_cluster(spec, job.data, case_ids,
+                                               batch_size=job.batch_size, workers=job.workers,
+                                               use_gpu=job.use_gpu)
         else:
             cases = CaseDataset(dataset, case_ids, cache=False)
             per_case[label] = evaluate_cases(m.generator.to(device),
@@ -147,7 +150,8 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
     figure_columns: list[str] = []
     png = b""
     if fig_ids:
-        columns = figure_volumes(models, labels, dataset, fig_ids, device)
+        columns = figure_volumes(models, labels, dataset, fig_ids, device,
+                                 specs if engine == "ray" else None, job.use_gpu)
         figure_columns = list(columns)
         png = slice_grid(columns, row_labels=fig_ids,
                          title=f"Fig. 2: mid-axial / sagittal / coronal ({job.split} split)")
@@ -201,13 +205,19 @@ def _unique(labels: Sequence[str]) -> list[str]:
 
 
 def figure_volumes(models: Sequence[tracking.LoadedModel], labels: Sequence[str],
-                   dataset: PreparedDataset, case_ids: Sequence[str],
-                   device: torch.device) -> dict[str, list[np.ndarray]]:
-    """``{label: [(D, H, W) per case], ..., "Ground truth": [...]}`` for Fig. 2."""
+                   dataset: PreparedDataset, case_ids: Sequence[str], device: torch.device,
+                   specs: Sequence[ModelSpec] | None = None, use_gpu: bool = False
+                   ) -> dict[str, list[np.ndarray]]:
+    """``{label: [(D, H, W) per case], ..., "Ground truth": [...]}`` for Fig. 2: predicted
+    on cluster workers when ``specs`` are given, else in this process on ``device``."""
     cases = [dataset.load(c) for c in case_ids]
     xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))     # (N, 2, P, P)
     columns: dict[str, list[np.ndarray]] = {}
-    for label, m in zip(labels, models):
+    for i, (label, m) in enumerate(zip(labels, models)):
+        if specs is not None:
+            columns[label] = predict_on_cluster(specs[i], dataset.root, case_ids,
+                                                use_gpu=use_gpu)
+            continue
         pred = predict(m.generator.to(device), xrays).clamp(0, 1)         # (N, 1, D, H, W)
         columns[label] = [p[0].numpy() for p in pred]
     columns[GROUND_TRUTH] = [c["ct"][0] for c in cases]
@@ -275,21 +285,49 @@ def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> st
 
 # --------------------------------------------------------------------------- Ray Data
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a Ray Data actor loads: a registered model (``uri`` + ``tracking_uri``), or a
+    generator's ``state_dict`` in the object store (``state``: an ObjectRef) with the
+    config dict it was built from (how a training run's checkpoint is scored)."""
+
+    uri: str = ""
+    tracking_uri: str = ""
+    state: Any = None
+    config: dict[str, Any] | None = None
+
+    def load(self):
+        if self.state is None:
+            return tracking.load_model(self.uri, self.tracking_uri).generator
+        import ray
+
+        from cvaa.config import Config
+        from cvaa.models import build_generator
+
+        cfg = Config.from_dict(self.config)
+        generator = build_generator(cfg.model.generator, cfg)
+        generator.load_state_dict(ray.get(self.state))
+        return generator.eval()
+
+
+def _device(use_gpu: bool, threads: int) -> torch.device:
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
 class _CasePredictor:
     """A Ray Data actor: loads the model once, then scores batches of case ids."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, data: str, use_gpu: bool,
-                 threads: int):
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.generator = tracking.load_model(model_uri, tracking_uri).generator.to(self.device)
+    def __init__(self, model: ModelSpec, data: str, use_gpu: bool, threads: int):
+        self.device = _device(use_gpu, threads)
+        self.generator = model.load().to(self.device)
         self.dataset = PreparedDataset(data)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(c) for c in batch["case_id"]]
-        cases = [self.dataset.load(c) for c in ids]
-        xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))  # (B, 2, P, P)
-        target = torch.from_numpy(np.stack([c["ct"] for c in cases]))    # (B, 1, D, H, W)
+        cases = [self.dataset.arrays(c) for c in ids]
+        xrays = torch.from_numpy(np.stack([c[0] for c in cases]))  # (B, 2, P, P)
+        target = torch.from_numpy(np.stack([c[1] for c in cases]))  # (B, 1, D, H, W)
         pred = predict(self.generator, xrays, batch_size=len(ids)).clamp(0, 1)
         results = evaluate_batch(pred, target)
         out = {"case_id": np.array(ids), "order": np.asarray(batch["order"])}
@@ -298,36 +336,87 @@ class _CasePredictor:
         return out
 
 
-def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequence[str], *,
-                 batch_size: int = 4, workers: int | None = None,
-                 use_gpu: bool = False, address: str | None = None, verbose: bool = False
-                 ) -> list[dict[str, float]]:
+def _predict_volumes(model: ModelSpec, data: str, case_ids: Sequence[str], use_gpu: bool,
+                     threads: int) -> list[np.ndarray]:
+    """``(D, H, W)`` predictions of a few cases (Fig. 2), computed on a cluster worker."""
+    device = _device(use_gpu, threads)
+    dataset = PreparedDataset(data)
+    xrays = torch.from_numpy(np.stack([dataset.arrays(c)[0] for c in case_ids]))
+    pred = predict(model.load().to(device), xrays).clamp(0, 1)
+    return [p[0].numpy() for p in pred]
+
+
+def _worker_resources(use_gpu: bool, threads: float) -> dict[str, Any]:
+    return {"num_cpus": threads, "num_gpus": 1 if use_gpu else None}
+
+
+def default_workers(n_cases: int, batch_size: int, use_gpu: bool) -> int:
+    """One actor per GPU with ``use_gpu``, else one per cluster CPU but one; never more
+    actors than batches."""
+    import ray
+
+    resources = ray.cluster_resources()
+    workers = (max(1, int(resources.get("GPU", 1))) if use_gpu
+               else max(1, int(resources.get("CPU", 2)) - 1))
+    return max(1, min(workers, -(-n_cases // batch_size)))
+
+
+def score_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str], *,
+                     batch_size: int = 4, workers: int | None = None, use_gpu: bool = False,
+                     threads: float = 1) -> list[dict[str, float]]:
     """Per-case metrics of one model with Ray Data batch inference, in ``case_ids`` order.
 
-    The registry and the dataset must be reachable from every node (as for training).
+    ``workers`` actors (``threads`` CPUs each, one GPU each with ``use_gpu``) each load the
+    model once, then read, predict and score their batches; only the metrics come back.
+    The dataset (and the registry) must be reachable from every node, as for training.
+    Ray must be initialised (:func:`cvaa.distributed.cluster.init_ray`).
     """
     import ray
     import ray.data
 
-    from cvaa.distributed.cluster import forwarded_env, init_ray
+    from cvaa.distributed.cluster import forwarded_env
 
-    init_ray(address, verbose=verbose)  # joins RAY_ADDRESS or starts a local Ray
-    resources = ray.cluster_resources()
-    if workers is None:
-        workers = (max(1, int(resources.get("GPU", 1))) if use_gpu
-                   else max(1, int(resources.get("CPU", 2)) - 1))
-    workers = max(1, min(workers, -(-len(case_ids) // batch_size)))
+    if not case_ids:
+        raise ValueError(f"{data}: no cases to score")
+    workers = max(1, min(workers or default_workers(len(case_ids), batch_size, use_gpu),
+                         -(-len(case_ids) // batch_size)))
     env = forwarded_env()
     ds = ray.data.from_items([{"case_id": c, "order": i} for i, c in enumerate(case_ids)])
     ds = ds.map_batches(
         _CasePredictor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
-                               "data": data, "use_gpu": use_gpu, "threads": 1},
+        fn_constructor_kwargs={"model": model, "data": data, "use_gpu": use_gpu,
+                               "threads": threads},
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1, num_gpus=1 if use_gpu else None,
+        **_worker_resources(use_gpu, threads),
         runtime_env={"env_vars": env} if env else None)
     rows = sorted(ds.take_all(), key=lambda r: int(r["order"]))
     if [str(r["case_id"]) for r in rows] != list(case_ids):
         raise RuntimeError(f"Ray Data returned {len(rows)} rows for {len(case_ids)} cases")
     keys = [k for k in rows[0] if k not in ("case_id", "order")]
     return [{k: float(r[k]) for k in keys} for r in rows]
+
+
+def predict_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str], *,
+                       use_gpu: bool = False, threads: float = 1) -> list[np.ndarray]:
+    """Predicted volumes of a few cases (for figures), computed by one cluster task."""
+    import ray
+
+    from cvaa.distributed.cluster import forwarded_env
+
+    env = forwarded_env()
+    task = ray.remote(_predict_volumes).options(
+        **_worker_resources(use_gpu, threads),
+        runtime_env={"env_vars": env} if env else None)
+    return ray.get(task.remote(model, data, list(case_ids), use_gpu, threads))
+
+
+def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequence[str], *,
+                 batch_size: int = 4, workers: int | None = None,
+                 use_gpu: bool = False, address: str | None = None, verbose: bool = False
+                 ) -> list[dict[str, float]]:
+    """:func:`score_on_cluster` for a registered model, joining or starting Ray first."""
+    from cvaa.distributed.cluster import init_ray
+
+    init_ray(address, verbose=verbose)  # joins RAY_ADDRESS or starts a local Ray
+    return score_on_cluster(ModelSpec(model_uri, tracking_uri), data, case_ids,
+                            batch_size=batch_size, workers=workers, use_gpu=use_gpu)

@@ -7,10 +7,9 @@ workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.
 
     with tracking.open_run(uri, name, resume=True) as run:
         result = train(job, run)                                 # Ray Train DDP
-        generator = result.generator(cfg)
-        table = evaluate_split(generator, dataset, "test", cfg)  # Table I
+        table = evaluate_on_workers(result, dataset, "test", cfg)  # Table I, Ray Data
         log_evaluation(run, table, result.epochs)
-        register(run, generator, job, dataset, table.rows[0])    # models:/NAME@ALIAS
+        register(run, result.generator(cfg), job, dataset, table.rows[0])  # NAME@ALIAS
 
 A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
@@ -204,24 +203,59 @@ class SplitTable(NamedTuple):
     markdown: str
 
 
-def evaluate_split(generator, dataset: PreparedDataset, split: str, cfg: Config
-                   ) -> SplitTable:
-    """Table I (both metric conventions) of ``generator`` on ``split`` of ``dataset``.
-
-    Raises:
-        EmptySplitError: the split has no cases (never silently another split).
-    """
+def _split_cases(dataset: PreparedDataset, split: str) -> list[str]:
     case_ids = dataset.split(split)
     if not case_ids:
         raise EmptySplitError(f"{dataset.root}: the {split} split has no cases, so Table I "
                               f"cannot be computed on it (prepare more cases or a larger "
                               f"data.test_fraction)")
-    cases = CaseDataset(dataset, case_ids, cache=False)
-    per_case = evaluate_cases(generator, (cases[i] for i in range(len(cases))),
-                              batch_size=cfg.train.batch_size)
+    return case_ids
+
+
+def _split_table(split: str, case_ids: list[str], per_case: list[dict[str, float]],
+                 cfg: Config) -> SplitTable:
     label = MODEL_LABELS.get(cfg.model.generator, cfg.model.generator)
     rows = table_rows({label: per_case})
     return SplitTable(split, list(case_ids), per_case, rows, table_markdown(rows))
+
+
+def evaluate_split(generator, dataset: PreparedDataset, split: str, cfg: Config
+                   ) -> SplitTable:
+    """Table I (both metric conventions) of ``generator`` on ``split``, in this process
+    (a Tune trial, itself on a cluster worker, scores its model so).
+
+    Raises:
+        EmptySplitError: the split has no cases (never silently another split).
+    """
+    case_ids = _split_cases(dataset, split)
+    cases = CaseDataset(dataset, case_ids, cache=False)
+    per_case = evaluate_cases(generator, (cases[i] for i in range(len(cases))),
+                              batch_size=per_worker_batch(cfg))
+    return _split_table(split, case_ids, per_case, cfg)
+
+
+def evaluate_on_workers(result: TrainResult, dataset: PreparedDataset, split: str,
+                        cfg: Config, workers: int | None = None) -> SplitTable:
+    """Table I of a training run's generator on ``split``, as Ray Data batch inference on
+    the cluster: ``workers`` actors (default: the run's ``train.num_workers``) with the
+    training workers' resources (a GPU each with ``train.use_gpu``), each scoring its share
+    of the cases with ``per_worker_batch`` cases per forward. The driver only receives the
+    metrics; they equal :func:`evaluate_split`'s on the same cases.
+
+    Raises:
+        EmptySplitError: the split has no cases.
+    """
+    from cvaa.distributed.evaluate import ModelSpec, score_on_cluster
+
+    case_ids = _split_cases(dataset, split)
+    t = cfg.train
+    spec = ModelSpec(state=ray.put(result.state["trainer"]["generator"]),
+                     config=cfg.to_dict())
+    per_case = score_on_cluster(spec, dataset.root, case_ids,
+                                batch_size=per_worker_batch(cfg),
+                                workers=workers or t.num_workers, use_gpu=t.use_gpu,
+                                threads=t.cpus_per_worker)
+    return _split_table(split, case_ids, per_case, cfg)
 
 
 def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int) -> None:
@@ -305,9 +339,12 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str,
         label = MODEL_LABELS.get(job.cfg.model.generator, job.cfg.model.generator)
         table = None
         if dataset.split("test"):
-            log(f"evaluating the test split ({len(dataset.split('test'))} cases)")
-            table = evaluate_split(generator, dataset, "test", job.cfg)
+            n_test, tick = len(dataset.split("test")), time.perf_counter()
+            log(f"evaluating the test split ({n_test} cases) on "
+                f"{job.cfg.train.num_workers} cluster worker(s)")
+            table = evaluate_on_workers(result, dataset, "test", job.cfg)
             log_evaluation(run, table, result.epochs)
+            run.log_metrics({"test_eval_seconds": time.perf_counter() - tick}, result.epochs)
         else:
             log("no test split in the dataset: Table I not computed")
         log_curves(run, result.history, label)
