@@ -207,6 +207,9 @@ class TrainConfig:
             several Tune trials share one GPU; above 1 it must be a whole number).
         accelerator_type: Ray accelerator label the workers must run on (e.g. ``A40``).
         cpus_per_worker: CPUs reserved per worker (leave some for Ray Data on small nodes).
+        placement_strategy: how Ray places the workers' bundles: ``PACK`` (default: fill
+            a node's GPUs first, the fastest all-reduce), ``SPREAD``, ``STRICT_PACK`` (one
+            node only) or ``STRICT_SPREAD`` (one worker per node).
         precision: autocast dtype, on GPU and CPU alike: ``bf16`` (no loss scaling
             needed), ``fp16`` (with a GradScaler) or ``fp32`` (no autocast); ``auto`` is
             bf16 on CUDA and fp32 elsewhere (:func:`cvaa.gan.resolve_precision`).
@@ -228,6 +231,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     accelerator_type: str = ""
     cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     prefetch_batches: int = 2
     io_threads: int = 2

@@ -191,11 +191,19 @@ def test_worker_failure_resumes_from_checkpoint(tmp_path, prepared_cpu):
     marker = tmp_path / "killed"
     job = _job(tmp_path, prepared_cpu, ["train.epochs=3", "train.max_failures=2"],
                run_name="killed-run")
+    lines = []
     with tracking.open_run(job.mlflow_uri, job.run_name) as run:
         result = train(job, run, callbacks=[faults.KillWorkerAfterEpoch(1, str(marker))],
-                       log=None)
+                       log=lines.append)
     assert marker.exists(), "the failure was not injected"
     assert result.epochs == 3
+    # The console says what happened, between the epoch lines
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == [
+        "1/3", "2/3", "3/3"]
+    failure = next(i for i, line in enumerate(lines) if line.startswith("worker failure 1"))
+    assert "train.max_failures=2" in lines[failure] and "restarting" in lines[failure]
+    assert lines[failure + 1] == ("resumed from the checkpoint of epoch 1: the epoch count "
+                                  "continues")
     # Resumed at epoch 2 from the epoch-1 checkpoint, not restarted at epoch 1.
     assert result.history["resumed_at_epoch"] == [2.0]
     assert len(result.history["loss_g"]) == 3

@@ -141,8 +141,9 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     scaling = ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                       resources_per_worker=resources,
+                                      placement_strategy=t.placement_strategy,
                                       accelerator_type=t.accelerator_type or None)
-    with epoch_lines(t.epochs, log) as reporter:
+    with epoch_lines(t.epochs, log, t.max_failures) as reporter:
         run_config = ray.train.RunConfig(
             name=job.run_name, storage_path=job.storage,
             storage_filesystem=storage_filesystem(job.storage),
@@ -395,12 +396,27 @@ class EpochReporter(ray.train.UserCallback):
     does not forward; :func:`epoch_lines` prints the queue on the driver.
     """
 
-    def __init__(self, queue, epochs: int):
-        self.queue, self.epochs = queue, epochs
+    def __init__(self, queue, epochs: int, max_failures: int = 0):
+        self.queue, self.epochs, self.max_failures = queue, epochs, max_failures
         self.seconds: list[float] = []
+        self.failures = 0
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.failures += 1
+        ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+        first = next(iter(worker_exceptions.values()), None)
+        what = (f"{type(first).__name__}: {str(first).strip().splitlines()[0][:160]}"
+                if first is not None and str(first).strip() else type(first).__name__)
+        then = ("restarting the workers from the last checkpoint"
+                if self.failures <= self.max_failures else "no retries left")
+        self.queue.put(f"worker failure {self.failures} (train.max_failures="
+                       f"{self.max_failures}) on rank {ranks}: {what}; {then}")
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
+        if "resumed_from_epoch" in m:
+            self.queue.put(f"resumed from the checkpoint of epoch "
+                           f"{int(m['resumed_from_epoch'])}: the epoch count continues")
         if "epoch_seconds" in m:
             self.seconds.append(float(m["epoch_seconds"]))
         recent = self.seconds[-5:]
@@ -410,7 +426,7 @@ class EpochReporter(ray.train.UserCallback):
 
 
 @contextlib.contextmanager
-def epoch_lines(epochs: int, log: Callable[[str], None] | None
+def epoch_lines(epochs: int, log: Callable[[str], None] | None, max_failures: int = 0
                 ) -> Iterator[EpochReporter | None]:
     """An :class:`EpochReporter` for the trainer, and a driver thread that passes its lines
     to ``log`` until the block ends (nothing at all when ``log`` is ``None``)."""
@@ -419,7 +435,11 @@ def epoch_lines(epochs: int, log: Callable[[str], None] | None
         return
     from ray.util.queue import Empty, Queue
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    # The queue lives on the driver's node: a node lost mid-run must not take it along.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     done = threading.Event()
 
     def pump() -> None:
@@ -432,7 +452,7 @@ def epoch_lines(epochs: int, log: Callable[[str], None] | None
     thread = threading.Thread(target=pump, name="cvaa-epoch-lines", daemon=True)
     thread.start()
     try:
-        yield EpochReporter(queue, epochs)
+        yield EpochReporter(queue, epochs, max_failures)
     finally:
         done.set()
         thread.join(timeout=10)

@@ -143,6 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                  device))
         metrics.update(epoch=epoch + 1, lr_g=trainer.opt_g.param_groups[0]["lr"],
                        epoch_seconds=time.perf_counter() - tick, nonfinite=0.0)
+        if checkpoint is not None and epoch == start_epoch:  # the console says so
+            metrics["resumed_from_epoch"] = float(start_epoch)
         for k, v in metrics.items():
             if isinstance(v, float):
                 history[k].append(v)
