@@ -64,6 +64,8 @@ class SeaweedS3:
                "-ip.bind=127.0.0.1", f"-master.port={_free_port()}",
                f"-volume.port={_free_port()}", f"-filer.port={_free_port()}",
                "-s3", f"-s3.port={self.port}", f"-s3.config={config}",
+               # fixed-port extras off, so that two servers can run side by side
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-volume.max=300", "-master.volumeSizeLimitMB=32"]
         self.log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,

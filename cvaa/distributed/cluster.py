@@ -68,7 +68,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
     if joins_cluster(address):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # address="local": always a new cluster (ray.init() alone joins any Ray already
+        # running on this machine, e.g. another job's, and then refuses num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
 def cluster_cpus() -> int:

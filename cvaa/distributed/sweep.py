@@ -43,7 +43,7 @@ from cvaa.data.dataset import PreparedDataset
 from cvaa.distributed import compat
 from cvaa.distributed.training import (TrainJob, evaluate_split, load_checkpoint_generator,
                                        log_curves, log_evaluation, register,
-                                       storage_filesystem, train)
+                                       ray_storage, storage_filesystem, train)
 from cvaa.distributed.worker import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
@@ -183,8 +183,8 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
     """
     check_sweep(sweep)   # TrainJob made its local paths absolute for the trials
     job, cfg = sweep.train, sweep.train.cfg
-    fs = storage_filesystem(job.storage)
-    experiment_path = f"{job.storage.rstrip('/')}/{sweep.name}"
+    storage_path, fs = ray_storage(job.storage)
+    experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
     exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if sweep.resume and not exists:
         raise SweepError(f"nothing to resume: no Tune experiment at {experiment_path}")
@@ -248,7 +248,7 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
                     search_alg=BasicVariantGenerator(max_concurrent=concurrent,
                                                      random_state=cfg.train.seed),
                     trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=job.storage,
+                run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path,
                                           storage_filesystem=fs, verbose=sweep.verbose,
                                           callbacks=run_callbacks))
         grid = tuner.fit()

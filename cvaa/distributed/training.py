@@ -87,6 +87,13 @@ def storage_filesystem(storage: str):
                            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
+def ray_storage(storage: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: with an explicit
+    filesystem Ray takes a path *in* it (``bucket/prefix``, no ``s3://``)."""
+    fs = storage_filesystem(storage)
+    return (storage[len("s3://"):] if fs is not None else storage), fs
+
+
 # --------------------------------------------------------------------------- step 1: train
 
 @dataclass
@@ -144,9 +151,9 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
                                       placement_strategy=t.placement_strategy,
                                       accelerator_type=t.accelerator_type or None)
     with epoch_lines(t.epochs, log, t.max_failures) as reporter:
+        storage_path, fs = ray_storage(job.storage)
         run_config = ray.train.RunConfig(
-            name=job.run_name, storage_path=job.storage,
-            storage_filesystem=storage_filesystem(job.storage),
+            name=job.run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             worker_runtime_env={"env_vars": forwarded_env()},

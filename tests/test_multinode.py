@@ -1,0 +1,110 @@
+"""The archive-scale path on one machine: two Ray nodes, data and Ray storage on S3 (a
+real SeaweedFS server), MLflow on a real ``mlflow server`` over HTTP with its artifacts on
+S3, and a node lost mid-run (its processes killed) that the run survives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cvaa.data import store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_server, tmp_path_factory):
+    from mlflowserver import MlflowServer
+
+    s3_server.client().create_bucket(Bucket="mlflow")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"),
+                          "s3://mlflow/artifacts").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _upload(local: str, uri: str) -> None:
+    for path in store.list_files(local):
+        store.write_bytes(store.join(uri, os.path.relpath(path, local)),
+                          Path(path).read_bytes())
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_nodes_s3_and_an_mlflow_server_survive_a_lost_node(
+        prepared_cpu, s3_server, mlflow_server, tmp_path):
+    client = s3_server.client()
+    client.create_bucket(Bucket="archive")
+    _upload(prepared_cpu, "s3://archive/prepared")
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "run.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "multinode_run.py"),
+             "--data", "s3://archive/prepared", "--storage", "s3://archive/ray",
+             "--mlflow-uri", mlflow_server.uri, "--out", str(out), "--epochs", "6"],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)   # the driver and the nodes it started
+            proc.wait()
+            code = "timeout"
+    tail = "\n".join(line for line in log.read_text(errors="replace").splitlines()
+                     if "(raylet)" not in line and "(gcs_server)" not in line)[-4000:]
+    assert code == 0, f"exit {code}; {log}:\n{tail}"
+    result = json.loads(out.read_text())
+    lines = result["lines"]
+
+    # Two nodes trained; one was lost after epoch 2 and a fresh one joined.
+    assert result["nodes_at_start"] == 2
+    assert result["alive_after_loss"] == 1
+    assert "node_added_at" in result
+    # The run went on from the last checkpoint: the epoch count continued, not restarted.
+    assert result["epochs"] == 6
+    assert len(result["resumed_at_epoch"]) >= 1
+    assert all(3 <= e <= 6 for e in result["resumed_at_epoch"])
+    assert any(line.startswith("worker failure 1") for line in lines), lines
+    assert any(line.startswith("resumed from the checkpoint of epoch") for line in lines)
+    epochs = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("epoch ")]
+    assert epochs[-1] == 6 and 1 in epochs and epochs == sorted(epochs)
+
+    # Checkpoints live on S3, not on a node.
+    assert result["checkpoint"].startswith("archive/ray/multinode/")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket="archive", Prefix="ray/multinode/") for o in page.get("Contents", [])]
+    assert any(k.endswith("checkpoint.pt") for k in keys)
+
+    # MLflow over HTTP: one FINISHED run, every epoch logged once, Table I, the registry.
+    mc = mlflow.MlflowClient(mlflow_server.uri)
+    run = mc.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in mc.get_metric_history(result["run_id"], "loss_g")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+    assert {"evaluation/table_i.json", "evaluation/table_i.md"} <= {
+        a.path for a in mc.list_artifacts(result["run_id"], "evaluation")}
+    version = mc.get_model_version_by_alias("multinode", "candidate")
+    assert version.run_id == result["run_id"]
+    assert float(version.tags["test.psnr"]) == pytest.approx(result["rows"][0]["psnr_mean"],
+                                                             abs=1e-4)
+    # The server keeps the artifacts (checkpoints, figures, the model) on S3.
+    art = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket="mlflow") for o in page.get("Contents", [])]
+    assert any("table_i.json" in k for k in art) and any("checkpoints/" in k for k in art)
+    # And the registered model loads back through the server.
+    from cvaa import tracking
+    model = tracking.load_model("models:/multinode@candidate", mlflow_server.uri)
+    assert model.config["train"]["num_workers"] == 2
