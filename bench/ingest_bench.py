@@ -151,8 +151,8 @@ def main() -> int:
                    choices=["stream", "cached"])
     p.add_argument("--batch", type=int, default=1, help="cases per worker and step")
     p.add_argument("--step", type=float, default=0.5, help="stand-in step time (s)")
-    p.add_argument("--pace-steps", type=int, default=16)
-    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--pace-steps", type=int, default=30)
+    p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default=str(Path(os.environ.get(
         "CVAA_HOME", Path.home() / ".cvaa")) / "bench" / "ingest"))

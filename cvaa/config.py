@@ -233,7 +233,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    prefetch_batches: int = 2
+    prefetch_batches: int = 4
     io_threads: int = 2
     max_failures: int = 2
     checkpoints_to_keep: int = 2

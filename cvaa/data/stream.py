@@ -110,7 +110,7 @@ class CaseStream:
         load: ``case_id -> (xrays (2, P, P), ct (1, D, H, W))`` numpy arrays (e.g.
             :meth:`cvaa.data.dataset.PreparedDataset.load`); called from the threads.
         prefetch: batches read ahead of the one being consumed (memory: at most
-            ``prefetch + 1`` batches of decoded cases, plus the stacked one in use).
+            ``prefetch + 1`` batches of decoded cases and their stacked copies).
         threads: concurrent case reads.
         pin_memory: pin the stacked batches (for fast, asynchronous copies to a GPU).
 
@@ -119,7 +119,7 @@ class CaseStream:
     """
 
     def __init__(self, load: Callable[[str], tuple[np.ndarray, np.ndarray]], *,
-                 prefetch: int = 2, threads: int = 2, pin_memory: bool = False):
+                 prefetch: int = 4, threads: int = 2, pin_memory: bool = False):
         if prefetch < 1 or threads < 1:
             raise ValueError(f"prefetch ({prefetch}) and threads ({threads}) must be >= 1")
         self.load, self.prefetch, self.threads = load, prefetch, threads
@@ -135,27 +135,37 @@ class CaseStream:
                                f"{type(exc).__name__}: {exc}") from exc
         return xrays, ct, time.perf_counter() - tick
 
+    def _assemble(self, step: Step, jobs: list[futures.Future]) -> Batch:
+        """Wait for a step's cases and stack them (in the assembler thread, so the
+        consumer only ever waits for data that is genuinely late)."""
+        done = [job.result() for job in jobs]
+        self.stats.read_seconds += sum(d[2] for d in done)
+        xrays = torch.from_numpy(np.stack([d[0] for d in done]))
+        ct = torch.from_numpy(np.stack([d[1] for d in done]))
+        if self.pin_memory:
+            xrays, ct = xrays.pin_memory(), ct.pin_memory()
+        return Batch(xrays, ct, step.case_ids, step.weight)
+
     def iterate(self, plan: Sequence[Step]) -> Iterator[Batch]:
-        pool = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="cvaa-ingest")
+        readers = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="cvaa-ingest")
+        assembler = futures.ThreadPoolExecutor(1, thread_name_prefix="cvaa-ingest-batch")
         pending: collections.deque = collections.deque()
         queued = 0
         try:
             while queued < len(plan) or pending:
                 while queued < len(plan) and len(pending) <= self.prefetch:
                     step = plan[queued]
-                    pending.append((step, [pool.submit(self._read, c) for c in step.case_ids]))
+                    jobs = [readers.submit(self._read, c) for c in step.case_ids]
+                    pending.append(assembler.submit(self._assemble, step, jobs))
                     queued += 1
-                step, jobs = pending.popleft()
                 tick = time.perf_counter()
-                done = [job.result() for job in jobs]
+                batch = pending.popleft().result()
                 self.stats.wait_seconds += time.perf_counter() - tick
-                self.stats.read_seconds += sum(d[2] for d in done)
-                self.stats.cases += len(done)
-                xrays = torch.from_numpy(np.stack([d[0] for d in done]))
-                ct = torch.from_numpy(np.stack([d[1] for d in done]))
-                del done, jobs
-                if self.pin_memory:
-                    xrays, ct = xrays.pin_memory(), ct.pin_memory()
-                yield Batch(xrays, ct, step.case_ids, step.weight)
+                self.stats.cases += len(batch.case_ids)
+                yield batch
+                del batch
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for job in pending:
+                job.cancel()
+            readers.shutdown(wait=True, cancel_futures=True)
+            assembler.shutdown(wait=True, cancel_futures=True)
