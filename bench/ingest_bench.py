@@ -11,8 +11,8 @@ rank's share of the training cases exactly as a training worker does, and report
 worker:
 
 - ``wait %``: the fraction of step time spent waiting for data, over ``--pace-steps``
-  steps that each sleep ``--step`` seconds (a stand-in for a GPU step), after 2 warm-up
-  steps;
+  steps (at most half the worker's epoch) that each sleep ``--step`` seconds (a stand-in
+  for a GPU step), after 2 warm-up steps;
 - ``cases/s``: cases delivered per second when nothing else runs (the rest of the epoch,
   no step time): the loader's ceiling;
 - ``peak RSS``: the worker's largest resident set over the epoch (sampled every step).
@@ -89,6 +89,7 @@ def run_worker(loader: str, data: str, rank: int, world: int, batch: int, step_s
     torch.set_num_threads(1)
     start_rss = peak = _rss_mb()
     it, n_steps = _batches(loader, data, rank, world, batch, seed, prefetch, threads)
+    pace_steps = min(pace_steps, max(1, (n_steps - WARMUP) // 2))  # leave half to drain
     wait = paced = 0.0
     drained_cases, drain_start, steps, checksum = 0, None, 0, 0.0
     while True:

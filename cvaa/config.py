@@ -218,6 +218,9 @@ class TrainConfig:
             size of the dataset; :mod:`cvaa.data.stream`).
         io_threads: concurrent case reads (local or S3, and decompression) per worker.
         max_failures: worker failures survived by restoring the last checkpoint.
+        storage_retry_s: how long rank 0 retries writing a checkpoint to a storage that
+            does not answer (an S3 outage) before the run stops with the previous
+            checkpoint intact (keep it below the DDP collective timeout, 30 min).
         checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
     """
 
@@ -236,6 +239,7 @@ class TrainConfig:
     prefetch_batches: int = 4
     io_threads: int = 2
     max_failures: int = 2
+    storage_retry_s: float = 600.0
     checkpoints_to_keep: int = 2
 
 

@@ -42,7 +42,7 @@ class MlflowServer:
                "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
                "--artifacts-destination", self.artifacts,
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.log = open(self.workdir / "mlflow-server.log", "wb")
+        self.log = open(self.workdir / "mlflow-server.log", "ab")  # a restart appends
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout_s

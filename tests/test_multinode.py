@@ -1,6 +1,7 @@
 """The archive-scale path on one machine: two Ray nodes, data and Ray storage on S3 (a
 real SeaweedFS server), MLflow on a real ``mlflow server`` over HTTP with its artifacts on
-S3, and a node lost mid-run (its processes killed) that the run survives."""
+S3, and the faults a multi-day run meets: a node lost mid-run (its processes killed), the
+tracking server stopped mid-training and restarted on the same port."""
 
 from __future__ import annotations
 
@@ -108,3 +109,74 @@ def test_two_nodes_s3_and_an_mlflow_server_survive_a_lost_node(
     from cvaa import tracking
     model = tracking.load_model("models:/multinode@candidate", mlflow_server.uri)
     assert model.config["train"]["num_workers"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_tracking_server_outage_neither_stops_training_nor_loses_an_epoch(
+        prepared_cpu, s3_server, tmp_path):
+    """Stop the MLflow server after epoch 1, start it again (same port, same store) after
+    epoch 4: epochs 2-4 train while it is down, and every epoch's metrics, figure and
+    checkpoint artifact arrive, in order, once it is back."""
+    import threading
+    import time
+
+    from mlflowserver import MlflowServer
+
+    from cvaa.config import load_config
+    from cvaa.distributed.training import TrainJob, run_training
+
+    s3_server.client().create_bucket(Bucket="mlflow-outage")
+    server = MlflowServer(tmp_path / "mlflow", "s3://mlflow-outage/artifacts").start()
+    events: dict = {}
+    threads = []
+
+    def later(name, fn):
+        def go():
+            fn()
+            events[name] = time.monotonic()
+        t = threading.Thread(target=go, daemon=True)
+        threads.append(t)
+        t.start()
+
+    lines = []
+
+    def log(line):
+        lines.append((time.monotonic(), line))
+        if line.startswith("epoch 1/") and "stopped" not in events:
+            events["stopping"] = time.monotonic()
+            later("stopped", server.stop)
+        if line.startswith("epoch 4/") and "restarting" not in events:
+            events["restarting"] = time.monotonic()
+            later("restarted", server.start)
+
+    try:
+        cfg = load_config("cpu", overrides=["train.batch_size=2", "train.cpus_per_worker=1",
+                                            "train.epochs=6", "train.figure_every=1"])
+        job = TrainJob(cfg=cfg, data=prepared_cpu, run_name="outage",
+                       storage=str(tmp_path / "ray"), mlflow_uri=server.uri,
+                       register_name="outage", preset="cpu")
+        out = run_training(job, log=log)
+        for t in threads:
+            t.join(timeout=120)
+        assert {"stopped", "restarted"} <= set(events), events
+        # Epochs 2-4 finished while the server was down: training did not wait for it.
+        during = [line for at, line in lines
+                  if events["stopped"] < at < events["restarting"] and line.startswith("epoch ")]
+        assert [line.split()[1] for line in during][-1] == "4/6", lines
+        assert any("MLflow unreachable" in line for line in during), during
+
+        client = mlflow.MlflowClient(server.uri)
+        assert client.get_run(out["run_id"]).info.status == "FINISHED"
+        history = sorted(client.get_metric_history(out["run_id"], "loss_g"),
+                         key=lambda m: (m.timestamp, m.step))
+        assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+        assert [m.value for m in history] == pytest.approx(out["history"]["loss_g"])
+        figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
+        assert {f"figures/slices_epoch_{e:04d}.png" for e in range(1, 7)} <= figures
+        checkpoints = {a.path for a in client.list_artifacts(out["run_id"], "checkpoints")}
+        assert {f"checkpoints/epoch_{e:04d}" for e in range(1, 7)} <= checkpoints
+        assert client.get_model_version_by_alias("outage", "candidate").run_id == out["run_id"]
+    finally:
+        server.stop()

@@ -33,8 +33,9 @@ from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
+from cvaa.distributed.checkpoints import MARKER, CorruptCheckpointError, verify_directory
 from cvaa.distributed.cluster import format_duration, forwarded_env
-from cvaa.distributed.worker import CHECKPOINT_FILE, train_loop_per_worker
+from cvaa.distributed.worker import CHECKPOINT_FILE, PENDING_DIR, train_loop_per_worker
 from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 from cvaa.models import build_generator
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
@@ -66,6 +67,11 @@ class TrainJob:
         self.data = store.absolute_uri(self.data)
         self.storage = store.absolute_uri(self.storage)
         self.mlflow_uri = store.absolute_uri(self.mlflow_uri)
+
+
+class StorageError(OSError):
+    """A checkpoint could not be written (storage full, or unreachable for longer than
+    ``train.storage_retry_s``); the previous checkpoint is intact."""
 
 
 class EmptySplitError(ValueError):
@@ -167,20 +173,36 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
         result = trainer.fit()
     wall = time.perf_counter() - start
     outcome = result.return_value or {}
+    kept = result.checkpoint.path if result.checkpoint else "none (first epoch)"
     if outcome.get("status") == "nonfinite":
-        kept = result.checkpoint.path if result.checkpoint else "none (first epoch)"
         raise NonFiniteLossError(f"training stopped: non-finite loss at "
                                  f"{outcome.get('message')}; last good checkpoint: {kept}")
+    if outcome.get("status") == "storage":
+        raise StorageError(f"training stopped: {outcome.get('message')} (storage "
+                           f"{job.storage}; last complete checkpoint: {kept})")
+    if outcome.get("status") == "corrupt":
+        raise CorruptCheckpointError(f"training stopped: {outcome.get('message')}")
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
+    pending = int((result.metrics or {}).get("mlflow_pending", 0))
+    if pending and log:
+        where = f"{result.checkpoint.path}/{PENDING_DIR}"
+        log(f"MLflow at {job.mlflow_uri} did not come back: {pending} epoch entries are "
+            f"kept in the last checkpoint ({where}); once it answers, send them with "
+            f"`python jobs/replay_log.py {where} --mlflow-uri {job.mlflow_uri}` (copy the "
+            f"folder from S3 first if it is there)")
     state = load_checkpoint_state(result.checkpoint)
     run.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
     return TrainResult(result.checkpoint, dict(result.metrics or {}), wall, state)
 
 
 def load_checkpoint_state(checkpoint) -> dict[str, Any]:
-    """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins)."""
+    """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins),
+    verified against its checksums when it has them (checkpoints written before integrity
+    checks have none and load as they are)."""
     with checkpoint.as_directory() as ckpt_dir:
+        if (Path(ckpt_dir) / MARKER).exists():
+            verify_directory(ckpt_dir)
         return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
                           weights_only=True)
 
@@ -393,6 +415,8 @@ def format_epoch(m: dict[str, Any], epochs: int, eta_s: float | None) -> str:
         parts.append(f"{m['epoch_seconds']:.1f} s/epoch")
     if eta_s is not None:
         parts.append(f"ETA {format_duration(eta_s)}")
+    if m.get("mlflow_queued"):
+        parts.append(f"(MLflow unreachable: {int(m['mlflow_queued'])} entries queued)")
     return "  ".join(parts)
 
 
@@ -421,6 +445,8 @@ class EpochReporter(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
+        if m.get("checkpoint_warnings"):
+            self.queue.put(f"warning: {m['checkpoint_warnings']}")
         if "resumed_from_epoch" in m:
             self.queue.put(f"resumed from the checkpoint of epoch "
                            f"{int(m['resumed_from_epoch'])}: the epoch count continues")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from cvaa.config import Config
+from cvaa.distributed.checkpoints import (CorruptCheckpointError, load_resume_state,
+                                          persist_checkpoint, write_marker)
 from cvaa.data.dataset import PreparedDataset, validation_split
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.scoring import evaluate_cases, predict
@@ -35,6 +37,11 @@ from cvaa.models import build_discriminator, build_generator, set_output_prior
 from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Inside a checkpoint: MLflow entries not yet received when it was written (see spool.py).
+PENDING_DIR = "mlflow_pending"
+# How long the last epoch waits for a tracking server that is down before leaving its
+# queue in the final checkpoint.
+MLFLOW_FINAL_FLUSH_S = 300.0
 # Reported every epoch as ``val/<name>`` (means over the validation patients).
 VAL_METRICS = ("mae", "mse", "cosine", "psnr", "ssim", "psnr_x2ct", "ssim_x2ct")
 
@@ -76,18 +83,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         discriminator = ray.train.torch.prepare_model(discriminator)
     trainer = GANTrainer(generator, discriminator, cfg, device)
     if distributed:
-        def all_finite(ok: bool) -> bool:
-            flag = torch.tensor([0.0 if ok else 1.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() == 0.0)
-        trainer.all_finite = all_finite
+        trainer.all_finite = lambda ok: _all_ok(ok, distributed, device)
 
     start_epoch, history = 0, defaultdict(list)
+    tracker = _RankZeroTracker(config.get("mlflow"), rank)
     checkpoint = ray.train.get_checkpoint()
+    resume_warnings: list[str] = []
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location=device,
-                               weights_only=True)
+        try:  # the newest checkpoint whose files match their checksums
+            state, resume_warnings = load_resume_state(
+                checkpoint, CHECKPOINT_FILE, map_location=device, use=tracker.requeue)
+        except CorruptCheckpointError as exc:
+            # Every rank reads the same storage and stops the same way: no crash loop.
+            ray.train.report({"epoch": 0, "corrupt_checkpoints": 1.0})
+            return {"status": "corrupt", "message": str(exc)}
+        for warning in resume_warnings:
+            if rank == 0:
+                print(f"warning: {warning}", flush=True)
         trainer.load_state_dict(state["trainer"])
         start_epoch = int(state["epoch"]) + 1
         history = defaultdict(list, state.get("history", {}))
@@ -95,7 +107,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             print(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
 
-    tracker = _RankZeroTracker(config.get("mlflow"), rank)
     for epoch in range(start_epoch, cfg.train.epochs):
         for callback in callbacks:
             callback.on_epoch_start(epoch, trainer)
@@ -145,14 +156,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        epoch_seconds=time.perf_counter() - tick, nonfinite=0.0)
         if checkpoint is not None and epoch == start_epoch:  # the console says so
             metrics["resumed_from_epoch"] = float(start_epoch)
+            if resume_warnings:
+                metrics["checkpoint_warnings"] = "; ".join(resume_warnings)
         for k, v in metrics.items():
             if isinstance(v, float):
                 history[k].append(v)
 
         last = epoch + 1 == cfg.train.epochs
         figure_due = last or (epoch + 1) % max(cfg.train.figure_every, 1) == 0
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="cvaa-ckpt-") as tmp:
+        name = f"epoch_{epoch + 1:04d}"
+        persisted, failure = None, ""
+        with tempfile.TemporaryDirectory(prefix="cvaa-ckpt-") as tmp:
+            if rank == 0:
                 state = {"trainer": trainer.state_dict(), "epoch": epoch,
                          "config": cfg.to_dict(), "history": dict(history),
                          "metrics": {k: v for k, v in metrics.items()
@@ -163,10 +178,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     tracker.log_figure(unwrap(generator), dataset,
                                        (my_val_ids or train_ids)[0], epoch + 1)
                     tracker.log_checkpoint(Path(tmp) / CHECKPOINT_FILE, epoch + 1)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        else:
-            ray.train.report(metrics)
+                if last:
+                    pending = tracker.finish(MLFLOW_FINAL_FLUSH_S)
+                    if pending:
+                        metrics["mlflow_pending"] = float(pending)
+                metrics["mlflow_queued"] = float(tracker.queued())
+                tracker.keep_pending(Path(tmp))
+                write_marker(tmp)
+                # Rank 0 uploads before anyone reports, retrying an unreachable storage;
+                # all ranks then learn the outcome, so a full storage stops them together.
+                try:
+                    persisted = persist_checkpoint(tmp, name, cfg.train.storage_retry_s,
+                                                   epoch + 1)
+                except OSError as exc:
+                    failure = str(exc)
+            if not _all_ok(not failure, distributed, device):
+                if rank == 0:
+                    return {"status": "storage", "message": failure}
+                return {"status": "storage", "message": "rank 0 could not write the "
+                        "checkpoint"}
+            ray.train.report(metrics, checkpoint=persisted, checkpoint_dir_name=name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
     return {"status": "completed", "epochs": cfg.train.epochs}
 
 
@@ -178,6 +210,17 @@ def _mean_over_ranks(value: float, distributed: bool, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def _all_ok(ok: bool, distributed: bool, device) -> bool:
+    """Whether every rank's ``ok`` is true (an all-reduce; the value itself alone)."""
+    if not distributed:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() == 0.0)
 
 
 def _sum_over_ranks(value: float, distributed: bool, device) -> float:
@@ -219,13 +262,16 @@ def training_mean_intensity(dataset: PreparedDataset, case_ids: list[str],
 
 
 class _RankZeroTracker:
-    """MLflow logging from rank 0 into the driver's run (a no-op elsewhere / without one)."""
+    """MLflow logging from rank 0 into the driver's run (a no-op elsewhere / without one),
+    through a :class:`cvaa.tracking.SpooledRun`: a tracking server that is down never
+    stops or stalls training; what it has not received travels with every checkpoint."""
 
     def __init__(self, mlflow_cfg: dict[str, str] | None, rank: int):
         self.active = bool(mlflow_cfg) and rank == 0
         if self.active:
-            from cvaa import tracking
-            self.run = tracking.RunLogger(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"])
+            from cvaa.tracking.spool import SpooledRun
+            self.run = SpooledRun(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"],
+                                  on_state=lambda line: print(line, flush=True))
 
     def log_epoch(self, metrics: dict[str, Any], epoch: int) -> None:
         if self.active:
@@ -246,4 +292,27 @@ class _RankZeroTracker:
 
     def log_checkpoint(self, path: Path, epoch: int) -> None:
         if self.active:
-            self.run.log_file(path, f"checkpoints/epoch_{epoch:04d}")
+            # a copy for MLflow users; not dumped into the next checkpoint (it is one)
+            self.run.log_file(path, f"checkpoints/epoch_{epoch:04d}", dumped=False)
+
+    def queued(self) -> int:
+        return self.run.pending() if self.active else 0
+
+    def keep_pending(self, checkpoint_dir: Path) -> int:
+        """Copy what MLflow has not received yet into the checkpoint (Ray storage)."""
+        return self.run.dump(checkpoint_dir / PENDING_DIR) if self.active else 0
+
+    def requeue(self, checkpoint_dir: Path) -> int:
+        """A resumed rank 0 sends first what its predecessor could not."""
+        pending = checkpoint_dir / PENDING_DIR
+        return self.run.requeue(pending) if self.active and pending.is_dir() else 0
+
+    def finish(self, timeout_s: float) -> int:
+        """Wait (bounded) for the queue to drain; returns what is still pending."""
+        if not self.active:
+            return 0
+        self.run.flush(timeout_s)
+        left = self.run.pending()
+        if not left:
+            self.run.close()
+        return left

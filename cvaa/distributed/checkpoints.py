@@ -1,0 +1,188 @@
+"""Checkpoints that a crash, a storage outage or a full disk cannot corrupt into "latest".
+
+- Every checkpoint directory carries ``COMPLETE.json``: the size and SHA-256 of each of its
+  files, written before the upload. A checkpoint is used only when every file matches, so a
+  truncated or corrupted file is found before ``torch.load`` sees it.
+- Rank 0 uploads through :func:`upload_with_retry` (Ray Train's ``checkpoint_upload_fn``):
+  a storage that is unreachable is retried with backoff for up to ``deadline_s``; Ray
+  registers the checkpoint only when the upload returned, so a torn upload never becomes
+  the run's latest checkpoint. A full storage is not retried: :class:`StorageFullError`
+  names the storage and the epoch, and the previous checkpoint stays as it was.
+- A resumed worker group loads the newest checkpoint that verifies
+  (:func:`load_resume_state`), warning about each one it skips.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MARKER = "COMPLETE.json"
+_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files do not match its ``COMPLETE.json`` (or lack one)."""
+
+
+class StorageFullError(OSError):
+    """The checkpoint storage has no space left."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_marker(directory: str | Path) -> dict[str, Any]:
+    """Write ``COMPLETE.json`` listing every file of ``directory`` (recursively)."""
+    root = Path(directory)
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MARKER):
+        data = path.read_bytes()
+        files[path.relative_to(root).as_posix()] = {"bytes": len(data), "sha256": _sha256(data)}
+    marker = {"files": files}
+    (root / MARKER).write_text(json.dumps(marker, indent=1))
+    return marker
+
+
+def verify_directory(directory: str | Path) -> None:
+    """Raise :class:`CorruptCheckpointError` unless every listed file matches."""
+    root = Path(directory)
+    marker_path = root / MARKER
+    if not marker_path.is_file():
+        raise CorruptCheckpointError(f"no {MARKER} (an upload that did not finish, or a "
+                                     "checkpoint from before integrity checks)")
+    try:
+        listed = json.loads(marker_path.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise CorruptCheckpointError(f"{MARKER} is unreadable ({exc})") from exc
+    for name, want in listed.items():
+        path = root / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{name} is missing")
+        data = path.read_bytes()
+        if len(data) != want["bytes"]:
+            raise CorruptCheckpointError(f"{name} has {len(data)} bytes, {want['bytes']} "
+                                         "were written (truncated?)")
+        if _sha256(data) != want["sha256"]:
+            raise CorruptCheckpointError(f"{name} does not match its SHA-256 (corrupted)")
+
+
+def sibling_checkpoints(checkpoint) -> list:
+    """The other ``epoch_NNNN`` checkpoints beside ``checkpoint`` in its storage, newest
+    first (what a resume falls back to)."""
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent, recursive=False))
+    found = []
+    for info in infos:
+        match = _EPOCH_DIR.match(info.base_name)
+        if match and info.type == pafs.FileType.Directory \
+                and info.path.rstrip("/") != checkpoint.path.rstrip("/"):
+            found.append((int(match.group(1)), Checkpoint(info.path, checkpoint.filesystem)))
+    return [c for _, c in sorted(found, key=lambda t: -t[0])]
+
+
+def load_resume_state(checkpoint, filename: str, *, map_location=None,
+                      use: Callable[[Path], None] | None = None
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """The state of the newest checkpoint that verifies, starting at ``checkpoint`` (Ray's
+    latest) and falling back to older ones beside it; ``use(local_dir)`` is called on the
+    chosen one while its files are at hand. Returns ``(state, warnings)``: one warning per
+    skipped checkpoint, naming it and what is wrong.
+
+    Raises:
+        CorruptCheckpointError: no checkpoint verifies (every reason listed).
+    """
+    warnings: list[str] = []
+    for candidate in [checkpoint, *sibling_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as local:
+                verify_directory(local)
+                state = torch.load(io.BytesIO((Path(local) / filename).read_bytes()),
+                                   map_location=map_location, weights_only=True)
+                if use is not None:
+                    use(Path(local))
+            return state, warnings
+        except (CorruptCheckpointError, OSError, RuntimeError, EOFError) as exc:
+            warnings.append(f"checkpoint {candidate.path} skipped: {exc}")
+    raise CorruptCheckpointError("no usable checkpoint to resume from: "
+                                 + "; ".join(warnings))
+
+
+def persist_checkpoint(local_dir: str | Path, name: str, deadline_s: float, epoch: int,
+                       log: Callable[[str], None] = print):
+    """Upload a rank's local checkpoint directory as ``name`` in the run's Ray storage
+    (:func:`upload_with_retry`); returns the ``ray.train.Checkpoint`` to report with
+    ``CheckpointUploadMode.NO_UPLOAD``."""
+    import ray.train
+
+    # get_storage() is a Ray Train DeveloperAPI: where the run's checkpoints go.
+    storage = ray.train.get_context().get_storage()
+    return upload_with_retry(ray.train.Checkpoint.from_directory(str(local_dir)),
+                             f"{storage.experiment_fs_path}/{name}",
+                             storage.storage_filesystem, deadline_s=deadline_s, log=log,
+                             epoch=epoch)
+
+
+def upload_with_retry(checkpoint, destination: str, filesystem, *, deadline_s: float,
+                      log: Callable[[str], None] = print, epoch: int | None = None):
+    """Copy a local checkpoint directory to ``destination`` on ``filesystem`` (both as Ray
+    Train's storage gives them), retrying an unreachable storage with backoff (1 s doubling
+    to 30 s) until ``deadline_s`` has passed. Returns the persisted ``ray.train.Checkpoint``.
+
+    Raises:
+        StorageFullError: no space left (not retried: it would not pass by itself).
+        OSError: still failing when the deadline passed.
+    """
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    start, backoff, attempt = time.monotonic(), 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            filesystem.create_dir(destination)
+            pafs.copy_files(checkpoint.path, destination,
+                            source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=filesystem)
+            if attempt > 1:
+                log(f"checkpoint upload to {destination} succeeded on attempt {attempt} "
+                    f"after {time.monotonic() - start:.0f} s")
+            return Checkpoint(destination, filesystem)
+        except OSError as exc:
+            if _is_full(exc):
+                raise StorageFullError(
+                    errno.ENOSPC, f"checkpoint storage full: the checkpoint of epoch "
+                    f"{epoch if epoch is not None else '?'} could not be written to "
+                    f"{destination} ({exc}); the previous checkpoint is intact: free space "
+                    "and run again with the same --run-name to resume") from exc
+            waited = time.monotonic() - start
+            if waited + backoff > deadline_s:
+                raise OSError(f"checkpoint upload to {destination} still failing after "
+                              f"{attempt} attempts in {waited:.0f} s: {exc}") from exc
+            log(f"checkpoint upload to {destination} failed ({exc}); retrying in "
+                f"{backoff:.0f} s")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+def _is_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left" in text or "Disk quota exceeded" in text or "EntityTooLarge" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
