@@ -79,15 +79,20 @@ class SeaweedS3:
             try:
                 client.list_buckets()
                 # The filer answers before volumes exist; a bucket round trip proves writes.
-                client.create_bucket(Bucket="cvaa-probe")
+                try:
+                    client.create_bucket(Bucket="cvaa-probe")
+                except (client.exceptions.BucketAlreadyOwnedByYou,
+                        client.exceptions.BucketAlreadyExists):
+                    pass  # a restart on the same data
                 client.put_object(Bucket="cvaa-probe", Key="probe", Body=b"ok")
                 client.delete_object(Bucket="cvaa-probe", Key="probe")
                 return self
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout_s}s; "
-                                       f"see {self.workdir / 'weed.log'}")
+                    raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout_s}s "
+                                       f"({type(exc).__name__}: {exc}); see "
+                                       f"{self.workdir / 'weed.log'}") from exc
                 time.sleep(0.5)
 
     def env(self) -> dict[str, str]:

@@ -26,7 +26,14 @@ from typing import Any, Callable
 import torch
 
 MARKER = "COMPLETE.json"
-_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+# epoch_0012, or epoch_0012_r1: the same epoch trained again after a resume skipped a bad
+# checkpoint (a new name, because Ray still tracks, and may delete, the skipped one).
+_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})(?:_r(\d+))?$")
+
+
+def checkpoint_name(epoch: int, fallbacks: int = 0) -> str:
+    """The directory of the checkpoint after ``epoch`` (1-based)."""
+    return f"epoch_{epoch:04d}" + (f"_r{fallbacks}" if fallbacks else "")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -89,8 +96,9 @@ def sibling_checkpoints(checkpoint) -> list:
         match = _EPOCH_DIR.match(info.base_name)
         if match and info.type == pafs.FileType.Directory \
                 and info.path.rstrip("/") != checkpoint.path.rstrip("/"):
-            found.append((int(match.group(1)), Checkpoint(info.path, checkpoint.filesystem)))
-    return [c for _, c in sorted(found, key=lambda t: -t[0])]
+            key = (int(match.group(1)), int(match.group(2) or 0))
+            found.append((key, Checkpoint(info.path, checkpoint.filesystem)))
+    return [c for _, c in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
 def load_resume_state(checkpoint, filename: str, *, map_location=None,

@@ -89,8 +89,15 @@ def storage_filesystem(storage: str):
     from pyarrow import fs
 
     scheme, _, host = endpoint.partition("://")
+    # The driver's credentials, when it has them, go with the filesystem object: Ray's
+    # Train controller uses it in a process that did not inherit the driver's environment.
+    keys = {}
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
+                "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                "session_token": os.environ.get("AWS_SESSION_TOKEN")}
     return fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **keys)
 
 
 def ray_storage(storage: str) -> tuple[str, Any]:
@@ -445,6 +452,8 @@ class EpochReporter(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
+        if m.get("storage_note"):
+            self.queue.put(f"note: {m['storage_note']}")
         if m.get("checkpoint_warnings"):
             self.queue.put(f"warning: {m['checkpoint_warnings']}")
         if "resumed_from_epoch" in m:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from cvaa.config import Config
-from cvaa.distributed.checkpoints import (CorruptCheckpointError, load_resume_state,
-                                          persist_checkpoint, write_marker)
+from cvaa.distributed.checkpoints import (CorruptCheckpointError, checkpoint_name,
+                                          load_resume_state, persist_checkpoint, write_marker)
 from cvaa.data.dataset import PreparedDataset, validation_split
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.scoring import evaluate_cases, predict
@@ -104,6 +104,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = defaultdict(list, state.get("history", {}))
         history["resumed_at_epoch"].append(float(start_epoch + 1))
+        if resume_warnings:  # later checkpoints get new names (checkpoint_name)
+            history["checkpoint_fallback_at"].append(float(start_epoch + 1))
         if rank == 0:
             print(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
 
@@ -164,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         last = epoch + 1 == cfg.train.epochs
         figure_due = last or (epoch + 1) % max(cfg.train.figure_every, 1) == 0
-        name = f"epoch_{epoch + 1:04d}"
+        name = checkpoint_name(epoch + 1, len(history.get("checkpoint_fallback_at", [])))
         persisted, failure = None, ""
         with tempfile.TemporaryDirectory(prefix="cvaa-ckpt-") as tmp:
             if rank == 0:
@@ -187,11 +189,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 write_marker(tmp)
                 # Rank 0 uploads before anyone reports, retrying an unreachable storage;
                 # all ranks then learn the outcome, so a full storage stops them together.
+                notes: list[str] = []
                 try:
                     persisted = persist_checkpoint(tmp, name, cfg.train.storage_retry_s,
-                                                   epoch + 1)
+                                                   epoch + 1, log=notes.append)
                 except OSError as exc:
                     failure = str(exc)
+                if len(notes) > 1:  # it took retries: the console says so (first, last)
+                    metrics["storage_note"] = f"{notes[0]} ... {notes[-1]}"
             if not _all_ok(not failure, distributed, device):
                 if rank == 0:
                     return {"status": "storage", "message": failure}
