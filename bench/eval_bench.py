@@ -57,8 +57,18 @@ def main() -> int:
     print(f"{len(ids)} {args.preset} cases ({cfg.preprocess.size}^3), {args.generator}; "
           f"{threads} thread(s) per actor; driver {torch.get_num_threads()} threads")
 
-    import ray
-    spec = ModelSpec(state=ray.put(generator.state_dict()), config=cfg.to_dict())
+    import tempfile
+
+    import ray.train
+
+    from cvaa.distributed.checkpoints import write_marker
+    from cvaa.distributed.worker import CHECKPOINT_FILE
+
+    ckpt = Path(tempfile.mkdtemp(prefix="cvaa-eval-bench-"))  # as training leaves it
+    torch.save({"epoch": 0, "config": cfg.to_dict(),
+                "trainer": {"generator": generator.state_dict()}}, ckpt / CHECKPOINT_FILE)
+    write_marker(ckpt)
+    spec = ModelSpec(checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
     results, walls = {}, {}
     tick = time.perf_counter()
     results["driver"] = evaluate_cases(generator, ((torch.from_numpy(x), torch.from_numpy(c))

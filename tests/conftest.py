@@ -68,10 +68,20 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                           log_to_driver=False, configure_logging=False)
+        RAY_SESSION["dir"] = context.address_info.get("session_dir", "")
     yield ray
     ray.shutdown()
+
+
+RAY_SESSION: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def ray_session_dir(ray_local) -> Path:
+    """The session directory (logs included) of the tests' local Ray cluster."""
+    return Path(RAY_SESSION["dir"])
 
 
 @pytest.fixture(scope="session")

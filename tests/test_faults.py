@@ -5,6 +5,7 @@ the tracking-server outage are in test_multinode.py, with the cluster they need.
 from __future__ import annotations
 
 import errno
+import re
 import os
 import subprocess
 import threading
@@ -59,7 +60,10 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, prepared_cpu
     latest.write_bytes(data[: len(data) // 2])          # a crash mid-write
 
     lines: list[str] = []
+    tick = time.monotonic()
     result = _train(_job(tmp_path, prepared_cpu, storage, 5), lines)
+    print(f"torn checkpoint: resumed run of 3 epochs took {time.monotonic() - tick:.0f} s; "
+          + "; ".join(line for line in lines if not line.startswith("epoch ")))
     assert result.epochs == 5
     assert result.history["resumed_at_epoch"] == [3.0]   # from epoch 2, not 3
     warning = next(line for line in lines if line.startswith("warning:"))
@@ -73,6 +77,7 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, prepared_cpu
     with pytest.raises(CorruptCheckpointError, match="no usable checkpoint"):
         _train(_job(tmp_path, prepared_cpu, storage, 7))
     assert time.monotonic() - start < 240
+    print(f"every checkpoint bad: stopped after {time.monotonic() - start:.0f} s")
 
 
 @pytest.fixture
@@ -122,6 +127,7 @@ def test_a_full_storage_stops_cleanly_and_the_run_resumes_after_space_is_freed(
     assert "storage full" in message and "epoch 2" in message and str(storage) in message
     verify_directory(storage / "full" / "epoch_0001")        # the previous one intact
 
+    print(f"storage full: {message}")
     filled["ballast"].unlink()                                # free space, run again
     result = _train(_job(tmp_path, prepared_cpu, storage, 4, name="full"))
     assert result.epochs == 4 and result.history["resumed_at_epoch"] == [2.0]
@@ -165,8 +171,9 @@ def test_an_s3_outage_while_checkpointing_is_waited_out(tmp_path, prepared_cpu):
         assert not errors, errors
         assert result.epochs == 4
         assert "resumed_at_epoch" not in result.history        # no restart was needed
-        assert any(line.startswith("note: checkpoint upload") and "retrying" in line
-                   for line in lines), lines
+        notes = [line for line in lines if line.startswith("note: checkpoint upload")]
+        assert any("retrying" in line for line in notes), lines
+        print(f"S3 outage: {notes}")
         keys = {o["Key"] for o in server.client().list_objects_v2(
             Bucket="ckpt", Prefix="ray/s3-outage/").get("Contents", [])}
         for epoch in (3, 4):   # checkpoints_to_keep=2: the last two, complete
@@ -179,3 +186,57 @@ def test_an_s3_outage_while_checkpointing_is_waited_out(tmp_path, prepared_cpu):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_is_resubmitted_into_the_same_run(tmp_path, prepared_cpu):
+    """SIGKILL the `ray job submit` driver after its epoch-3 checkpoint; submitting the
+    same command again resumes from that checkpoint, in the same MLflow run, which ends
+    FINISHED (never left RUNNING)."""
+    import mlflow
+    import psutil
+
+    from rayhead import local_head, submit
+
+    root = str(Path(__file__).resolve().parents[1])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["python", "jobs/train.py", "--data", prepared_cpu, "--epochs", "5",
+            "--run-name", "killed-driver", "--storage", str(tmp_path / "ray"),
+            "--mlflow-uri", uri, "--register-name", "killed",
+            "--set", "train.cpus_per_worker=0.5", "--set", "train.batch_size=2"]
+    with local_head() as address:
+        first = submit(address, args, working_dir=root, wait=False, submission_id="first")
+        assert first.returncode == 0, first.stderr[-2000:]
+        # once epoch 3 is on disk, the report of epoch 2 has surely been registered
+        marker = tmp_path / "ray" / "killed-driver" / "epoch_0003" / MARKER
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert time.monotonic() < deadline, "no epoch-3 checkpoint within 300 s"
+            time.sleep(0.5)
+        drivers = [p for p in psutil.process_iter(["cmdline"])
+                   if "jobs/train.py" in " ".join(p.info["cmdline"] or [])
+                   and "killed-driver" in " ".join(p.info["cmdline"] or [])
+                   and "ray" not in (p.info["cmdline"] or [""])[0].rsplit("/", 1)[-1]]
+        assert drivers, "the driver process was not found"
+        killed_at = time.monotonic()
+        for p in drivers:
+            p.kill()
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("cvaa").experiment_id],
+                                  "tags.`mlflow.runName` = 'killed-driver'")
+        assert [r.info.status for r in runs] == ["RUNNING"]   # what the dead driver left
+
+        second = submit(address, args, working_dir=root, submission_id="second")
+        recovered = time.monotonic() - killed_at
+    out = second.stdout
+    assert second.returncode == 0, out[-4000:] + second.stderr[-2000:]
+    assert f"resumed ({runs[0].info.run_id}" in out            # the same MLflow run
+    assert re.search(r"resumed from the checkpoint of epoch [23]", out), out[-3000:]
+    assert "epoch 5/5" in out and "epoch 1/5" not in out
+    runs = client.search_runs([client.get_experiment_by_name("cvaa").experiment_id],
+                              "tags.`mlflow.runName` = 'killed-driver'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_g")})
+    assert steps == [1, 2, 3, 4, 5]
+    print(f"killed driver: resubmitted run finished {recovered:.0f} s after the kill")

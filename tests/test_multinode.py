@@ -70,6 +70,9 @@ def test_two_nodes_s3_and_an_mlflow_server_survive_a_lost_node(
     result = json.loads(out.read_text())
     lines = result["lines"]
 
+    print(f"node loss: killed at {result['node_lost_at']:.0f} s, noticed at "
+          f"{result['loss_noticed_at']:.0f} s, new node at {result['node_added_at']:.0f} s, "
+          f"resumed at epoch {result['resumed_at_epoch']}, whole run {result['wall_seconds']:.0f} s")
     # Two nodes trained; one was lost after epoch 2 and a fresh one joined.
     assert result["nodes_at_start"] == 2
     assert result["alive_after_loss"] == 1
@@ -166,6 +169,10 @@ def test_a_tracking_server_outage_neither_stops_training_nor_loses_an_epoch(
                   if events["stopped"] < at < events["restarting"] and line.startswith("epoch ")]
         assert [line.split()[1] for line in during][-1] == "4/6", lines
         assert any("MLflow unreachable" in line for line in during), during
+        print(f"MLflow outage: server down {events['restarted'] - events['stopped']:.0f} s "
+              f"(stop took {events['stopped'] - events['stopping']:.0f} s); "
+              f"{len(during)} epoch lines while down; run returned "
+              f"{lines[-1][0] - events['restarted']:.0f} s after the restart")
 
         client = mlflow.MlflowClient(server.uri)
         assert client.get_run(out["run_id"]).info.status == "FINISHED"

@@ -1,13 +1,6 @@
 """jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
 
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -111,16 +104,24 @@ def test_nan_loss_raises_before_any_update():
 
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [1, 2])
-def test_table_i_on_cluster_workers_equals_in_process_scoring(prepared_cpu, workers):
+def test_table_i_on_cluster_workers_equals_in_process_scoring(prepared_cpu, workers,
+                                                              tmp_path):
     from cvaa.data.dataset import PreparedDataset
+    from cvaa.distributed.checkpoints import write_marker
     from cvaa.distributed.training import TrainResult, evaluate_on_workers, evaluate_split
 
     cfg = load_config("cpu", overrides=["train.cpus_per_worker=0.5", "train.batch_size=2",
                                         "train.num_workers=2"])
     torch.manual_seed(3)
     generator = build_generator("cvaa", cfg).eval()
-    result = TrainResult(None, {}, 0.0, {"epoch": 0, "config": cfg.to_dict(),
-                                         "trainer": {"generator": generator.state_dict()}})
+    state = {"epoch": 0, "config": cfg.to_dict(),
+             "trainer": {"generator": generator.state_dict()}}
+    ckpt = tmp_path / "epoch_0001"
+    ckpt.mkdir()
+    torch.save(state, ckpt / CHECKPOINT_FILE)
+    write_marker(ckpt)
+    import ray.train
+    result = TrainResult(ray.train.Checkpoint.from_directory(str(ckpt)), {}, 0.0, state)
     dataset = PreparedDataset(prepared_cpu)
     here = evaluate_split(generator, dataset, "test", cfg)
     there = evaluate_on_workers(result, dataset, "test", cfg, workers=workers)
@@ -251,74 +252,21 @@ def test_a_nan_on_one_rank_stops_both_ranks_together(tmp_path, prepared_cpu):
     assert mlflow.MlflowClient(job.mlflow_uri).get_run(run.run_id).info.status == "FAILED"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tmp_path, prepared_cpu):
     """`ray start --head` + `ray job submit --working-dir . -- python jobs/train.py`."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    port, dash = _free_port(), _free_port()
-    short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix sockets: <108 bytes
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats",
-         # The session's own local cluster holds Ray's default agent ports.
-         f"--dashboard-agent-listen-port={_free_port()}",
-         f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--temp-dir={short_tmp}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.monotonic() + 90
-        while True:
-            probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address],
-                                   env=env, capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, head.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, probe.stderr[-2000:]
-            time.sleep(2)
-        cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address,
-               "--working-dir", str(ROOT), "--", "python", "jobs/train.py",
-               "--data", prepared_cpu, "--epochs", "1", "--run-name", "submitted",
-               "--storage", str(tmp_path / "ray"), "--mlflow-uri",
-               f"sqlite:///{tmp_path}/mlflow.db", "--register-name", "submitted",
-               "--set", "train.cpus_per_worker=0.5"]
-        for _ in range(20):   # the job agent comes up a little after the dashboard
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in proc.stderr:
-                break
-            time.sleep(3)
+    from rayhead import local_head, submit
+
+    with local_head() as address:
+        proc = submit(address, [
+            "python", "jobs/train.py", "--data", prepared_cpu, "--epochs", "1",
+            "--run-name", "submitted", "--storage", str(tmp_path / "ray"), "--mlflow-uri",
+            f"sqlite:///{tmp_path}/mlflow.db", "--register-name", "submitted",
+            "--set", "train.cpus_per_worker=0.5"], working_dir=str(ROOT))
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         assert "registered model: models:/submitted@candidate" in proc.stdout
         assert "succeeded" in proc.stdout
-    finally:
-        _stop_group(head)
-        shutil.rmtree(short_tmp, ignore_errors=True)
-
-
-def _stop_group(proc, grace_s=30):
-    """SIGTERM the process group (`ray start --block` stops its cluster), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # --------------------------------------------------------------------------- cluster.yaml

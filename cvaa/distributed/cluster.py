@@ -63,6 +63,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if ray.is_initialized():
         return
+    if not verbose:
+        # Ray's C++ core writes some internal notices to the driver's stderr at ERROR
+        # level (e.g. one per Ray Data actor pool: "constructor arguments in the object
+        # store"); quiet means fatal only. A value of the user's own is kept.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kwargs: dict[str, Any] = {"log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.ERROR}
     if joins_cluster(address):

@@ -288,26 +288,20 @@ def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> st
 @dataclass(frozen=True)
 class ModelSpec:
     """What a Ray Data actor loads: a registered model (``uri`` + ``tracking_uri``), or a
-    generator's ``state_dict`` in the object store (``state``: an ObjectRef) with the
-    config dict it was built from (how a training run's checkpoint is scored)."""
+    training run's ``ray.train.Checkpoint`` (``checkpoint``; read from the run's storage,
+    which every node reaches, and verified against its checksums). Either way the actor's
+    constructor arguments stay small: no weights travel through the object store."""
 
     uri: str = ""
     tracking_uri: str = ""
-    state: Any = None
-    config: dict[str, Any] | None = None
+    checkpoint: Any = None
 
     def load(self):
-        if self.state is None:
+        if self.checkpoint is None:
             return tracking.load_model(self.uri, self.tracking_uri).generator
-        import ray
+        from cvaa.distributed.training import generator_from_state, load_checkpoint_state
 
-        from cvaa.config import Config
-        from cvaa.models import build_generator
-
-        cfg = Config.from_dict(self.config)
-        generator = build_generator(cfg.model.generator, cfg)
-        generator.load_state_dict(ray.get(self.state))
-        return generator.eval()
+        return generator_from_state(load_checkpoint_state(self.checkpoint))
 
 
 def _device(use_gpu: bool, threads: int) -> torch.device:

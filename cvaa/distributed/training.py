@@ -275,9 +275,10 @@ def evaluate_on_workers(result: TrainResult, dataset: PreparedDataset, split: st
                         cfg: Config, workers: int | None = None) -> SplitTable:
     """Table I of a training run's generator on ``split``, as Ray Data batch inference on
     the cluster: ``workers`` actors (default: the run's ``train.num_workers``) with the
-    training workers' resources (a GPU each with ``train.use_gpu``), each scoring its share
-    of the cases with ``per_worker_batch`` cases per forward. The driver only receives the
-    metrics; they equal :func:`evaluate_split`'s on the same cases.
+    training workers' resources (a GPU each with ``train.use_gpu``), each loading the run's
+    last checkpoint from its storage and scoring its share of the cases with
+    ``per_worker_batch`` cases per forward. The driver only receives the metrics; they
+    equal :func:`evaluate_split`'s on the same cases.
 
     Raises:
         EmptySplitError: the split has no cases.
@@ -286,8 +287,7 @@ def evaluate_on_workers(result: TrainResult, dataset: PreparedDataset, split: st
 
     case_ids = _split_cases(dataset, split)
     t = cfg.train
-    spec = ModelSpec(state=ray.put(result.state["trainer"]["generator"]),
-                     config=cfg.to_dict())
+    spec = ModelSpec(checkpoint=result.checkpoint)
     per_case = score_on_cluster(spec, dataset.root, case_ids,
                                 batch_size=per_worker_batch(cfg),
                                 workers=workers or t.num_workers, use_gpu=t.use_gpu,

@@ -1,0 +1,71 @@
+"""Secrets never leak: with S3 keys and an MLflow token in the environment, nothing a
+training run writes contains them (MLflow params, tags, metrics names, every artifact, the
+registered version's tags and description, the console, the Ray logs of the session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cvaa.config import load_config
+from cvaa.data import store
+from cvaa.distributed.training import TrainJob, run_training
+
+TOKEN = "mlflow-token-PLANTED-5c1e9a7b"
+
+
+def _files(root: Path):
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_no_secret_reaches_mlflow_the_console_or_the_ray_logs(
+        tmp_path, prepared_cpu, s3_server, ray_session_dir, monkeypatch):
+    from s3server import SECRET_KEY
+
+    secrets = [SECRET_KEY, TOKEN]
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
+    s3_server.client().create_bucket(Bucket="secret-scan")
+    for path in store.list_files(prepared_cpu):
+        store.write_bytes(store.join("s3://secret-scan/prepared",
+                                     os.path.relpath(path, prepared_cpu)),
+                          Path(path).read_bytes())
+    cfg = load_config("cpu", overrides=["train.batch_size=2", "train.cpus_per_worker=1",
+                                        "train.epochs=2", "train.figure_every=1"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = TrainJob(cfg=cfg, data="s3://secret-scan/prepared", run_name="secret-scan",
+                   storage=str(tmp_path / "ray"), mlflow_uri=uri,
+                   register_name="secret-scan", preset="cpu")
+    lines: list[str] = []
+    out = run_training(job, log=lines.append)
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(out["run_id"])
+    version = client.get_model_version_by_alias("secret-scan", "candidate")
+    texts = {"console": "\n".join(lines),
+             "params": repr(run.data.params), "tags": repr(run.data.tags),
+             "metric names": repr(sorted(run.data.metrics)),
+             "version": repr(version.tags) + (version.description or "")}
+    assert "s3://secret-scan/prepared" in texts["params"]      # the scan sees what it should
+    artifacts = Path(mlflow.artifacts.download_artifacts(
+        run_id=out["run_id"], dst_path=str(tmp_path / "artifacts"), tracking_uri=uri))
+    model = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/secret-scan/{version.version}",
+        dst_path=str(tmp_path / "model"), tracking_uri=uri))
+    blobs = {f"artifact {p.relative_to(tmp_path)}": p.read_bytes()
+             for p in _files(artifacts) + _files(model)}
+    blobs.update({f"ray log {p.name}": p.read_bytes()
+                  for p in _files(ray_session_dir / "logs")})
+    blobs.update({f"checkpoint {p.relative_to(tmp_path)}": p.read_bytes()
+                  for p in _files(tmp_path / "ray")})
+    assert any(k.startswith("ray log") for k in blobs) and len(blobs) > 10
+    leaks = [f"{where}: {secret}" for secret in secrets
+             for where, text in texts.items() if secret in text]
+    leaks += [f"{where}: {secret}" for secret in secrets
+              for where, data in blobs.items() if secret.encode() in data]
+    assert not leaks, leaks
