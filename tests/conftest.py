@@ -36,20 +36,14 @@ def s3_server(tmp_path_factory):
 
     Sets the AWS_* variables (endpoint, keys) so boto3's standard chain finds it.
     """
-    from s3server import SeaweedS3
+    from s3server import SeaweedS3, environment_of
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        yield server
+        with environment_of(server):
+            yield server
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture
@@ -63,8 +57,10 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray cluster (2 CPUs) for the session; shut down at the end."""
+def ray_local(s3_server):
+    """A local Ray cluster (2 CPUs) for the session; shut down at the end. Started after
+    the S3 server, so that its workers inherit the S3 credentials (cvaa never passes
+    secrets through a runtime_env)."""
     import ray
 
     if not ray.is_initialized():

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ACCESS_KEY = "cvaa-test"
 SECRET_KEY = "cvaa-test-secret"
@@ -121,3 +123,19 @@ class SeaweedS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def environment_of(server: SeaweedS3) -> Iterator[SeaweedS3]:
+    """The AWS_* variables (endpoint, keys) point at ``server`` inside the block, so that
+    boto3's standard chain finds it; the previous values come back afterwards."""
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

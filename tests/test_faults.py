@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import re
-import os
 import subprocess
 import threading
 import time
@@ -138,54 +137,51 @@ def test_a_full_storage_stops_cleanly_and_the_run_resumes_after_space_is_freed(
 def test_an_s3_outage_while_checkpointing_is_waited_out(tmp_path, prepared_cpu):
     """Stop the S3 server as epoch 2 begins and start it again (same port, same data)
     8 s later: rank 0 retries the upload, nothing restarts, all epochs are checkpointed."""
-    from s3server import SeaweedS3
+    from s3server import SeaweedS3, environment_of
 
     server = SeaweedS3(tmp_path / "s3").start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    threads = []
+    threads: list[threading.Thread] = []
     try:
-        server.client().create_bucket(Bucket="ckpt")
-        lines: list[str] = []
-
-        errors = []
-
-        def outage():
-            try:
-                server.stop()
-                time.sleep(8)
-                server.start()
-            except Exception as exc:  # reported by the assertion below
-                errors.append(exc)
-
-        def log(line):
-            lines.append(line)
-            if line.startswith("epoch 1/") and not threads:
-                threads.append(threading.Thread(target=outage, daemon=True))
-                threads[0].start()
-
-        job = _job(tmp_path, prepared_cpu, "s3://ckpt/ray", 4, name="s3-outage")
-        with tracking.open_run(job.mlflow_uri, job.run_name) as run:
-            result = train(job, run, log=log)
-        threads[0].join(timeout=120)
-        assert not errors, errors
-        assert result.epochs == 4
-        assert "resumed_at_epoch" not in result.history        # no restart was needed
-        notes = [line for line in lines if line.startswith("note: checkpoint upload")]
-        assert any("retrying" in line for line in notes), lines
-        print(f"S3 outage: {notes}")
-        keys = {o["Key"] for o in server.client().list_objects_v2(
-            Bucket="ckpt", Prefix="ray/s3-outage/").get("Contents", [])}
-        for epoch in (3, 4):   # checkpoints_to_keep=2: the last two, complete
-            assert f"ray/s3-outage/epoch_{epoch:04d}/checkpoint.pt" in keys
-            assert f"ray/s3-outage/epoch_{epoch:04d}/{MARKER}" in keys
+        with environment_of(server):
+            _train_through_an_s3_outage(server, tmp_path, prepared_cpu, threads)
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+def _train_through_an_s3_outage(server, tmp_path, prepared, threads) -> None:
+    server.client().create_bucket(Bucket="ckpt")
+    lines: list[str] = []
+    errors = []
+
+    def outage():
+        try:
+            server.stop()
+            time.sleep(8)
+            server.start()
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("epoch 1/") and not threads:
+            threads.append(threading.Thread(target=outage, daemon=True))
+            threads[0].start()
+
+    job = _job(tmp_path, prepared, "s3://ckpt/ray", 4, name="s3-outage")
+    with tracking.open_run(job.mlflow_uri, job.run_name) as run:
+        result = train(job, run, log=log)
+    threads[0].join(timeout=120)
+    assert not errors, errors
+    assert result.epochs == 4
+    assert "resumed_at_epoch" not in result.history        # no restart was needed
+    notes = [line for line in lines if line.startswith("note: checkpoint upload")]
+    assert any("retrying" in line for line in notes), lines
+    print(f"S3 outage: {notes}")
+    keys = {o["Key"] for o in server.client().list_objects_v2(
+        Bucket="ckpt", Prefix="ray/s3-outage/").get("Contents", [])}
+    for epoch in (3, 4):   # checkpoints_to_keep=2: the last two, complete
+        assert f"ray/s3-outage/epoch_{epoch:04d}/checkpoint.pt" in keys
+        assert f"ray/s3-outage/epoch_{epoch:04d}/{MARKER}" in keys
 
 
 @pytest.mark.ray

@@ -84,3 +84,22 @@ def test_a_restarted_logger_sends_its_predecessors_entries_first(run, tmp_path):
     assert spool.flush(60)
     spool.close()
     assert _steps(uri, run_id) == [(1, 1.0), (2, 2.0)]
+
+
+def test_replay_job_sends_a_dumped_folder(run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    uri, run_id = run
+    dead = SpooledRun(DOWN, run_id, max_backoff_s=0.2)
+    dead.log_metrics({"loss": 0.5}, 7)
+    dead.dump(tmp_path / "pending")
+    dead.close()
+    spec = importlib.util.spec_from_file_location(
+        "replay_log", Path(__file__).resolve().parents[1] / "jobs" / "replay_log.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main([str(tmp_path / "empty")]) == 2              # nothing to replay: said
+    assert "no pending.jsonl" in capsys.readouterr().err
+    assert job.main([str(tmp_path / "pending"), "--mlflow-uri", uri]) == 0
+    assert _steps(uri, run_id) == [(7, 0.5)]

@@ -15,10 +15,12 @@ import math
 import os
 from typing import Any
 
-# S3 and MLflow settings the driver was given reach the workers too (a cluster whose nodes
-# have their own IAM role simply has none of these set on the driver).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+# S3 and MLflow settings the driver was given reach the workers too. Secrets never do:
+# a runtime_env is written to Ray's logs (runtime_env_agent.log) and shown by the
+# dashboard. Workers take credentials from their own environment: a local Ray started by
+# the job inherits the driver's; on a cluster, the environment of `ray start` on each node,
+# ~/.aws/credentials, or the node's IAM role (tests/test_secrets.py scans for leaks).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "AWS_PROFILE", "MLFLOW_TRACKING_URI",
                  "MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
 # Library loggers that are quiet unless --verbose.
