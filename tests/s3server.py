@@ -20,19 +20,23 @@ ACCESS_KEY = "cvaa-test"
 SECRET_KEY = "cvaa-test-secret"
 
 
-def _free_port() -> int:
-    """A free port whose gRPC companion (port + 10000, SeaweedFS's default) is free too."""
+def _free_port(avoid: set[int] | None = None) -> int:
+    """A free port whose gRPC companion (port + 10000, SeaweedFS's default) is free too;
+    with ``avoid``, none of those nor their companions, and the pick is added to it."""
+    avoid = avoid if avoid is not None else set()
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 10000 > 65535:
+        if port + 10000 > 65535 or {port, port + 10000} & (
+                avoid | {p + 10000 for p in avoid} | {p - 10000 for p in avoid}):
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        avoid.add(port)
         return port
     raise RuntimeError("no free port pair for SeaweedFS")
 
@@ -62,9 +66,13 @@ class SeaweedS3:
             '{"identities": [{"name": "cvaa", "credentials": [{"accessKey": "%s", '
             '"secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}'
             % (ACCESS_KEY, SECRET_KEY))
+        # Distinct from the S3 port and from each other (a free port is free until bound,
+        # so two picks can coincide).
+        taken = {self.port}
+        master, volume, filer = (_free_port(avoid=taken) for _ in range(3))
         cmd = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1",
-               "-ip.bind=127.0.0.1", f"-master.port={_free_port()}",
-               f"-volume.port={_free_port()}", f"-filer.port={_free_port()}",
+               "-ip.bind=127.0.0.1", f"-master.port={master}",
+               f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={self.port}", f"-s3.config={config}",
                # fixed-port extras off, so that two servers can run side by side
                "-s3.port.iceberg=0", "-s3.port.lance=0",
