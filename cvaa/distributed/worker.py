@@ -42,6 +42,9 @@ PENDING_DIR = "mlflow_pending"
 # How long the last epoch waits for a tracking server that is down before leaving its
 # queue in the final checkpoint.
 MLFLOW_FINAL_FLUSH_S = 300.0
+# How long an epoch's report waits for a reachable server to take the epoch's entries (not
+# at all while it is unreachable).
+MLFLOW_EPOCH_SETTLE_S = 30.0
 # Reported every epoch as ``val/<name>`` (means over the validation patients).
 VAL_METRICS = ("mae", "mse", "cosine", "psnr", "ssim", "psnr_x2ct", "ssim_x2ct")
 
@@ -184,6 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     pending = tracker.finish(MLFLOW_FINAL_FLUSH_S)
                     if pending:
                         metrics["mlflow_pending"] = float(pending)
+                else:  # a reachable server has the epoch before it is reported
+                    tracker.settle(MLFLOW_EPOCH_SETTLE_S)
                 metrics["mlflow_queued"] = float(tracker.queued())
                 tracker.keep_pending(Path(tmp))
                 write_marker(tmp)
@@ -299,6 +304,10 @@ class _RankZeroTracker:
         if self.active:
             # a copy for MLflow users; not dumped into the next checkpoint (it is one)
             self.run.log_file(path, f"checkpoints/epoch_{epoch:04d}", dumped=False)
+
+    def settle(self, timeout_s: float) -> None:
+        if self.active:
+            self.run.settle(timeout_s)
 
     def queued(self) -> int:
         return self.run.pending() if self.active else 0

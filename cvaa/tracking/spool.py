@@ -64,6 +64,7 @@ class SpooledRun:
         self.last_error = ""
         self.outage_seconds = 0.0
         self._logger = None
+        self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="cvaa-mlflow-spool",
                                         daemon=True)
         self._thread.start()
@@ -93,6 +94,24 @@ class SpooledRun:
     def pending(self) -> int:
         with self._cond:
             return len(self._entries)
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last send failed (the server is unreachable now)."""
+        return self._failing_since is not None
+
+    def settle(self, timeout_s: float) -> bool:
+        """:meth:`flush` while the server answers; return at once while it does not (so an
+        outage costs the loop nothing, and a reachable server has everything logged before
+        the epoch's report, as if the calls were synchronous)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._entries:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.failing:
+                    return False
+                self._cond.wait(min(left, 0.2))
+        return True
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything is sent (True) or ``timeout_s`` passes (False)."""
@@ -160,7 +179,7 @@ class SpooledRun:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        backoff, failing_since = 1.0, None
+        backoff = 1.0
         while True:
             with self._cond:
                 while not self._entries and not self._closed:
@@ -173,8 +192,8 @@ class SpooledRun:
             except Exception as exc:  # any failure: the server, the network, the store
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                if failing_since is None:
-                    failing_since = time.monotonic()
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                     self._state(f"MLflow unreachable ({self.last_error}); training goes on, "
                                 f"logging is queued and retried")
                 with self._cond:
@@ -190,12 +209,12 @@ class SpooledRun:
                 self._cond.notify_all()
             if entry["kind"] == "artifact":
                 (self.dir / entry["file"]).unlink(missing_ok=True)
-            if failing_since is not None:
-                down = time.monotonic() - failing_since
+            if self._failing_since is not None:
+                down = time.monotonic() - self._failing_since
                 self.outage_seconds += down
                 self._state(f"MLflow reachable again after {down:.0f} s; sending the "
                             f"{self.pending() + 1} queued entries in order")
-                failing_since, backoff = None, 1.0
+                self._failing_since, backoff = None, 1.0
 
     def _client(self):
         if self._logger is None:
