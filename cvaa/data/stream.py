@@ -31,7 +31,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -91,16 +91,10 @@ class Batch:
 
 @dataclass
 class StreamStats:
-    """What a :class:`CaseStream` measured since it was made (or :meth:`reset`)."""
+    """What a :class:`CaseStream` delivered since it was made."""
 
     cases: int = 0
     wait_seconds: float = 0.0        # time the consumer spent blocked on the next batch
-    read_seconds: float = 0.0        # summed over the threads (read + decode per case)
-    started: float = field(default_factory=time.perf_counter)
-
-    def reset(self) -> None:
-        self.cases, self.wait_seconds, self.read_seconds = 0, 0.0, 0.0
-        self.started = time.perf_counter()
 
 
 class CaseStream:
@@ -126,20 +120,17 @@ class CaseStream:
         self.pin_memory = pin_memory
         self.stats = StreamStats()
 
-    def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray, float]:
-        tick = time.perf_counter()
+    def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            xrays, ct = self.load(case_id)
+            return self.load(case_id)
         except Exception as exc:
             raise RuntimeError(f"case {case_id}: cannot be read for training: "
                                f"{type(exc).__name__}: {exc}") from exc
-        return xrays, ct, time.perf_counter() - tick
 
     def _assemble(self, step: Step, jobs: list[futures.Future]) -> Batch:
         """Wait for a step's cases and stack them (in the assembler thread, so the
         consumer only ever waits for data that is genuinely late)."""
         done = [job.result() for job in jobs]
-        self.stats.read_seconds += sum(d[2] for d in done)
         xrays = torch.from_numpy(np.stack([d[0] for d in done]))
         ct = torch.from_numpy(np.stack([d[1] for d in done]))
         if self.pin_memory:

@@ -211,15 +211,15 @@ def figure_volumes(models: Sequence[tracking.LoadedModel], labels: Sequence[str]
     """``{label: [(D, H, W) per case], ..., "Ground truth": [...]}`` for Fig. 2: predicted
     on cluster workers when ``specs`` are given, else in this process on ``device``."""
     cases = [dataset.load(c) for c in case_ids]
-    xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))     # (N, 2, P, P)
     columns: dict[str, list[np.ndarray]] = {}
-    for i, (label, m) in enumerate(zip(labels, models)):
-        if specs is not None:
-            columns[label] = predict_on_cluster(specs[i], dataset.root, case_ids,
-                                                use_gpu=use_gpu)
-            continue
-        pred = predict(m.generator.to(device), xrays).clamp(0, 1)         # (N, 1, D, H, W)
-        columns[label] = [p[0].numpy() for p in pred]
+    if specs is not None:
+        for label, spec in zip(labels, specs):
+            columns[label] = predict_on_cluster(spec, dataset.root, case_ids, use_gpu=use_gpu)
+    else:
+        xrays = torch.from_numpy(np.stack([c["xrays"] for c in cases]))  # (N, 2, P, P)
+        for label, m in zip(labels, models):
+            pred = predict(m.generator.to(device), xrays).clamp(0, 1)     # (N, 1, D, H, W)
+            columns[label] = [p[0].numpy() for p in pred]
     columns[GROUND_TRUTH] = [c["ct"][0] for c in cases]
     return columns
 
@@ -402,15 +402,3 @@ def predict_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str], *,
         **_worker_resources(use_gpu, threads),
         runtime_env={"env_vars": env} if env else None)
     return ray.get(task.remote(model, data, list(case_ids), use_gpu, threads))
-
-
-def evaluate_ray(model_uri: str, tracking_uri: str, data: str, case_ids: Sequence[str], *,
-                 batch_size: int = 4, workers: int | None = None,
-                 use_gpu: bool = False, address: str | None = None, verbose: bool = False
-                 ) -> list[dict[str, float]]:
-    """:func:`score_on_cluster` for a registered model, joining or starting Ray first."""
-    from cvaa.distributed.cluster import init_ray
-
-    init_ray(address, verbose=verbose)  # joins RAY_ADDRESS or starts a local Ray
-    return score_on_cluster(ModelSpec(model_uri, tracking_uri), data, case_ids,
-                            batch_size=batch_size, workers=workers, use_gpu=use_gpu)

@@ -59,10 +59,8 @@ class SpooledRun:
         self._cond = threading.Condition()
         self._closed = False
         self._seq = 0
-        self.sent = 0
         self.failures = 0
         self.last_error = ""
-        self.outage_seconds = 0.0
         self._logger = None
         self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="cvaa-mlflow-spool",
@@ -205,13 +203,11 @@ class SpooledRun:
             with self._cond:
                 if self._entries and self._entries[0] is entry:
                     self._entries.pop(0)
-                self.sent += 1
                 self._cond.notify_all()
             if entry["kind"] == "artifact":
                 (self.dir / entry["file"]).unlink(missing_ok=True)
             if self._failing_since is not None:
                 down = time.monotonic() - self._failing_since
-                self.outage_seconds += down
                 self._state(f"MLflow reachable again after {down:.0f} s; sending the "
                             f"{self.pending() + 1} queued entries in order")
                 self._failing_since, backoff = None, 1.0
