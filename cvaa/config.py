@@ -220,7 +220,11 @@ class TrainConfig:
         max_failures: worker failures survived by restoring the last checkpoint.
         storage_retry_s: how long rank 0 retries writing a checkpoint to a storage that
             does not answer (an S3 outage) before the run stops with the previous
-            checkpoint intact (keep it below the DDP collective timeout, 30 min).
+            checkpoint intact (keep it below the DDP collective timeout, 30 min); also
+            how long a worker retries reading a case from a storage that does not answer.
+        mlflow_wait_s: how long the last epoch waits for a tracking server that is down
+            to take the entries queued during the outage; what it has not taken by then
+            stays in the last checkpoint, and the job says how to send it.
         checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
     """
 
@@ -240,6 +244,7 @@ class TrainConfig:
     io_threads: int = 2
     max_failures: int = 2
     storage_retry_s: float = 600.0
+    mlflow_wait_s: float = 300.0
     checkpoints_to_keep: int = 2
 
 
@@ -292,6 +297,9 @@ class Config:
         if t.prefetch_batches < 1 or t.io_threads < 1:
             raise ConfigError(f"{source}: train.prefetch_batches={t.prefetch_batches} and "
                               f"train.io_threads={t.io_threads} must be >= 1")
+        if t.storage_retry_s < 0 or t.mlflow_wait_s < 0:
+            raise ConfigError(f"{source}: train.storage_retry_s={t.storage_retry_s} and "
+                              f"train.mlflow_wait_s={t.mlflow_wait_s} must be >= 0")
         if self.optim.reference_batch < 1:
             raise ConfigError(f"{source}: optim.reference_batch must be >= 1, got "
                               f"{self.optim.reference_batch}")

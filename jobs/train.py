@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa import tracking
     from cvaa.data.dataset import config_hash
     from cvaa.distributed.cluster import cluster_cpus, init_ray, joins_cluster
-    from cvaa.distributed.training import (EmptySplitError, TrainJob, default_storage,
-                                           ensure_prepared, run_training)
+    from cvaa.distributed.checkpoints import CorruptCheckpointError
+    from cvaa.distributed.training import (EmptySplitError, StorageError, TrainJob,
+                                           default_storage, ensure_prepared, run_training)
     from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 
     start = time.perf_counter()
@@ -87,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{o.lr_scaling} from batch {o.reference_batch})")
     try:
         out = run_training(job, log=lambda line: print(f"[train] {line}"))
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, StorageError, CorruptCheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except tracking.TrackingUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, EmptySplitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -236,3 +236,48 @@ def test_a_killed_driver_is_resubmitted_into_the_same_run(tmp_path, prepared_cpu
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss_g")})
     assert steps == [1, 2, 3, 4, 5]
     print(f"killed driver: resubmitted run finished {recovered:.0f} s after the kill")
+
+
+@pytest.mark.s3
+def test_an_s3_outage_while_training_data_is_read_is_waited_out(tmp_path, prepared_cpu):
+    """Stop the S3 server holding the prepared cases after the first batch and start it
+    again 8 s later: the training stream waits the outage out (the reads fail with
+    ``StorageUnavailableError`` through boto3's retries, then are retried) and delivers
+    every case in order, instead of failing the worker into a restart loop."""
+    from s3server import SeaweedS3, environment_of
+
+    from cvaa.data.dataset import PreparedDataset
+    from cvaa.data.stream import CaseStream, chunks
+
+    server = SeaweedS3(tmp_path / "s3").start()
+    threads: list[threading.Thread] = []
+    try:
+        with environment_of(server):
+            client = server.client()
+            client.create_bucket(Bucket="data")
+            for f in Path(prepared_cpu).rglob("*"):
+                if f.is_file():
+                    key = f"prepared/{f.relative_to(prepared_cpu).as_posix()}"
+                    client.upload_file(str(f), "data", key)
+            dataset = PreparedDataset("s3://data/prepared")
+            ids = sorted(dataset.records)
+            said: list[str] = []
+            stream = CaseStream(dataset.arrays, prefetch=1, threads=1, retry_s=120,
+                                on_retry=said.append)
+            got, tick = [], time.monotonic()
+            for batch in stream.iterate(chunks(ids, 1)):
+                got.extend(batch.case_ids)
+                if not threads:
+                    server.stop()
+                    threads.append(threading.Thread(
+                        target=lambda: (time.sleep(8), server.start()), daemon=True))
+                    threads[0].start()
+            threads[0].join(timeout=120)
+            print(f"S3 outage while reading: {len(ids)} cases in {time.monotonic() - tick:.0f} s, "
+                  f"{stream.stats.retried_seconds:.0f} s spent waiting; {said}")
+            assert got == ids
+            assert stream.stats.retried_seconds > 0
+            assert "S3 endpoint unreachable" in said[0] and "retrying" in said[0], said
+            assert "after waiting" in said[-1], said
+    finally:
+        server.stop()

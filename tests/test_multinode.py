@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cvaa import tracking
 from cvaa.data import store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,5 +186,66 @@ def test_a_tracking_server_outage_neither_stops_training_nor_loses_an_epoch(
         checkpoints = {a.path for a in client.list_artifacts(out["run_id"], "checkpoints")}
         assert {f"checkpoints/epoch_{e:04d}" for e in range(1, 7)} <= checkpoints
         assert client.get_model_version_by_alias("outage", "candidate").run_id == out["run_id"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_never_returns_leaves_a_resumable_run(prepared_cpu, tmp_path):
+    """Stop the MLflow server after epoch 1 and leave it down: training still finishes,
+    the entries the server did not take stay in the last checkpoint, and the job stops
+    with a message (no traceback, no minutes of client retries) that says how to go on.
+    Started again, the same command does not train again: it sends the kept entries, then
+    scores and registers into the same run, which ends FINISHED with every epoch."""
+    import time
+
+    from mlflowserver import MlflowServer
+
+    from cvaa.config import load_config
+    from cvaa.distributed.training import TrainJob, run_training
+    from cvaa.tracking.spool import PENDING
+
+    server = MlflowServer(tmp_path / "mlflow", str(tmp_path / "artifacts")).start()
+    lines: list[tuple[float, str]] = []
+
+    def log(line):
+        lines.append((time.monotonic(), line))
+        if line.startswith("epoch 1/") and server.proc.poll() is None:
+            server.stop()
+
+    try:
+        cfg = load_config("cpu", overrides=["train.batch_size=2", "train.cpus_per_worker=1",
+                                            "train.epochs=3", "train.figure_every=1",
+                                            "train.mlflow_wait_s=5"])
+        job = TrainJob(cfg=cfg, data=prepared_cpu, run_name="never", mlflow_uri=server.uri,
+                       storage=str(tmp_path / "ray"), register_name="never", preset="cpu")
+        with pytest.raises(tracking.TrackingUnavailableError) as caught:
+            run_training(job, log=log)
+        message, raised = str(caught.value), time.monotonic()
+        epochs = [line for _, line in lines if line.startswith("epoch ")]
+        assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"], lines
+        last_epoch = max(at for at, line in lines if line.startswith("epoch 3/"))
+        print(f"MLflow never back: the job stopped {raised - last_epoch:.0f} s after its "
+              f"last epoch line; message: {message}")
+        assert raised - last_epoch < 60, "the job must not sit in MLflow's own retries"
+        assert "--run-name never" in message and "replay_log.py" in message
+        kept = Path(message.split("are kept in ")[1].split(";")[0])
+        steps = sorted({json.loads(line).get("step") for line in
+                        (kept / PENDING).read_text().splitlines() if line.strip()} - {None})
+        assert steps == [2, 3], steps   # epoch 1 was sent before the server stopped
+
+        server.start()   # same port, same store
+        again: list[str] = []
+        out = run_training(job, log=again.append)
+        assert not [line for line in again if line.startswith("epoch ")], again
+        client = mlflow.MlflowClient(server.uri)
+        assert client.get_run(out["run_id"]).info.status == "FINISHED"
+        history = client.get_metric_history(out["run_id"], "loss_g")
+        assert sorted(m.step for m in history) == [1, 2, 3]
+        figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
+        assert {f"figures/slices_epoch_{e:04d}.png" for e in (1, 2, 3)} <= figures
+        assert client.get_model_version_by_alias("never", "candidate").run_id == out["run_id"]
+        assert len(client.search_runs([client.get_run(out["run_id"]).info.experiment_id],
+                                      "tags.`mlflow.runName` = 'never'")) == 1
     finally:
         server.stop()

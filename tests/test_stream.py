@@ -101,6 +101,30 @@ def test_an_unreadable_case_is_named():
         list(CaseStream(load).iterate(chunks(IDS, 2)))
 
 
+def test_a_storage_outage_is_waited_out_and_a_longer_one_named():
+    tries: dict[str, int] = {}
+    said: list[str] = []
+
+    def load(case_id):
+        tries[case_id] = tries.get(case_id, 0) + 1
+        if case_id == "case-003" and tries[case_id] <= 2:   # down for two tries (~3 s)
+            raise ConnectionError("s3://bucket/case-003.npz: S3 endpoint unreachable")
+        return _arrays(case_id)
+
+    stream = CaseStream(load, threads=1, retry_s=60, on_retry=said.append)
+    got = [c for b in stream.iterate(chunks(IDS, 2)) for c in b.case_ids]
+    assert got == IDS and tries["case-003"] == 3
+    assert stream.stats.retried_seconds >= 2.5
+    assert [m.split(": ")[0] for m in said] == ["case case-003"] * 2
+    assert "retrying for up to 60 s" in said[0] and "after waiting" in said[1]
+
+    def down(case_id):
+        raise ConnectionError("endpoint unreachable")
+
+    with pytest.raises(RuntimeError, match="case-000.*storage unreachable for 1 s"):
+        list(CaseStream(down, threads=1, retry_s=1).iterate(chunks(IDS, 2)))
+
+
 def test_closing_the_iterator_early_stops_the_threads():
     started = []
 

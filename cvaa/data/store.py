@@ -59,11 +59,23 @@ def _missing(exc) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
+class StorageUnavailableError(ConnectionError):
+    """The storage did not answer (after the S3 client's own retries): an outage, which
+    a caller may wait out, unlike a missing or damaged file."""
+
+
 def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The bytes of a local file or S3 object.
+
+    Raises:
+        FileNotFoundError: no such file or key.
+        StorageUnavailableError: the S3 endpoint did not answer, or answered with a
+            server error (5xx), through the client's retries.
+    """
     uri = str(uri)
     if not is_s3(uri):
         return Path(uri).read_bytes()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
     bucket, key = split_s3(uri)
     try:
@@ -71,7 +83,11 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     except ClientError as exc:
         if _missing(exc):
             raise FileNotFoundError(f"{uri}: no such S3 key") from exc
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            raise StorageUnavailableError(f"{uri}: S3 server error ({exc})") from exc
         raise
+    except (ConnectionError, HTTPClientError) as exc:
+        raise StorageUnavailableError(f"{uri}: S3 endpoint unreachable ({exc})") from exc
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:

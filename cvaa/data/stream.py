@@ -95,6 +95,7 @@ class StreamStats:
 
     cases: int = 0
     wait_seconds: float = 0.0        # time the consumer spent blocked on the next batch
+    retried_seconds: float = 0.0     # time reads spent waiting out storage outages
 
 
 class CaseStream:
@@ -107,25 +108,55 @@ class CaseStream:
             ``prefetch + 1`` batches of decoded cases and their stacked copies).
         threads: concurrent case reads.
         pin_memory: pin the stacked batches (for fast, asynchronous copies to a GPU).
+        retry_s: how long a read that raises ``ConnectionError`` (a storage outage, e.g.
+            :class:`cvaa.data.store.StorageUnavailableError`) is retried, with backoff,
+            before it fails; other errors fail at once.
+        on_retry: called with a one-line message when a read starts waiting out an
+            outage, and when it recovers (``None``: silent).
 
     Iterating :meth:`iterate` yields :class:`Batch` es in the plan's order. A case that
     cannot be read raises its error (with the case id) at its turn in the order.
     """
 
     def __init__(self, load: Callable[[str], tuple[np.ndarray, np.ndarray]], *,
-                 prefetch: int = 4, threads: int = 2, pin_memory: bool = False):
+                 prefetch: int = 4, threads: int = 2, pin_memory: bool = False,
+                 retry_s: float = 0.0, on_retry: Callable[[str], None] | None = None):
         if prefetch < 1 or threads < 1:
             raise ValueError(f"prefetch ({prefetch}) and threads ({threads}) must be >= 1")
         self.load, self.prefetch, self.threads = load, prefetch, threads
-        self.pin_memory = pin_memory
+        self.pin_memory, self.retry_s, self.on_retry = pin_memory, retry_s, on_retry
         self.stats = StreamStats()
 
     def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            return self.load(case_id)
-        except Exception as exc:
-            raise RuntimeError(f"case {case_id}: cannot be read for training: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        started, delay = None, 1.0
+        while True:
+            try:
+                found = self.load(case_id)
+            except ConnectionError as exc:  # an outage: wait it out, bounded
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    self._say(f"case {case_id}: storage unreachable ({exc}); retrying for "
+                              f"up to {self.retry_s:.0f} s")
+                if now - started >= self.retry_s:
+                    raise RuntimeError(f"case {case_id}: cannot be read for training: "
+                                       f"storage unreachable for {now - started:.0f} s "
+                                       f"({exc})") from exc
+                time.sleep(min(delay, self.retry_s - (now - started)))
+                delay = min(delay * 2, 30.0)
+                continue
+            except Exception as exc:
+                raise RuntimeError(f"case {case_id}: cannot be read for training: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            if started is not None:
+                self.stats.retried_seconds += time.monotonic() - started
+                self._say(f"case {case_id}: read after waiting "
+                          f"{time.monotonic() - started:.0f} s for the storage")
+            return found
+
+    def _say(self, message: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(message)
 
     def _assemble(self, step: Step, jobs: list[futures.Future]) -> Batch:
         """Wait for a step's cases and stack them (in the assembler thread, so the

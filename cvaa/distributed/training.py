@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -191,16 +192,45 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
         raise CorruptCheckpointError(f"training stopped: {outcome.get('message')}")
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
-    pending = int((result.metrics or {}).get("mlflow_pending", 0))
-    if pending and log:
-        where = f"{result.checkpoint.path}/{PENDING_DIR}"
-        log(f"MLflow at {job.mlflow_uri} did not come back: {pending} epoch entries are "
-            f"kept in the last checkpoint ({where}); once it answers, send them with "
-            f"`python jobs/replay_log.py {where} --mlflow-uri {job.mlflow_uri}` (copy the "
-            f"folder from S3 first if it is there)")
+    pending = int(outcome.get("mlflow_pending", 0))
+    if pending:
+        _send_kept_entries(job, run, result.checkpoint, pending, log)
     state = load_checkpoint_state(result.checkpoint)
     run.log_metrics({"train_wall_seconds": wall}, state["epoch"] + 1)
     return TrainResult(result.checkpoint, dict(result.metrics or {}), wall, state)
+
+
+def resubmit_hint(job: TrainJob) -> str:
+    return (f"once the server answers, run the same command again with --run-name "
+            f"{job.run_name}: it does not train again; it sends what MLflow has not "
+            f"received, scores Table I and registers the model, in the same MLflow run")
+
+
+def _send_kept_entries(job: TrainJob, run: tracking.RunLogger, checkpoint, pending: int,
+                       log: Callable[[str], None] | None) -> None:
+    """Rank 0's last wait ended with ``pending`` MLflow entries unsent (kept in the last
+    checkpoint): send them from the driver if the server answers now; otherwise stop
+    with a message that says where they are and how to resume.
+
+    Raises:
+        TrackingUnavailableError: the server still does not answer.
+    """
+    from cvaa.tracking.spool import replay
+
+    where = f"{checkpoint.path}/{PENDING_DIR}"
+    try:
+        tracking.check_tracking_uri(job.mlflow_uri)
+    except tracking.TrackingUnavailableError as exc:
+        raise tracking.TrackingUnavailableError(
+            f"training finished (checkpoint {checkpoint.path}), but MLflow at "
+            f"{job.mlflow_uri} did not come back: the {pending} entries it has not received "
+            f"are kept in {where}; {resubmit_hint(job)} (or send the entries alone: "
+            f"`python jobs/replay_log.py {where} --mlflow-uri {job.mlflow_uri}`)") from exc
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="cvaa-pending-") as tmp:
+        pyarrow.fs.copy_files(where, tmp, source_filesystem=checkpoint.filesystem)
+        replay(tmp, job.mlflow_uri, run.run_id, log=log or (lambda line: None))
 
 
 def load_checkpoint_state(checkpoint) -> dict[str, Any]:
@@ -368,29 +398,46 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str,
     "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
     """
     dataset = PreparedDataset(job.data)  # fails early, with the URI, if there is none
+    if job.mlflow_uri.startswith(("http://", "https://")):  # a local store is created
+        tracking.check_tracking_uri(job.mlflow_uri)  # fails fast, naming the URI
     tags = {"cvaa.model": job.cfg.model.generator, "cvaa.data": job.data}
     with tracking.open_run(job.mlflow_uri, job.run_name, experiment=job.experiment,
                            tags=tags, resume=True, log=log) as run:
         result = train(job, run, log=log)
-        generator = result.generator(job.cfg)
-        label = MODEL_LABELS.get(job.cfg.model.generator, job.cfg.model.generator)
-        table = None
-        if dataset.split("test"):
-            n_test, tick = len(dataset.split("test")), time.perf_counter()
-            log(f"evaluating the test split ({n_test} cases) on "
-                f"{job.cfg.train.num_workers} cluster worker(s)")
-            table = evaluate_on_workers(result, dataset, "test", job.cfg)
-            log_evaluation(run, table, result.epochs)
-            run.log_metrics({"test_eval_seconds": time.perf_counter() - tick}, result.epochs)
-        else:
-            log("no test split in the dataset: Table I not computed")
-        log_curves(run, result.history, label)
-        registered = register(run, generator, job, dataset, table.rows[0] if table else None)
+        try:
+            table, registered = _evaluate_and_register(job, run, result, dataset, log)
+        except Exception as exc:  # an outage after training: no traceback, a way on
+            try:
+                tracking.check_tracking_uri(job.mlflow_uri)
+            except tracking.TrackingUnavailableError:
+                raise tracking.TrackingUnavailableError(
+                    f"training finished (checkpoint {result.checkpoint.path}), but MLflow "
+                    f"at {job.mlflow_uri} stopped answering during evaluation and "
+                    f"registration ({type(exc).__name__}); {resubmit_hint(job)}") from exc
+            raise
     return {"model_uri": registered["model_uri"], "version": registered["version"],
             "run_id": run.run_id, "table": table.markdown if table else None,
             "rows": table.rows if table else [], "metrics": result.metrics,
             "checkpoint": result.checkpoint.path, "wall_seconds": result.wall_seconds,
             "epochs": result.epochs, "history": result.history}
+
+
+def _evaluate_and_register(job: TrainJob, run: tracking.RunLogger, result: TrainResult,
+                           dataset: PreparedDataset, log: Callable[[str], None]):
+    generator = result.generator(job.cfg)
+    label = MODEL_LABELS.get(job.cfg.model.generator, job.cfg.model.generator)
+    table = None
+    if dataset.split("test"):
+        n_test, tick = len(dataset.split("test")), time.perf_counter()
+        log(f"evaluating the test split ({n_test} cases) on "
+            f"{job.cfg.train.num_workers} cluster worker(s)")
+        table = evaluate_on_workers(result, dataset, "test", job.cfg)
+        log_evaluation(run, table, result.epochs)
+        run.log_metrics({"test_eval_seconds": time.perf_counter() - tick}, result.epochs)
+    else:
+        log("no test split in the dataset: Table I not computed")
+    log_curves(run, result.history, label)
+    return table, register(run, generator, job, dataset, table.rows[0] if table else None)
 
 
 def ensure_prepared(cfg: Config, output: str, log=print) -> str:

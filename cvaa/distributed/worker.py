@@ -39,9 +39,6 @@ from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
 CHECKPOINT_FILE = "checkpoint.pt"
 # Inside a checkpoint: MLflow entries not yet received when it was written (see spool.py).
 PENDING_DIR = "mlflow_pending"
-# How long the last epoch waits for a tracking server that is down before leaving its
-# queue in the final checkpoint.
-MLFLOW_FINAL_FLUSH_S = 300.0
 # How long an epoch's report waits for a reachable server to take the epoch's entries (not
 # at all while it is unreachable).
 MLFLOW_EPOCH_SETTLE_S = 30.0
@@ -73,7 +70,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{dataset.root}: no training cases after the validation split")
     batch = per_worker_batch(cfg)
     stream = CaseStream(dataset.arrays, prefetch=cfg.train.prefetch_batches,
-                        threads=cfg.train.io_threads, pin_memory=device.type == "cuda")
+                        threads=cfg.train.io_threads, pin_memory=device.type == "cuda",
+                        retry_s=cfg.train.storage_retry_s,
+                        on_retry=lambda line: print(f"warning: rank {rank}: {line}",
+                                                    flush=True))
     my_val_ids = val_ids[rank::world]  # each rank validates a shard
 
     # ------------------------------------------------------------------ models
@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if distributed:
         trainer.all_finite = lambda ok: _all_ok(ok, distributed, device)
 
-    start_epoch, history = 0, defaultdict(list)
+    start_epoch, history, mlflow_pending = 0, defaultdict(list), 0
     tracker = _RankZeroTracker(config.get("mlflow"), rank)
     checkpoint = ray.train.get_checkpoint()
     resume_warnings: list[str] = []
@@ -184,9 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                        (my_val_ids or train_ids)[0], epoch + 1)
                     tracker.log_checkpoint(Path(tmp) / CHECKPOINT_FILE, epoch + 1)
                 if last:
-                    pending = tracker.finish(MLFLOW_FINAL_FLUSH_S)
-                    if pending:
-                        metrics["mlflow_pending"] = float(pending)
+                    mlflow_pending = tracker.finish(cfg.train.mlflow_wait_s)
+                    if mlflow_pending:
+                        metrics["mlflow_pending"] = float(mlflow_pending)
                 else:  # a reachable server has the epoch before it is reported
                     tracker.settle(MLFLOW_EPOCH_SETTLE_S)
                 metrics["mlflow_queued"] = float(tracker.queued())
@@ -209,7 +209,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         "checkpoint"}
             ray.train.report(metrics, checkpoint=persisted, checkpoint_dir_name=name,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-    return {"status": "completed", "epochs": cfg.train.epochs}
+    if start_epoch >= cfg.train.epochs:
+        # Training was complete: a resubmitted job sends what MLflow did not receive then
+        # (requeued from the last checkpoint) before the driver evaluates and registers.
+        mlflow_pending = tracker.finish(cfg.train.mlflow_wait_s)
+    return {"status": "completed", "epochs": cfg.train.epochs,
+            "mlflow_pending": mlflow_pending}
 
 
 def _mean_over_ranks(value: float, distributed: bool, device) -> float:

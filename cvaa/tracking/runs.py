@@ -77,7 +77,9 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     with ``resume`` reopens the newest unfinished run of that name and ``tags`` (as
     ``jobs/train.py --run-name`` and ``jobs/tune.py --resume`` do). Closing happens on every
     exit path: FINISHED when the block ends, KILLED on ``KeyboardInterrupt`` or
-    :class:`RunKilled`, FAILED on any other exception, which is re-raised. A child run
+    :class:`RunKilled`, FAILED on any other exception, which is re-raised, except
+    :class:`TrackingUnavailableError` (the store cannot be told: the run stays RUNNING for
+    the resubmitted job to resume). A child run
     is the exception to the last rule: it is closed FINISHED by itself, but when it raises
     it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
     the trial or the trial failed; see ``cvaa.distributed.sweep``).
@@ -108,6 +110,8 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     except (KeyboardInterrupt, RunKilled):
         logger.set_terminated("KILLED")
         raise
+    except TrackingUnavailableError:
+        raise  # it cannot be told; the run stays RUNNING and the next resume takes it
     except BaseException:
         if not parent_run_id:
             logger.set_terminated("FAILED")
