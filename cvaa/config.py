@@ -57,6 +57,12 @@ class PreprocessConfig:
         body_threshold_hu: voxels above this are candidate body tissue for ``body``.
         clip_hu: HU window kept; also the min-max normalisation range.
         pad_hu: value used where the crop reaches outside the scanned volume (air).
+        context_margin_mm: the prepared dataset also keeps, per case, the resampled CT
+            (HU, int16) over the crop's superior-inferior range widened by this margin on
+            each side, at the full axial extent, so that X-rays can be rendered again
+            with other geometry and physics (``augment``); ``0`` keeps no context (no
+            X-ray randomisation possible). The margin covers the rays' divergence and the
+            augmentation's rotations and shifts.
     """
 
     spacing_mm: float = 2.0
@@ -65,6 +71,7 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0
     clip_hu: tuple[float, float] = (-1000.0, 4096.0)
     pad_hu: float = -1000.0
+    context_margin_mm: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,58 @@ class DRRConfig:
     photons: float = 0.0
     blur_sigma_px: float = 0.5
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time X-ray domain randomisation (see ``cvaa.data.augment``): each training
+    sample's PA + lateral pair is rendered again from the case's context CT, with its
+    own geometry, physics and display drawn from these ranges; the target CT stays in the
+    canonical frame. Off by default (the paper's fixed DRRs); validation and Table I
+    always use the fixed DRRs.
+
+    Args:
+        enabled: randomise the training X-rays.
+        seed: with the epoch and the case id, seeds every sample's draw.
+        clean_fraction: share of samples given the fixed DRR unchanged.
+        rotation_deg: patient rotation about each physical axis, uniform in +-this.
+        shift_mm: isocentre shift along each axis, uniform in +-this.
+        distance_frac: source-isocentre and source-detector distances each scaled by
+            ``1 + u``, ``u`` uniform in +-this (the detector's pixel pitch is kept).
+        zoom_frac: detector pixel pitch scaled by ``1 + u`` (crop / zoom).
+        mu_frac: effective energy: water attenuation scaled by ``1 + u``.
+        bone_frac: bone-vs-soft-tissue contrast: attenuation above ``bone_hu`` scaled by
+            a further ``1 + u``.
+        bone_hu: HU above which a voxel is bone in the two-material split.
+        scatter_max: scatter-to-primary ratio, uniform in [0, this]; scatter is the
+            primary image blurred by a wide Gaussian (an eighth of the detector).
+        photons_min, photons_max: dose, log-uniform photons per pixel (Poisson noise);
+            ``photons_max == 0``: noise-free.
+        blur_max_px: detector blur sigma, uniform in [0, this] pixels.
+        gamma_frac: display look-up table: gamma ``exp(u)``, ``u`` uniform in
+            +-``log(1 + gamma_frac)``.
+        window_prob: probability of a sigmoid window (centre 0.3-0.7, width 0.1-0.3)
+            after the gamma.
+        unsharp_max: unsharp-masking amount, uniform in [0, this] (sigma 1-4 pixels).
+    """
+
+    enabled: bool = False
+    seed: int = 0
+    clean_fraction: float = 0.2
+    rotation_deg: float = 5.0
+    shift_mm: float = 10.0
+    distance_frac: float = 0.1
+    zoom_frac: float = 0.05
+    mu_frac: float = 0.1
+    bone_frac: float = 0.25
+    bone_hu: float = 200.0
+    scatter_max: float = 0.3
+    photons_min: float = 2e4
+    photons_max: float = 1e6
+    blur_max_px: float = 1.0
+    gamma_frac: float = 0.3
+    window_prob: float = 0.3
+    unsharp_max: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +314,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     drr: DRRConfig = field(default_factory=DRRConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -297,6 +357,19 @@ class Config:
         if t.prefetch_batches < 1 or t.io_threads < 1:
             raise ConfigError(f"{source}: train.prefetch_batches={t.prefetch_batches} and "
                               f"train.io_threads={t.io_threads} must be >= 1")
+        a = self.augment
+        if not 0.0 <= a.clean_fraction <= 1.0 or not 0.0 <= a.window_prob <= 1.0:
+            raise ConfigError(f"{source}: augment.clean_fraction={a.clean_fraction} and "
+                              f"augment.window_prob={a.window_prob} must be in [0, 1]")
+        if not 0.0 <= a.distance_frac < 0.5 or not 0.0 <= a.zoom_frac < 0.5:
+            raise ConfigError(f"{source}: augment.distance_frac={a.distance_frac} and "
+                              f"augment.zoom_frac={a.zoom_frac} must be in [0, 0.5)")
+        if a.photons_max and not 0 < a.photons_min <= a.photons_max:
+            raise ConfigError(f"{source}: augment.photons_min={a.photons_min} must be in "
+                              f"(0, photons_max={a.photons_max}]")
+        if a.enabled and self.preprocess.context_margin_mm <= 0:
+            raise ConfigError(f"{source}: augment.enabled needs the context CT "
+                              f"(preprocess.context_margin_mm > 0)")
         if t.storage_retry_s < 0 or t.mlflow_wait_s < 0:
             raise ConfigError(f"{source}: train.storage_retry_s={t.storage_retry_s} and "
                               f"train.mlflow_wait_s={t.mlflow_wait_s} must be >= 0")
@@ -363,6 +436,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 16, "batch_size": 4, "figure_every": 4},
     },
 }
+# The same with train-time X-ray randomisation (cvaa.data.augment) on.
+PRESETS["paper-augment"] = {**PRESETS["paper"], "augment": {"enabled": True}}
+PRESETS["cpu-augment"] = {**PRESETS["cpu"], "augment": {"enabled": True}}
 
 
 def load_config(preset: str = "paper", config_file: str | Path | None = None,

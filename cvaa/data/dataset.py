@@ -195,6 +195,12 @@ def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
                 f"{cfg.drr.seed}:{item.case_id}".encode()).digest()[:8], "little")
             generator = torch.Generator().manual_seed(seed)
         xrays = render_prepared(prep, cfg, generator=generator)  # (2, P, P) in [0, 1]
+        if cfg.preprocess.context_margin_mm > 0:  # what X-ray randomisation renders from
+            from cvaa.data.augment import context_of, encode_context
+            record["context_path"] = f"context/{item.case_id}.npz"
+            store.write_bytes(store.join(output, record["context_path"]),
+                              encode_context(context_of(prep,
+                                                        cfg.preprocess.context_margin_mm)))
         record.update(
             status="prepared",
             path=f"cases/{item.case_id}.npz",
@@ -331,6 +337,24 @@ class PreparedDataset:
         """``(xrays (2, P, P), ct (1, D, H, W))`` of a case: what training streams."""
         case = self.load(case_id)
         return case["xrays"], case["ct"]
+
+    def context(self, case_id: str):
+        """The case's :class:`cvaa.data.augment.ContextCT` (the resampled CT the X-rays
+        are rendered from).
+
+        Raises:
+            FileNotFoundError: the dataset was prepared without context
+                (``preprocess.context_margin_mm = 0``, or before it existed).
+        """
+        from cvaa.data.augment import decode_context
+
+        path = self.records[case_id].get("context_path")
+        if not path:
+            raise FileNotFoundError(f"{self.root}: case {case_id} has no context CT "
+                                    f"(prepared with preprocess.context_margin_mm=0 or by "
+                                    f"an older cvaa); prepare the dataset again to "
+                                    f"randomise its X-rays")
+        return decode_context(store.read_bytes(store.join(self.root, path)))
 
 
 class CaseDataset:

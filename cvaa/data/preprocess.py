@@ -156,12 +156,14 @@ class PreparedCT:
         cube: the ``size``^3 crop in HU (unclipped), with its geometry.
         normalized: the cube clipped and scaled to [0, 1], ``(D, H, W)`` float32.
         center_mm: physical LPS position of the crop centre (the DRR isocentre).
+        crop_start: index ``(d, h, w)`` in ``resampled`` of the cube's first voxel.
     """
 
     resampled: Volume
     cube: Volume
     normalized: np.ndarray
     center_mm: tuple[float, float, float]
+    crop_start: tuple[int, int, int] = (0, 0, 0)
 
 
 def prepare_ct(volume: Volume, cfg: PreprocessConfig) -> PreparedCT:
@@ -181,4 +183,5 @@ def prepare_ct(volume: Volume, cfg: PreprocessConfig) -> PreparedCT:
     start = np.round(center - (cfg.size - 1) / 2)
     cube = crop_or_pad(resampled, cfg.size, center, cfg.pad_hu)
     center_mm = index_to_physical(resampled, start + (cfg.size - 1) / 2)
-    return PreparedCT(resampled, cube, normalize(cube.array, cfg.clip_hu), center_mm)
+    return PreparedCT(resampled, cube, normalize(cube.array, cfg.clip_hu), center_mm,
+                      tuple(int(v) for v in start))

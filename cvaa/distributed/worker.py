@@ -31,6 +31,7 @@ from cvaa.config import Config
 from cvaa.distributed.checkpoints import (CorruptCheckpointError, checkpoint_name,
                                           load_resume_state, persist_checkpoint, write_marker)
 from cvaa.data.dataset import PreparedDataset, validation_split
+from cvaa.data.augment import Randomizer
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.scoring import evaluate_cases, predict
 from cvaa.models import build_discriminator, build_generator, set_output_prior
@@ -69,11 +70,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if not train_ids:
         raise ValueError(f"{dataset.root}: no training cases after the validation split")
     batch = per_worker_batch(cfg)
-    stream = CaseStream(dataset.arrays, prefetch=cfg.train.prefetch_batches,
-                        threads=cfg.train.io_threads, pin_memory=device.type == "cuda",
-                        retry_s=cfg.train.storage_retry_s,
-                        on_retry=lambda line: print(f"warning: rank {rank}: {line}",
-                                                    flush=True))
+    stream_options = dict(prefetch=cfg.train.prefetch_batches, threads=cfg.train.io_threads,
+                          pin_memory=device.type == "cuda", retry_s=cfg.train.storage_retry_s,
+                          on_retry=lambda line: print(f"warning: rank {rank}: {line}",
+                                                      flush=True))
+    stream = CaseStream(dataset.arrays, **stream_options)     # validation: fixed DRRs
+    randomizer = None
+    if cfg.augment.enabled:  # training X-rays rendered again per sample, in the threads
+        dataset.context(train_ids[0])  # fails now, naming the dataset, if it has none
+        randomizer = Randomizer(dataset.arrays, dataset.context, cfg)
+    train_stream = CaseStream(randomizer, **stream_options) if randomizer else stream
     my_val_ids = val_ids[rank::world]  # each rank validates a shard
 
     # ------------------------------------------------------------------ models
@@ -121,7 +127,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         steps, cases, wait, nonfinite = 0, 0, 0.0, ""
         plan = epoch_plan(train_ids, seed=cfg.train.seed, epoch=epoch, rank=rank,
                           world=world, batch=batch)
-        batches = stream.iterate(plan)
+        if randomizer:
+            randomizer.epoch = epoch
+        batches = train_stream.iterate(plan)
         while True:
             waited = time.perf_counter()
             item = next(batches, None)
@@ -155,6 +163,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                                 distributed, device),
             cases_per_second=_mean_over_ranks(cases / max(train_seconds, 1e-9),
                                               distributed, device))
+        if randomizer:  # the CPU cost of rendering, per randomised sample (read included)
+            metrics["augment_ms_per_sample"] = _mean_over_ranks(
+                randomizer.take_ms_per_sample(), distributed, device)
         metrics.update(_validate(unwrap(generator), stream, my_val_ids, cfg, distributed,
                                  device))
         metrics.update(epoch=epoch + 1, lr_g=trainer.opt_g.param_groups[0]["lr"],

@@ -1,0 +1,331 @@
+"""Train-time X-ray domain randomisation: every sample's PA + lateral pair rendered again
+from the case's context CT, with its own geometry, physics and display.
+
+Real radiographs differ from one fixed DRR in every step of their making: the patient is
+rotated and off-centre, the distances differ from room to room, the beam is polyenergetic
+(bone against soft tissue changes with the effective energy) and scatters, the dose sets
+the noise, the detector blurs, and the vendor's look-up table and edge enhancement
+reshape the grey values. :func:`sample_params` draws one such setting per sample from
+:class:`cvaa.config.AugmentConfig`; :func:`render_context` renders it:
+
+1. attenuation from HU with a two-material split: ``mu = mu_water * s_mu * (1 + HU/1000)``
+   up to ``bone_hu``, the excess above it scaled by ``s_bone`` (effective energy);
+2. the patient rotated about the isocentre (trilinear resampling of ``mu``; air outside)
+   and the isocentre shifted;
+3. perspective line integrals (:func:`cvaa.data.drr.line_integrals`) with the source and
+   detector distances and the detector pitch of the draw;
+4. intensities ``I = exp(-L)`` plus scatter (the primary blurred by a wide Gaussian,
+   ``scatter`` times as strong), Poisson noise at ``photons``, detector blur, back to
+   ``L = -log(I / (1 + scatter))``, the fixed ``log_scale`` as the DRR's;
+5. display: gamma, an optional sigmoid window (both monotonic), unsharp masking.
+
+The target CT is untouched: the network must map whatever radiograph it gets to the CT in
+its canonical frame. Every draw is a function of ``(augment.seed, epoch, case id)``
+(:func:`sample_seed`), so a restarted worker renders the same samples.
+
+Plain numpy/torch (no Ray): the training worker calls :class:`Randomizer` from its ingest
+threads (:class:`cvaa.data.stream.CaseStream`), never in the GPU step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cvaa.config import AugmentConfig, Config, DRRConfig
+from cvaa.data.drr import Geometry, detector_pitch_mm, gaussian_blur, line_integrals
+
+CONTEXT_DTYPE = np.int16
+
+
+@dataclass(frozen=True)
+class ContextCT:
+    """The resampled CT a case's X-rays are rendered from, in the canonical axes
+    ``(D, H, W)`` = (S->I, A->P, R->L).
+
+    Attributes:
+        hu: ``(D, H, W)`` HU (int16 on disk).
+        spacing_mm: voxel size ``(x, y, z)`` = ``(W, H, D)``.
+        isocenter_index: fractional index ``(d, h, w)`` of the crop centre (the DRR
+            isocentre).
+        fov_mm: the crop's field of view (the detector covers it at the isocentre).
+    """
+
+    hu: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    isocenter_index: tuple[float, float, float]
+    fov_mm: float
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    """One draw of the randomisation; the identity renders the fixed DRR.
+
+    ``rotation_deg`` is about the physical (x: R->L, y: A->P, z: I->S) axes, applied in
+    that order; ``shift_mm`` moves the isocentre, in the same axes.
+    """
+
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sad_scale: float = 1.0
+    sid_scale: float = 1.0
+    zoom: float = 1.0
+    mu_scale: float = 1.0
+    bone_scale: float = 1.0
+    scatter: float = 0.0
+    photons: float = 0.0
+    blur_px: float = 0.0
+    gamma: float = 1.0
+    window_center: float = 0.0   # 0: no sigmoid window
+    window_width: float = 0.0
+    unsharp_amount: float = 0.0
+    unsharp_sigma_px: float = 2.0
+
+    def is_identity(self) -> bool:
+        return self == RenderParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- context CT
+
+def context_of(prep, margin_mm: float) -> ContextCT:
+    """The context CT of a :class:`cvaa.data.preprocess.PreparedCT`: its resampled CT over
+    the crop's superior-inferior range widened by ``margin_mm`` on each side (clipped to
+    the scan; beyond it is air), at the full axial extent, HU rounded to int16."""
+    volume = prep.resampled
+    spacing = tuple(float(v) for v in volume.spacing_mm)
+    size = prep.cube.shape[0]
+    margin = int(math.ceil(margin_mm / spacing[2]))
+    d0 = max(0, prep.crop_start[0] - margin)
+    d1 = min(volume.shape[0], prep.crop_start[0] + size + margin)
+    d1 = max(d1, d0 + 1)
+    hu = np.clip(np.rint(volume.array[d0:d1]), -32768, 32767).astype(CONTEXT_DTYPE)
+    iso = np.asarray(prep.crop_start, float) + (size - 1) / 2
+    iso[0] -= d0
+    return ContextCT(hu, spacing, tuple(float(v) for v in iso),
+                     float(size * prep.cube.spacing_mm[0]))
+
+
+def encode_context(context: ContextCT) -> bytes:
+    buf = io.BytesIO()
+    meta = {"spacing_mm": list(context.spacing_mm),
+            "isocenter_index": list(context.isocenter_index), "fov_mm": context.fov_mm}
+    np.savez_compressed(buf, hu=context.hu.astype(CONTEXT_DTYPE),
+                        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return buf.getvalue()
+
+
+def decode_context(data: bytes) -> ContextCT:
+    with np.load(io.BytesIO(data)) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        return ContextCT(z["hu"], tuple(meta["spacing_mm"]), tuple(meta["isocenter_index"]),
+                         float(meta["fov_mm"]))
+
+
+def sample_seed(seed: int, epoch: int, case_id: str) -> int:
+    """A 64-bit seed of ``(seed, epoch, case id)``, the same in every process."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def sample_params(cfg: AugmentConfig, rng: np.random.Generator) -> RenderParams:
+    """One draw from the ranges of ``cfg`` (``clean_fraction`` of them the identity)."""
+    if rng.random() < cfg.clean_fraction:
+        return RenderParams()
+
+    def sym(limit: float, n: int | None = None):
+        return rng.uniform(-limit, limit, n) if limit > 0 else (np.zeros(n) if n else 0.0)
+
+    rotation = tuple(float(v) for v in sym(cfg.rotation_deg, 3))
+    shift = tuple(float(v) for v in sym(cfg.shift_mm, 3))
+    photons = 0.0
+    if cfg.photons_max > 0:
+        photons = float(math.exp(rng.uniform(math.log(cfg.photons_min),
+                                              math.log(cfg.photons_max))))
+    window = rng.random() < cfg.window_prob
+    log_gamma = math.log1p(cfg.gamma_frac)
+    return RenderParams(
+        rotation_deg=rotation, shift_mm=shift,
+        sad_scale=1.0 + float(sym(cfg.distance_frac)),
+        sid_scale=1.0 + float(sym(cfg.distance_frac)),
+        zoom=1.0 + float(sym(cfg.zoom_frac)),
+        mu_scale=1.0 + float(sym(cfg.mu_frac)),
+        bone_scale=1.0 + float(sym(cfg.bone_frac)),
+        scatter=float(rng.uniform(0.0, cfg.scatter_max)) if cfg.scatter_max > 0 else 0.0,
+        photons=photons,
+        blur_px=float(rng.uniform(0.0, cfg.blur_max_px)) if cfg.blur_max_px > 0 else 0.0,
+        gamma=float(math.exp(rng.uniform(-log_gamma, log_gamma))),
+        window_center=float(rng.uniform(0.3, 0.7)) if window else 0.0,
+        window_width=float(rng.uniform(0.1, 0.3)) if window else 0.0,
+        unsharp_amount=float(rng.uniform(0.0, cfg.unsharp_max)) if cfg.unsharp_max > 0
+        else 0.0,
+        unsharp_sigma_px=float(rng.uniform(1.0, 4.0)))
+
+
+# --------------------------------------------------------------------------- rendering
+
+def attenuation(hu: torch.Tensor, mu_water_per_mm: float, mu_scale: float = 1.0,
+                bone_scale: float = 1.0, bone_hu: float = 200.0) -> torch.Tensor:
+    """Two-material attenuation (1/mm) from HU, at least 0: water-like up to ``bone_hu``,
+    the excess above it scaled by ``bone_scale``; everything by ``mu_scale``. With both
+    scales 1 it is :func:`cvaa.data.drr.hu_to_mu`."""
+    hu = hu.float()
+    if bone_scale != 1.0:
+        hu = torch.where(hu > bone_hu, bone_hu + (hu - bone_hu) * bone_scale, hu)
+    water = mu_water_per_mm * mu_scale
+    return hu.mul(water / 1000.0).add_(water).clamp_(min=0.0)
+
+
+def rotation_matrix(degrees: tuple[float, float, float]) -> np.ndarray:
+    """``Rz @ Ry @ Rx`` of angles about the physical x, y, z axes."""
+    ax, ay, az = (math.radians(float(d)) for d in degrees)
+    cx, sx, cy, sy, cz, sz = (math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay),
+                              math.cos(az), math.sin(az))
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float],
+                 spacing_mm: tuple[float, float, float],
+                 center_index: tuple[float, float, float]) -> torch.Tensor:
+    """``(1, 1, D, H, W)`` attenuation of the patient rotated by ``degrees`` about the
+    physical point at ``center_index``; what comes from outside the volume is air."""
+    _, _, n_d, n_h, n_w = mu.shape
+    sx, sy, sz = spacing_mm
+    # index (w, h, d) -> physical (x, y, z) about the centre: x = w*sx, y = h*sy, z = -d*sz
+    to_mm = np.diag([sx, sy, -sz])
+    rot = rotation_matrix(degrees)
+    # Output voxel p takes the input at R^T p (the patient turned by R).
+    a = np.linalg.inv(to_mm) @ rot.T @ to_mm                    # index offsets -> index
+    c = np.array([center_index[2], center_index[1], center_index[0]], float)  # (w, h, d)
+    sizes = np.array([n_w, n_h, n_d], float)
+    # normalised grid coordinates (align_corners=True): n = 2 i / (size - 1) - 1
+    scale = 2.0 / np.maximum(sizes - 1, 1)
+    theta_lin = np.diag(scale) @ a @ np.diag(1 / scale)
+    offset = scale * (c - a @ c) + (theta_lin @ np.ones(3)) - np.ones(3)
+    theta = np.concatenate([theta_lin, offset[:, None]], axis=1)
+    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32)[None],
+                         [1, 1, n_d, n_h, n_w], align_corners=True)
+    return F.grid_sample(mu, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=True)
+
+
+def _display(image: torch.Tensor, p: RenderParams) -> torch.Tensor:
+    """Monotonic look-up table (gamma, sigmoid window), then unsharp masking."""
+    if p.gamma != 1.0:
+        image = image.clamp(min=0.0).pow(p.gamma)
+    if p.window_width > 0:
+        def sig(x):
+            return torch.sigmoid((x - p.window_center) / p.window_width)
+        lo, hi = sig(torch.tensor(0.0)), sig(torch.tensor(1.0))
+        image = (sig(image) - lo) / (hi - lo)
+    if p.unsharp_amount > 0:
+        image = image + p.unsharp_amount * (image - gaussian_blur(image,
+                                                                  p.unsharp_sigma_px))
+    return image.clamp(0.0, 1.0)
+
+
+def render_context(context: ContextCT, drr: DRRConfig, params: RenderParams, *,
+                   bone_hu: float = 200.0,
+                   generator: torch.Generator | None = None) -> np.ndarray:
+    """PA + lateral ``(2, P, P)`` float32 in [0, 1] of ``context`` under ``params``.
+
+    With the identity it is the fixed DRR of the case (``drr.source == "full"``), up to
+    the context's int16 rounding of HU.
+    """
+    hu = torch.from_numpy(np.ascontiguousarray(context.hu))[None, None]
+    mu = attenuation(hu, drr.mu_water_per_mm, params.mu_scale, params.bone_scale, bone_hu)
+    iso = np.asarray(context.isocenter_index, float)                     # (d, h, w)
+    if any(params.rotation_deg):
+        mu = rotate_about(mu, params.rotation_deg, context.spacing_mm, tuple(iso))
+    if any(params.shift_mm):
+        sx, sy, sz = context.spacing_mm
+        dx, dy, dz = params.shift_mm
+        iso = iso + np.array([-dz / sz, dy / sy, dx / sx])               # z grows superior
+    pitch = drr.pixel_pitch_mm or detector_pitch_mm(context.fov_mm, drr.sad_mm, drr.sid_mm,
+                                                    drr.detector_pixels)
+    sad = drr.sad_mm * params.sad_scale
+    sid = max(drr.sid_mm * params.sid_scale, sad * 1.05)
+    geometry = Geometry(sad, sid, drr.detector_pixels, pitch * params.zoom, drr.step_mm)
+    line = line_integrals(mu, geometry, context.spacing_mm, tuple(float(v) for v in iso))
+    noise = drr.photons if params.is_identity() else params.photons
+    blur = drr.blur_sigma_px if params.is_identity() else params.blur_px
+    if params.scatter > 0 or noise > 0 or (blur > 0 and not params.is_identity()):
+        intensity = torch.exp(-line)
+        if params.scatter > 0:
+            wide = max(1.0, drr.detector_pixels / 8.0)
+            intensity = (intensity + params.scatter * gaussian_blur(intensity, wide)) \
+                / (1.0 + params.scatter)
+        floor = 1e-6
+        if noise > 0:
+            if generator is None:
+                generator = torch.Generator().manual_seed(drr.seed)
+            intensity = torch.poisson(noise * intensity, generator=generator) / noise
+            floor = 0.5 / noise
+        intensity = gaussian_blur(intensity, blur)
+        line = -torch.log(intensity.clamp(min=floor))
+    image = torch.clamp(line / drr.log_scale, 0.0, 1.0)
+    image = _display(image, params)
+    return image[0].numpy().astype(np.float32, copy=False)
+
+
+class Randomizer:
+    """``case_id -> (xrays, ct)`` with freshly randomised X-rays: the training stream's
+    ``load`` when ``augment.enabled``.
+
+    Args:
+        load_case: ``case_id -> (xrays (2, P, P), ct (1, D, H, W))``, the fixed pair.
+        load_context: ``case_id -> ContextCT``.
+        cfg: the run's config (``augment``, ``drr``).
+
+    Set :attr:`epoch` before each epoch (the stream is drained between epochs); the draw
+    of a sample is a function of ``(augment.seed, epoch, case id)``.
+    """
+
+    def __init__(self, load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
+                 load_context: Callable[[str], ContextCT], cfg: Config):
+        self.load_case, self.load_context, self.cfg = load_case, load_context, cfg
+        self.epoch = 0
+        self._lock = threading.Lock()
+        self._seconds, self._rendered = 0.0, 0
+
+    def take_ms_per_sample(self) -> float:
+        """Mean milliseconds per randomised sample (context read + render) since the last
+        call; 0 if none."""
+        with self._lock:
+            seconds, n = self._seconds, self._rendered
+            self._seconds, self._rendered = 0.0, 0
+        return 1000.0 * seconds / n if n else 0.0
+
+    def params(self, case_id: str) -> tuple[RenderParams, int]:
+        seed = sample_seed(self.cfg.augment.seed, self.epoch, case_id)
+        return sample_params(self.cfg.augment, np.random.default_rng(seed)), seed
+
+    def __call__(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        xrays, ct = self.load_case(case_id)
+        params, seed = self.params(case_id)
+        if params.is_identity():
+            return xrays, ct
+        tick = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        drr = replace(self.cfg.drr, photons=0.0)
+        xrays = render_context(self.load_context(case_id), drr, params,
+                               bone_hu=self.cfg.augment.bone_hu, generator=generator)
+        with self._lock:
+            self._seconds += time.perf_counter() - tick
+            self._rendered += 1
+        return xrays, ct
