@@ -18,7 +18,9 @@ worker:
 - ``peak RSS``: the worker's largest resident set over the epoch (sampled every step).
 
 Loaders: ``stream`` is the training path (epoch_plan + CaseStream, ``--prefetch`` batches
-ahead in ``--threads`` threads, nothing cached); ``cached`` is the loader training used
+ahead in ``--threads`` threads, nothing cached); ``augment`` is the same with every
+sample's X-rays rendered again from its context CT (``augment.*`` defaults, each thread
+rendering single-threaded); ``cached`` is the loader training used
 before: a ``DataLoader`` over ``CaseDataset(cache=True)`` with a ``DistributedSampler``, no
 loader processes. Targets: stream peak RSS at the largest N <= 1.2x that at the smallest;
 stream wait <= 5 % from local disk and S3.
@@ -63,9 +65,16 @@ def _batches(loader: str, data: str, rank: int, world: int, batch: int, seed: in
 
     dataset = PreparedDataset(data)
     train_ids, _ = validation_split(dataset, 0.0, seed)
-    if loader == "stream":
+    if loader in ("stream", "augment"):
         plan = epoch_plan(train_ids, seed=seed, epoch=0, rank=rank, world=world, batch=batch)
-        stream = CaseStream(dataset.arrays, prefetch=prefetch, threads=threads)
+        load = dataset.arrays
+        if loader == "augment":  # every sample's X-rays rendered again (cvaa.data.augment)
+            from cvaa.config import Config
+            from cvaa.data.augment import Randomizer
+
+            cfg = Config.from_dict(dataset.config).override({"augment.enabled": True})
+            load = Randomizer(dataset.arrays, dataset.context, cfg)
+        stream = CaseStream(load, prefetch=prefetch, threads=threads)
         return ((b.xrays, b.ct, len(b.case_ids) if b.weight else 0)
                 for b in stream.iterate(plan)), len(plan)
     from torch.utils.data import DataLoader, DistributedSampler
@@ -124,8 +133,11 @@ def ensure_dataset(n: int, preset: str, root: Path) -> str:
     from cvaa.distributed.pipeline import ensure_phantoms, run_pipeline
 
     cfg = load_config(preset, overrides=[f"data.n_phantoms={n}", "data.test_fraction=0"])
+    from cvaa.data.dataset import config_hash
+
     out = root / f"{preset}-{n}"
-    if (out / "manifest.json").exists() and len(PreparedDataset(str(out)).records) >= n:
+    if ((out / "manifest.json").exists() and len(PreparedDataset(str(out)).records) >= n
+            and PreparedDataset(str(out)).manifest.get("config_hash") == config_hash(cfg)):
         return str(out)
     phantoms = ensure_phantoms(cfg, str(root / f"phantoms-{preset}"), log=print)
     inputs = sorted(list_inputs(phantoms), key=lambda c: c.uri)[:n]
@@ -149,7 +161,7 @@ def main() -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--sources", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     p.add_argument("--loaders", nargs="+", default=["stream", "cached"],
-                   choices=["stream", "cached"])
+                   choices=["stream", "augment", "cached"])
     p.add_argument("--batch", type=int, default=1, help="cases per worker and step")
     p.add_argument("--step", type=float, default=0.5, help="stand-in step time (s)")
     p.add_argument("--pace-steps", type=int, default=30)
