@@ -171,28 +171,37 @@ class ModelConfig:
     X-ray gives feature maps at ``S, S/2, ..., S/2^n`` (stem + one per stage), and the
     decoder has one level per scale, deepest first, so ``decoder_channels`` has ``n + 1``
     entries. The paper preset follows X2CT-GAN: 128^2 -> 4^2 in five stages, decoder
-    256@4^3 ... 16@128^3.
+    256@4^3 ... 16@128^3. ``cvaa`` and ``x2ct`` share these fields; with the defaults
+    ``x2ct`` is X2CT-GAN's released generator (61,715,633 parameters,
+    ``docs/x2ct_mapping.md``), at the ``cpu`` preset (three stages, 32^2 -> 4^2) 0.24 M.
 
     Args:
         generator: registry name: ``cvaa``, ``x2ct``, ``3dcnn`` or ``psr``.
         stem_channels: channels of the encoder stem (X2CT-GAN: 64).
         growth: DenseNet growth rate (X2CT-GAN: 32).
-        dense_layers: DenseNet layers per encoder stage, one entry per stage.
-        encoder_channels: channels after each encoder stage's transition.
-        decoder_channels: decoder channels at each scale, deepest first (stages + 1).
+        dense_layers: DenseNet layers per encoder stage, one entry per stage. ``x2ct``
+            needs a deepest scale ``S / 2^n`` of at least 2 (its last stage instance-
+            normalises that map before pooling it).
+        encoder_channels: channels after each encoder stage's transition. ``x2ct`` uses
+            all but the last (its last stage is pooled, with no transition); the defaults
+            are X2CT-GAN's halving widths, so the paper preset is its generator.
+        decoder_channels: decoder channels at each scale, deepest first (stages + 1); for
+            ``x2ct`` also the skip linkers' widths and, first entry, the FC volume's.
         unet_channels: 3D U-Net widths of the ``3dcnn`` baseline, full resolution first.
         psr_channels: 2D U-Net widths of the ``psr`` baseline, full resolution first.
         disc_channels: PatchGAN widths (k4 convs), the last conv maps to 1.
         disc_expand_channels: channels of each X-ray's 2D->3D expansion inside D.
         checkpoint: recompute decoder activations in the backward pass (activation
-            checkpointing): about a third more compute for a much lower memory peak.
+            checkpointing): about a third more compute for a much lower memory peak
+            (``cvaa``: per CVAA module; ``x2ct``: per decoder level).
         output_prior: start training with the generator's sigmoid output at the training
             CTs' mean intensity (output bias = its logit) instead of 0.5, for every model.
             A 1x1 output conv (the U-Net baselines) otherwise needs ~1k Adam steps only to
             move its bias there.
-        cpu_conv: on a CPU, CVAA's 7^3 attention convs: ``fft`` (about 2x faster, about 2x
-            the memory), ``direct`` (least memory) or ``auto`` (FFT unless its estimated
-            spectra exceed half the available memory). GPUs always use cuDNN.
+        cpu_conv: on a CPU, CVAA's 7^3 attention convs (and X2CT-GAN's 7^3 output conv):
+            ``fft`` (about 2x faster, about 2x the memory), ``direct`` (least memory) or
+            ``auto`` (FFT unless its estimated spectra exceed half the available memory).
+            GPUs always use cuDNN.
     """
 
     generator: Literal["cvaa", "x2ct", "3dcnn", "psr"] = "cvaa"
@@ -391,6 +400,15 @@ class Config:
             if size % 2 ** stages:
                 raise ConfigError(f"{source}: preprocess.size={size} must be a multiple of "
                                   f"2^{stages} for the {stages} stages of model.dense_layers")
+            if m.generator == "x2ct" and size // 2 ** stages < 2:
+                raise ConfigError(f"{source}: model.generator='x2ct' needs a deepest scale "
+                                  f"preprocess.size / 2^stages >= 2, got {size} / 2^{stages} = "
+                                  f"{size // 2 ** stages}: use fewer model.dense_layers stages "
+                                  f"(X2CT-GAN: 128 -> 4 in 5)")
+            if m.generator == "x2ct" and min(m.dense_layers + m.decoder_channels) < 1:
+                raise ConfigError(f"{source}: model.generator='x2ct' needs positive "
+                                  f"model.dense_layers {list(m.dense_layers)} and "
+                                  f"model.decoder_channels {list(m.decoder_channels)}")
         return self
 
     def flat(self) -> dict[str, Any]:
