@@ -1,7 +1,9 @@
 """Reproduce the paper's Table I at CPU scale: CVAA-GAN vs X2CT-GAN vs 3DCNN vs PSR.
 
-    python bench/reproduce_table1.py                       # 200 phantoms, the committed budget
-    python bench/reproduce_table1.py --n 24 --epochs 1     # a smoke run
+    python bench/reproduce_table1.py --seeds 5 --models cvaa x2ct   # 200 phantoms per seed
+    python bench/reproduce_table1.py --seeds 3 --models 3dcnn psr
+    python bench/reproduce_table1.py --report-only                  # results.md from the files
+    python bench/reproduce_table1.py --n 24 --epochs 1              # a smoke run
 
 Every step is one of the project's own commands, run as a subprocess and recorded:
 
@@ -12,8 +14,14 @@ Every step is one of the project's own commands, run as a subprocess and recorde
 4. the real CTs of ``../shared/data`` are prepared with the same geometry and evaluated too;
 5. a trivial baseline, the training-set mean volume, is scored on both for scale.
 
-It writes ``docs/results.md`` (tables, commands, machine, wall times), ``docs/table1_fig2.png``
-and ``docs/table1_curves.png``.
+With ``--seeds N`` every step runs once per seed (data, split and initialisation drawn from
+the seed). Each finished seed's evaluated per-case metrics go into
+``docs/results/seed-<seed>.json`` (with the commit and the commands); a seed and model
+already there is skipped, so seeds can run at different times. ``docs/results.md`` is
+rebuilt from whichever seed files exist (``--report-only`` does only that): per model the
+mean over seeds with a 95 % t interval, and CVAA-GAN − X2CT-GAN and CVAA-GAN − 3DCNN as
+paired per-case differences pooled over seeds with a bootstrap 95 % interval, in both metric
+conventions. Seed 0 also writes ``docs/table1_fig2.png`` and ``docs/table1_curves.png``.
 """
 
 from __future__ import annotations
@@ -56,22 +64,13 @@ def run(cmd: list[str], log: list[str], env=None) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def read_table_csv(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (float(v) if k.endswith(("_mean", "_std")) else
-                             int(v) if k == "cases" else v) for k, v in r.items()})
-    return rows
-
-
-def mean_volume_rows(prepared: str, targets: dict[str, tuple[str, str]]) -> dict[str, dict]:
-    """Table rows for the training-set mean volume, scored on each target split."""
+def mean_volume_cases(prepared: str, targets: dict[str, tuple[str, str]]
+                      ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-case metrics of the training-set mean volume on each target split."""
     import numpy as np
     import torch
 
     from cvaa.data.dataset import PreparedDataset
-    from cvaa.scoring import table_rows
     from cvaa.metrics import evaluate_batch
 
     train = PreparedDataset(prepared)
@@ -79,11 +78,11 @@ def mean_volume_rows(prepared: str, targets: dict[str, tuple[str, str]]) -> dict
     out = {}
     for name, (data, split) in targets.items():
         ds = PreparedDataset(data)
-        results = []
+        out[name] = {}
         for case_id in ds.split(split):
             target = torch.from_numpy(ds.load(case_id)["ct"])[None]
-            results.extend(evaluate_batch(torch.from_numpy(mean)[None], target))
-        out[name] = table_rows({"Mean volume (train)": results})[0]
+            result = evaluate_batch(torch.from_numpy(mean)[None], target)[0]
+            out[name][case_id] = {k: float(v) for k, v in result.items()}
     return out
 
 
@@ -125,7 +124,7 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200, help="phantoms (default 200)")
     p.add_argument("--epochs", type=int, default=32, help="epochs for every model")
@@ -134,21 +133,69 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--workdir", default=str(ROOT / "runs" / "table1"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run seeds 0 .. N-1 (data, split and initialisation per seed)")
+    p.add_argument("--seed-list", type=int, nargs="+",
+                   help="run exactly these seeds instead of 0 .. N-1")
+    p.add_argument("--force", action="store_true",
+                   help="run a (seed, model) again even if its results file has it")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild results.md from the seed files that exist")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam LR for G and D of every model (the paper's 2e-4 needs ~10k "
                         "steps; a CPU budget has a few hundred)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    work, docs = Path(args.workdir), Path(args.docs)
+    docs = Path(args.docs)
+    seed_dir = docs / "results"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seed_list or range(args.seeds):
+            run_seed(args, seed, seed_dir / f"seed-{seed}.json")
+    report = write_report(seed_dir, docs / "results.md")
+    print(report)
+    return 0
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _per_case(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model label: {case id: metrics}}`` from an evaluation's ``per_case.csv``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            label, case = r.pop("model"), r.pop("case_id")
+            out.setdefault(label, {})[case] = {k: float(v) for k, v in r.items()}
+    return out
+
+
+def run_seed(args, seed: int, result_path: Path) -> None:
+    """Prepare seed ``seed``'s data, train the models it lacks, evaluate them on its test
+    split and on the real CTs, and merge their per-case metrics into ``result_path``."""
+    done = json.loads(result_path.read_text()) if result_path.exists() else {}
+    have = set(done.get("models", {}))
+    todo = [m for m in args.models if args.force or MODELS[m] not in have]
+    if not todo:
+        print(f"[table1] seed {seed}: {', '.join(MODELS[m] for m in args.models)} already "
+              f"in {result_path}", flush=True)
+        return
+    work = Path(args.workdir) / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    docs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     mlflow_uri = f"sqlite:///{work.resolve()}/mlflow.db"
     half = args.epochs // 2
     common = ["--preset", "cpu",
-              "--set", f"data.n_phantoms={args.n}", "--set", f"data.seed={args.seed}",
-              "--set", f"train.seed={args.seed}"]
+              "--set", f"data.n_phantoms={args.n}", "--set", f"data.seed={seed}",
+              "--set", f"train.seed={seed}"]
     train_set = ["--set", f"optim.lr_g={args.lr}", "--set", f"optim.lr_d={args.lr}",
                  "--set", f"optim.constant_epochs={half}",
                  "--set", f"optim.decay_epochs={args.epochs - half}",
@@ -166,41 +213,48 @@ def main() -> int:
          *common], log, env)
 
     walls, run_ids, uris = {}, {}, []
-    for model in args.models:
+    for model in todo:
         out, seconds = run([py, "jobs/train.py", "--data", prepared, "--model", model,
                             "--epochs", str(args.epochs), *common, *train_set,
                             "--run-name", f"table1-{model}", "--storage", str(work / "ray"),
                             "--mlflow-uri", mlflow_uri, "--register-name", f"table1-{model}",
                             "--alias", "table1"], log, env)
-        walls[model] = seconds
+        walls[MODELS[model]] = seconds
         run_ids[MODELS[model]] = re.search(r"^MLflow run (\w+) at ", out, re.M).group(1)
         uris.append(f"models:/table1-{model}@table1")
 
-    labels = [MODELS[m] for m in args.models]
-    evals = {}
+    labels = [MODELS[m] for m in todo]
+    per_case = {}
     for name, data, split in (("test", prepared, "test"), ("real", real, "all")):
         out_dir = work / f"eval-{name}"
         run([py, "jobs/evaluate.py", "--models", *uris, "--labels", *labels, "--data", data,
              "--split", split, "--out", str(out_dir), "--cases", "3" if name == "test" else "2",
              "--mlflow-uri", mlflow_uri, "--run-name", f"table1-eval-{name}"], log, env)
-        evals[name] = out_dir
-    baseline = mean_volume_rows(prepared, {"test": (prepared, "test"), "real": (real, "all")})
-
-    from cvaa.scoring import table_markdown
-
-    tables = {}
-    for name in ("test", "real"):
-        rows = read_table_csv(evals[name] / "table_i.csv") + [baseline[name]]
-        tables[name] = (rows, table_markdown(rows))
-    (docs / "table1_fig2.png").write_bytes((evals["test"] / "fig2.png").read_bytes())
-    (docs / "table1_fig2_real.png").write_bytes((evals["real"] / "fig2.png").read_bytes())
-    curves_png(mlflow_uri, run_ids, docs / "table1_curves.png")
+        per_case[name] = _per_case(out_dir / "per_case.csv")
+    if seed == 0:  # the figures of the first seed
+        docs = Path(args.docs)
+        (docs / "table1_fig2.png").write_bytes((work / "eval-test" / "fig2.png").read_bytes())
+        (docs / "table1_fig2_real.png").write_bytes(
+            (work / "eval-real" / "fig2.png").read_bytes())
+        curves_png(mlflow_uri, run_ids, docs / "table1_curves.png")
+    baseline = mean_volume_cases(prepared, {"test": (prepared, "test"),
+                                            "real": (real, "all")})
 
     manifest = json.loads((Path(prepared) / "manifest.json").read_text())
-    real_manifest = json.loads((Path(real) / "manifest.json").read_text())
-    write_results(docs / "results.md", args, tables, walls, log, manifest, real_manifest)
-    print((docs / "results.md").read_text())
-    return 0
+    models = done.get("models", {})
+    for label in labels:
+        models[label] = {"test": per_case["test"][label], "real": per_case["real"][label],
+                         "wall_seconds": round(walls[label], 1), "commit": _git_commit(),
+                         "commands": log}
+    result = {
+        "seed": seed, "n_phantoms": args.n, "epochs": args.epochs, "lr": args.lr,
+        "threads": args.threads, "machine": machine(),
+        "train_cases": len(manifest["split"]["train"]),
+        "test_cases": len(manifest["split"]["test"]),
+        "models": models, "mean_volume": baseline,
+    }
+    result_path.write_text(json.dumps(result, indent=1))
+    print(f"[table1] seed {seed}: {', '.join(labels)} -> {result_path}", flush=True)
 
 
 def _param_counts() -> str:
@@ -212,109 +266,190 @@ def _param_counts() -> str:
                      for name, label in MODELS.items())
 
 
-def verdict_lines(rows_test: list[dict]) -> list[str]:
-    """Each model's margin over the mean volume, and CVAA-GAN against X2CT-GAN."""
-    base = _row(rows_test, "Mean volume (train)")
-    lines = ["## Margins", "",
-             "Test split, differences of the means (volume convention; x2ct convention in "
-             "brackets):", "",
-             "| Model | PSNR − mean volume (dB) | SSIM − mean volume |", "|---|---:|---:|"]
-    for label in MODELS.values():
-        try:
-            r = _row(rows_test, label)
-        except StopIteration:
+# --------------------------------------------------------------------------- the report
+
+METRICS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4),
+           ("psnr_x2ct", "PSNR (x2ct)", 2), ("ssim_x2ct", "SSIM (x2ct)", 4))
+PAIRS = (("CVAA-GAN", "X2CT-GAN"), ("CVAA-GAN", "3DCNN"))
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t confidence interval (nan with one value)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(list(values), float)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+def paired_bootstrap(groups, n_boot: int = 10000, seed: int = 0
+                     ) -> tuple[float, float, float, int]:
+    """Mean of paired per-case differences pooled over seeds, with a 95 % bootstrap
+    interval that resamples cases with replacement within each seed (the seeds' test sets
+    differ); returns ``(mean, low, high, n_cases)``."""
+    import numpy as np
+
+    groups = [np.asarray(g, float) for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan"), 0
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate(groups)
+    sums = np.zeros(n_boot)
+    for g in groups:
+        picks = rng.integers(0, len(g), size=(n_boot, len(g)))
+        sums += g[picks].sum(axis=1)
+    means = sums / len(pooled)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(pooled.mean()), float(low), float(high), len(pooled)
+
+
+def load_seeds(seed_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(
+        seed_dir.glob("seed-*.json"), key=lambda p: int(p.stem.split("-")[1]))]
+
+
+def summary_rows(seeds: list[dict], split: str) -> list[str]:
+    """Markdown rows: per model, seeds, mean +- 95 % CI over the seeds' split means."""
+    import numpy as np
+
+    labels = [m for m in MODELS.values() if any(m in s["models"] for s in seeds)]
+    rows = []
+    for label in labels + ["Mean volume (train)"]:
+        per_seed = [s["models"][label][split] if label in s["models"]
+                    else s["mean_volume"][split] if label.startswith("Mean") else None
+                    for s in seeds]
+        per_seed = [cases for cases in per_seed if cases]
+        cells = []
+        for key, _, digits in METRICS:
+            mean, half = t_interval(np.mean([c[key] for c in cases.values()])
+                                    for cases in per_seed)
+            cells.append(f"{mean:.{digits}f} ± {half:.{digits}f}" if np.isfinite(half)
+                         else f"{mean:.{digits}f}")
+        rows.append(f"| {label} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def pair_rows(seeds: list[dict], split: str) -> list[str]:
+    rows = []
+    for a, b in PAIRS:
+        both = [s for s in seeds if a in s["models"] and b in s["models"]]
+        if not both:
             continue
-        lines.append(
-            f"| {label} | {r['psnr_mean'] - base['psnr_mean']:+.2f} "
-            f"[{r['psnr_x2ct_mean'] - base['psnr_x2ct_mean']:+.2f}] | "
-            f"{r['ssim_mean'] - base['ssim_mean']:+.4f} "
-            f"[{r['ssim_x2ct_mean'] - base['ssim_x2ct_mean']:+.4f}] |")
-    try:
-        c, x = _row(rows_test, "CVAA-GAN"), _row(rows_test, "X2CT-GAN")
-        lines += ["", f"CVAA-GAN − X2CT-GAN: PSNR {c['psnr_mean'] - x['psnr_mean']:+.2f} dB, "
-                      f"SSIM {c['ssim_mean'] - x['ssim_mean']:+.4f} "
-                      f"(x2ct convention: {c['psnr_x2ct_mean'] - x['psnr_x2ct_mean']:+.2f} dB, "
-                      f"{c['ssim_x2ct_mean'] - x['ssim_x2ct_mean']:+.4f}); paper: +1.91 dB, "
-                      "+0.0440."]
-    except StopIteration:
-        pass
-    return lines + [""]
+        cells = []
+        for key, _, digits in METRICS:
+            groups = []
+            for s in both:
+                ca, cb = s["models"][a][split], s["models"][b][split]
+                groups.append([ca[c][key] - cb[c][key] for c in sorted(set(ca) & set(cb))])
+            mean, low, high, n = paired_bootstrap(groups)
+            cells.append(f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]")
+        rows.append(f"| {a} − {b} | {len(both)} | {n} | " + " | ".join(cells) + " |")
+    return rows
 
 
-def _row(rows, label):
-    return next(r for r in rows if r["model"] == label)
+def verdict(seeds: list[dict]) -> str:
+    """One sentence: does CVAA-GAN beat X2CT-GAN on the phantom test split?"""
+    both = [s for s in seeds if "CVAA-GAN" in s["models"] and "X2CT-GAN" in s["models"]]
+    if not both:
+        return "No seed has both CVAA-GAN and X2CT-GAN yet."
+    groups = []
+    for s in both:
+        ca, cb = s["models"]["CVAA-GAN"]["test"], s["models"]["X2CT-GAN"]["test"]
+        groups.append([ca[c]["psnr"] - cb[c]["psnr"] for c in sorted(set(ca) & set(cb))])
+    mean, low, high, n = paired_bootstrap(groups)
+    if low > 0:
+        word = "beats"
+    elif high < 0:
+        word = "is beaten by"
+    else:
+        word = "is not distinguishable from"
+    return (f"On the phantom test split, over {len(both)} seed(s) and {n} paired test cases, "
+            f"CVAA-GAN {word} the rebuilt X2CT-GAN: PSNR difference {mean:+.2f} dB, 95 % "
+            f"bootstrap interval [{low:+.2f}, {high:+.2f}].")
 
 
-def write_results(path: Path, args, tables, walls, log, manifest, real_manifest) -> None:
-    rows_test, md_test = tables["test"]
-    rows_real, md_real = tables["real"]
-    lines = [
-        "# Table I at CPU scale",
-        "",
-        "Produced by `python bench/reproduce_table1.py "
-        f"--n {args.n} --epochs {args.epochs}` (the commands below, in order). "
-        "Everything here was measured on this run; nothing is copied from the paper except "
-        "the reference column.",
-        "",
-        f"- Machine: {machine()}.",
-        f"- Data: {manifest['summary']['prepared']} synthetic lumbar phantoms "
-        f"({len(manifest['split']['train'])} train / {len(manifest['split']['test'])} test "
-        "by patient; 10% of the training patients validate each epoch), `cpu` preset: "
-        "8 mm voxels, 32³ volumes, 32² DRRs, 256 mm field of view.",
-        f"- Budget: every model {args.epochs} epochs, batch 4, one training worker with "
-        f"{args.threads} CPU threads, seed {args.seed}, Adam "
-        f"{args.lr:g} for G and D (β 0.5/0.99; the paper's 2e-4 is tuned for ~10k steps, "
-        "this budget has a few hundred), constant then linear decay, the same loss weights "
-        "(LSGAN 0.1, MSE 10, projection 10; 3DCNN and PSR train without the discriminator).",
-        "- Capacity: the `cpu` preset's widths give every generator about 0.2 M parameters "
-        f"({_param_counts()}); every generator's sigmoid output starts at the training CTs' "
-        "mean intensity (`model.output_prior`).",
-        "",
-        "## Table I — test split (synthetic phantoms)",
-        "",
-        "Mean (standard deviation) over test cases. MAE, MSE, cosine, PSNR and SSIM are the "
-        "\"volume\" convention (whole [0, 1] volume, PSNR with peak 1, 3D SSIM); the (x2ct) "
-        "columns are what X2CT-GAN's code computes (per-slice, PSNR on a [0, 2500] scale "
-        "with peak 4095, averaged over the three axes).",
-        "",
-        md_test,
-        "Paper (private lumbar CT, 2 mm, 128³; its PSNR/SSIM convention is not stated):",
-        "",
-        "| Model | PSNR | SSIM | PSNR here | SSIM here |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for label, (psnr, ssim) in PAPER.items():
-        try:
-            r = _row(rows_test, label)
-            here = f"{r['psnr_mean']:.2f} | {r['ssim_mean']:.4f}"
-        except StopIteration:
-            here = "– | –"
-        lines.append(f"| {label} | {psnr:.2f} | {ssim:.4f} | {here} |")
+def write_report(seed_dir: Path, path: Path) -> str:
+    """``results.md`` from every ``seed-*.json`` under ``seed_dir`` (whichever exist)."""
+    seeds = load_seeds(seed_dir)
+    lines = ["# Table I at CPU scale, over seeds", ""]
+    if not seeds:
+        lines += ["No seed has been run yet with the rebuilt X2CT-GAN: "
+                  "`python bench/reproduce_table1.py --seeds 5 --models cvaa x2ct`, then "
+                  "`--seeds 3 --models 3dcnn psr`. The earlier single-seed tables are in "
+                  "[results_history.md](results_history.md).", ""]
+        path.write_text("\n".join(lines))
+        return path.read_text()
+    first = seeds[0]
+    counts = {label: sum(label in s["models"] for s in seeds) for label in MODELS.values()}
     lines += [
+        "Rebuilt by `python bench/reproduce_table1.py --report-only` from the per-seed result "
+        f"files in `docs/results/` ({len(seeds)} seed file(s): "
+        + ", ".join(f"{label} {n}" for label, n in counts.items() if n) + "). Each seed file "
+        "holds every evaluated test case's metrics with the commit and the commands that "
+        "produced them; run more seeds with `--seeds N` or `--seed-list ...` (seeds already "
+        "done are skipped).",
         "",
-        *verdict_lines(rows_test),
-        "![Fig. 2: mid-axial, mid-sagittal and mid-coronal slices per model and ground truth]"
-        "(table1_fig2.png)",
+        f"- Machine: {first['machine']}.",
+        f"- Data per seed: {first['n_phantoms']} synthetic lumbar phantoms drawn with that "
+        f"seed ({first['train_cases']} train / {first['test_cases']} test by patient, the "
+        "split seeded too), `cpu` preset (8 mm, 32³, 32² DRRs). Every model of a seed "
+        "trains on the same data with that seed's initialisation.",
+        f"- Budget: {first['epochs']} epochs, batch 4, Adam {first['lr']:g} for G and D, one "
+        f"worker with {first['threads']} CPU threads; capacity: {_param_counts()}.",
         "",
-        "## Real CTs (domain gap)",
+        "## Table I: phantom test split",
         "",
-        f"The {real_manifest['summary']['prepared']} real CTs of `../shared/data` (the MR is "
-        "rejected), prepared with the same preprocessing and DRR geometry, through the same "
-        "models trained on phantoms only:",
+        "Per model: the number of seeds, then the mean over seeds of each seed's test-split "
+        "mean, ± the half-width of its 95 % t interval over the seeds. Volume convention "
+        "(PSNR peak 1, 3D SSIM) and X2CT-GAN's code's convention (x2ct).",
         "",
-        md_real,
-        "![Real CTs](table1_fig2_real.png)",
+        "| Model | Seeds | " + " | ".join(name for _, name, _ in METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+        *summary_rows(seeds, "test"),
         "",
-        "## Wall time per model (training job, including Ray start-up and evaluation)",
+        "Paired differences per test case, pooled over the seeds that have both models, "
+        "mean [95 % bootstrap interval, cases resampled within each seed]:",
         "",
-        "| Model | seconds | minutes |",
-        "|---|---:|---:|",
+        "| Pair | Seeds | Cases | " + " | ".join(name for _, name, _ in METRICS) + " |",
+        "|---|---:|---:|" + "---:|" * len(METRICS),
+        *pair_rows(seeds, "test"),
+        "",
+        verdict(seeds),
+        "",
+        "Paper (private lumbar CT, 2 mm, 128³; convention not stated): "
+        + ", ".join(f"{label} {psnr:.2f} dB / {ssim:.4f}" for label, (psnr, ssim)
+                    in PAPER.items()) + ".",
+        "",
+        "![Fig. 2, seed 0](table1_fig2.png)",
+        "",
+        "## Real CTs of ../shared/data (domain gap)",
+        "",
+        f"The same models, trained on phantoms only, on the {len(first['mean_volume']['real'])} "
+        "real CTs that preprocess (the NIfTI volumes and the DICOM series; the MR is rejected):",
+        "",
+        "| Model | Seeds | " + " | ".join(name for _, name, _ in METRICS) + " |",
+        "|---|---:|" + "---:|" * len(METRICS),
+        *summary_rows(seeds, "real"),
+        "",
+        "| Pair | Seeds | Cases | " + " | ".join(name for _, name, _ in METRICS) + " |",
+        "|---|---:|---:|" + "---:|" * len(METRICS),
+        *pair_rows(seeds, "real"),
+        "",
+        "## Training curves (seed 0)",
+        "",
+        "![curves](table1_curves.png)",
+        "",
+        "## History",
+        "",
+        "The earlier single-seed tables, with the old X2CT-GAN baseline, are in "
+        "[results_history.md](results_history.md).",
+        "",
     ]
-    for model, seconds in walls.items():
-        lines.append(f"| {MODELS[model]} | {seconds:.0f} | {seconds / 60:.1f} |")
-    lines += ["", "## Training curves", "", "![curves](table1_curves.png)", "",
-              "## Commands", "", "```bash", *log, "```", ""]
     path.write_text("\n".join(lines))
+    return path.read_text()
 
 
 if __name__ == "__main__":
