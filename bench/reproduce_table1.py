@@ -188,6 +188,7 @@ def run_seed(args, seed: int, result_path: Path) -> None:
         print(f"[table1] seed {seed}: {', '.join(MODELS[m] for m in args.models)} already "
               f"in {result_path}", flush=True)
         return
+    commit = _git_commit()  # before this run writes its own figures into docs/
     work = Path(args.workdir) / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -244,7 +245,7 @@ def run_seed(args, seed: int, result_path: Path) -> None:
     models = done.get("models", {})
     for label in labels:
         models[label] = {"test": per_case["test"][label], "real": per_case["real"][label],
-                         "wall_seconds": round(walls[label], 1), "commit": _git_commit(),
+                         "wall_seconds": round(walls[label], 1), "commit": commit,
                          "commands": log}
     result = {
         "seed": seed, "n_phantoms": args.n, "epochs": args.epochs, "lr": args.lr,
@@ -366,9 +367,13 @@ def verdict(seeds: list[dict]) -> str:
         word = "is beaten by"
     else:
         word = "is not distinguishable from"
+    caution = "" if len(both) >= 5 else (
+        f" With {len(both)} seed(s) this interval covers the sampling of test cases only, not "
+        "the variation from seed to seed (earlier single-seed runs differed by more than a "
+        "decibel): it is not a verdict before at least 5 seeds.")
     return (f"On the phantom test split, over {len(both)} seed(s) and {n} paired test cases, "
             f"CVAA-GAN {word} the rebuilt X2CT-GAN: PSNR difference {mean:+.2f} dB, 95 % "
-            f"bootstrap interval [{low:+.2f}, {high:+.2f}].")
+            f"bootstrap interval [{low:+.2f}, {high:+.2f}].{caution}")
 
 
 def write_report(seed_dir: Path, path: Path) -> str:
