@@ -262,9 +262,10 @@ def render_context(context: ContextCT, drr: DRRConfig, params: RenderParams, *,
     sid = max(drr.sid_mm * params.sid_scale, sad * 1.05)
     geometry = Geometry(sad, sid, drr.detector_pixels, pitch * params.zoom, drr.step_mm)
     line = line_integrals(mu, geometry, context.spacing_mm, tuple(float(v) for v in iso))
-    noise = drr.photons if params.is_identity() else params.photons
-    blur = drr.blur_sigma_px if params.is_identity() else params.blur_px
-    if params.scatter > 0 or noise > 0 or (blur > 0 and not params.is_identity()):
+    identity = params.is_identity()  # the fixed DRR's own noise and blur, if it has any
+    noise = drr.photons if identity else params.photons
+    blur = drr.blur_sigma_px if identity else params.blur_px
+    if params.scatter > 0 or noise > 0 or (blur > 0 and not identity):
         intensity = torch.exp(-line)
         if params.scatter > 0:
             wide = max(1.0, drr.detector_pixels / 8.0)
