@@ -80,20 +80,21 @@ def test_the_report_is_rebuilt_from_whichever_seeds_exist(tmp_path):
     assert "results_history.md" in text
 
 
-
 def test_the_verdict_needs_both_the_cases_and_the_seeds_to_agree():
     def seeds(offsets):
         out = []
         for k, off in enumerate(offsets):
             cases = [off + 0.01 * c for c in range(30)]
             out.append({"models": {
-                "CVAA-GAN": {"test": {f"p{k}-{c}": {"psnr": 30.0 + v}
+                "CVAA-GAN": {"test": {f"p{k}-{c}": {"psnr": 30.0 + v, "ssim": 0.8 + v / 100}
                                       for c, v in enumerate(cases)}},
-                "X2CT-GAN": {"test": {f"p{k}-{c}": {"psnr": 30.0}
+                "X2CT-GAN": {"test": {f"p{k}-{c}": {"psnr": 30.0, "ssim": 0.8}
                                       for c in range(30)}}}})
         return out
 
-    assert "CVAA-GAN beats" in table1.verdict(seeds([1.0, 1.2, 0.9, 1.1, 1.0]))
+    beats = table1.verdict(seeds([1.0, 1.2, 0.9, 1.1, 1.0]))
+    assert "CVAA-GAN beats" in beats and "3D SSIM: +0.0" in beats
+    assert "includes zero" not in beats
     assert "beaten by" in table1.verdict(seeds([-1.0, -1.2, -0.9, -1.1, -1.0]))
     # every seed's test cases agree with themselves, the seeds do not agree with each other
     mixed = table1.verdict(seeds([1.3, -0.2, -0.2, 1.0, 0.2]))
