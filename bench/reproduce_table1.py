@@ -348,6 +348,11 @@ def _pair_diffs(seeds: list[dict], a: str, b: str, split: str, key: str
     return out
 
 
+def _seed_means(diffs: list[dict[str, float]]) -> list[float]:
+    """Each seed's mean paired difference over its cases."""
+    return [sum(d.values()) / len(d) for d in diffs]
+
+
 def pooled_difference(diffs: list[dict[str, float]]) -> tuple[float, float, float, str]:
     """Mean paired difference with its 95 % bootstrap interval, and the case count.
 
@@ -388,12 +393,10 @@ def seed_rows(seeds: list[dict], split: str) -> list[str]:
 
     rows = []
     for a, b in PAIRS:
-        psnr = [float(np.mean(list(d.values())))
-                for d in _pair_diffs(seeds, a, b, split, "psnr")]
+        psnr = _seed_means(_pair_diffs(seeds, a, b, split, "psnr"))
         if not psnr:
             continue
-        ssim = [float(np.mean(list(d.values())))
-                for d in _pair_diffs(seeds, a, b, split, "ssim")]
+        ssim = _seed_means(_pair_diffs(seeds, a, b, split, "ssim"))
         cells = []
         for values, digits in ((psnr, 2), (ssim, 4)):
             mean, half = t_interval(values)
@@ -411,7 +414,7 @@ def verdict(seeds: list[dict], a: str = "CVAA-GAN", b: str = "X2CT-GAN") -> str:
     if not diffs:
         return f"No seed has both {a} and {b} yet."
     mean, low, high, n = pooled_difference(diffs)
-    per_seed = [sum(d.values()) / len(d) for d in diffs]
+    per_seed = _seed_means(diffs)
     s_mean, s_half = t_interval(per_seed)
     positive = sum(v > 0 for v in per_seed)
     text = (f"On the phantom test split, over {len(diffs)} seed(s) and {n} paired test cases, "
@@ -435,7 +438,7 @@ def verdict(seeds: list[dict], a: str = "CVAA-GAN", b: str = "X2CT-GAN") -> str:
         word = "**The two are not distinguishable** at this scale: both intervals include zero."
     ssim = _pair_diffs(seeds, a, b, "test", "ssim")
     ss_mean, ss_low, ss_high, _ = pooled_difference(ssim)
-    ss_seed, ss_half = t_interval(sum(d.values()) / len(d) for d in ssim)
+    ss_seed, ss_half = t_interval(_seed_means(ssim))
     word += (f" (3D SSIM: {ss_mean:+.4f} [{ss_low:+.4f}, {ss_high:+.4f}] pooled, "
              f"{ss_seed:+.4f} ± {ss_half:.4f} over seeds"
              + (", an interval that includes zero" if abs(ss_seed) <= ss_half else "") + ".)")
