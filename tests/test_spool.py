@@ -86,6 +86,32 @@ def test_a_restarted_logger_sends_its_predecessors_entries_first(run, tmp_path):
     assert _steps(uri, run_id) == [(1, 1.0), (2, 2.0)]
 
 
+def test_held_entries_wait_for_release_and_a_successor_resends_them_once(run, tmp_path):
+    """Rank 0 holds an epoch's log until its checkpoint exists: one that dies before the
+    release has sent nothing of that epoch; one that dies after has sent it, and the
+    successor's requeue of the checkpoint's copy adds no second value for the step."""
+    uri, run_id = run
+    spool = SpooledRun(uri, run_id)
+    spool.log_metrics({"loss": 1.0}, 1)                  # epoch 1, its checkpoint exists
+    assert spool.flush(60)
+    spool.hold()
+    spool.log_metrics({"loss": 2.0}, 2)                  # epoch 2, checkpoint being written
+    assert spool.dump(tmp_path / "epoch_2") == 1         # the held entry goes with it
+    assert not spool.flush(1.5) and spool.pending() == 1
+    assert _steps(uri, run_id) == [(1, 1.0)]             # nothing of epoch 2 sent yet
+    spool.release()
+    spool.log_metrics({"loss": 3.0}, 3)
+    assert spool.flush(60)
+    spool.close()
+    assert _steps(uri, run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+    successor = SpooledRun(uri, run_id)                  # resumed from epoch 2's checkpoint
+    assert successor.requeue(tmp_path / "epoch_2") == 1
+    assert successor.flush(60)
+    successor.close()
+    assert _steps(uri, run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
 def test_replay_job_sends_a_dumped_folder(run, tmp_path, capsys):
     import importlib.util
     from pathlib import Path

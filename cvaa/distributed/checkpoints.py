@@ -135,12 +135,17 @@ def persist_checkpoint(local_dir: str | Path, name: str, deadline_s: float, epoc
     ``CheckpointUploadMode.NO_UPLOAD``."""
     import ray.train
 
-    # get_storage() is a Ray Train DeveloperAPI: where the run's checkpoints go.
+    from cvaa.distributed.storage import unwrap
+
+    # get_storage() is a Ray Train DeveloperAPI: where the run's checkpoints go. This loop
+    # reports each failed attempt, so it writes through the plain S3 filesystem.
+    # Ray accepts the checkpoint only on the storage's own filesystem object.
     storage = ray.train.get_context().get_storage()
-    return upload_with_retry(ray.train.Checkpoint.from_directory(str(local_dir)),
-                             f"{storage.experiment_fs_path}/{name}",
-                             storage.storage_filesystem, deadline_s=deadline_s, log=log,
-                             epoch=epoch)
+    uploaded = upload_with_retry(ray.train.Checkpoint.from_directory(str(local_dir)),
+                                 f"{storage.experiment_fs_path}/{name}",
+                                 unwrap(storage.storage_filesystem), deadline_s=deadline_s,
+                                 log=log, epoch=epoch)
+    return ray.train.Checkpoint(uploaded.path, storage.storage_filesystem)
 
 
 def upload_with_retry(checkpoint, destination: str, filesystem, *, deadline_s: float,

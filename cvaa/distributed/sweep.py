@@ -41,9 +41,9 @@ from cvaa import tracking
 from cvaa.config import Config, ConfigError
 from cvaa.data.dataset import PreparedDataset
 from cvaa.distributed import compat
+from cvaa.distributed.storage import ray_storage, storage_filesystem
 from cvaa.distributed.training import (TrainJob, evaluate_split, load_checkpoint_generator,
-                                       log_curves, log_evaluation, register,
-                                       ray_storage, storage_filesystem, train)
+                                       log_curves, log_evaluation, register, train)
 from cvaa.distributed.worker import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
@@ -183,7 +183,7 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
     """
     check_sweep(sweep)   # TrainJob made its local paths absolute for the trials
     job, cfg = sweep.train, sweep.train.cfg
-    storage_path, fs = ray_storage(job.storage)
+    storage_path, fs = ray_storage(job.storage, cfg.train.storage_retry_s)
     experiment_path = f"{storage_path.rstrip('/')}/{sweep.name}"
     exists = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if sweep.resume and not exists:
@@ -519,7 +519,8 @@ def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
     test metrics its trial logged."""
     job = sweep.train
     checkpoint = ray.train.Checkpoint(best["checkpoint"],
-                                      filesystem=storage_filesystem(job.storage))
+                                      filesystem=storage_filesystem(
+                                          job.storage, job.cfg.train.storage_retry_s))
     generator, state = load_checkpoint_generator(checkpoint)
     trial_job = TrainJob(cfg=Config.from_dict(state["config"]), data=job.data,
                          run_name=job.run_name, storage=job.storage,

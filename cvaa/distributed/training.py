@@ -36,6 +36,7 @@ from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.distributed.checkpoints import MARKER, CorruptCheckpointError, verify_directory
 from cvaa.distributed.cluster import format_duration, forwarded_env
+from cvaa.distributed.storage import ray_storage
 from cvaa.distributed.worker import CHECKPOINT_FILE, PENDING_DIR, train_loop_per_worker
 from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 from cvaa.models import build_generator
@@ -77,35 +78,6 @@ class StorageError(OSError):
 
 class EmptySplitError(ValueError):
     """A split with no cases: Table I cannot be computed on it."""
-
-
-def storage_filesystem(storage: str):
-    """A pyarrow S3 filesystem honouring ``AWS_ENDPOINT_URL`` for ``s3://`` storage (Ray's
-    default one ignores it), else ``None``."""
-    if not storage.startswith("s3://"):
-        return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return None
-    from pyarrow import fs
-
-    scheme, _, host = endpoint.partition("://")
-    # The driver's credentials, when it has them, go with the filesystem object: Ray's
-    # Train controller uses it in a process that did not inherit the driver's environment.
-    keys = {}
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
-                "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
-                "session_token": os.environ.get("AWS_SESSION_TOKEN")}
-    return fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **keys)
-
-
-def ray_storage(storage: str) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: with an explicit
-    filesystem Ray takes a path *in* it (``bucket/prefix``, no ``s3://``)."""
-    fs = storage_filesystem(storage)
-    return (storage[len("s3://"):] if fs is not None else storage), fs
 
 
 # --------------------------------------------------------------------------- step 1: train
@@ -165,7 +137,7 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
                                       placement_strategy=t.placement_strategy,
                                       accelerator_type=t.accelerator_type or None)
     with epoch_lines(t.epochs, log, t.max_failures) as reporter:
-        storage_path, fs = ray_storage(job.storage)
+        storage_path, fs = ray_storage(job.storage, t.storage_retry_s)
         run_config = ray.train.RunConfig(
             name=job.run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -189,18 +189,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                          "metrics": {k: v for k, v in metrics.items()
                                      if isinstance(v, (int, float))}}
                 torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                # The epoch's log is held until its checkpoint exists: a rank 0 that dies
+                # before has sent nothing of an epoch its successor trains again (one value
+                # per step in MLflow). Unsent entries travel with the checkpoint.
+                tracker.hold()
                 tracker.log_epoch(metrics, epoch + 1)
                 if figure_due:
                     tracker.log_figure(unwrap(generator), dataset,
                                        (my_val_ids or train_ids)[0], epoch + 1)
                     tracker.log_checkpoint(Path(tmp) / CHECKPOINT_FILE, epoch + 1)
-                if last:
-                    mlflow_pending = tracker.finish(cfg.train.mlflow_wait_s)
-                    if mlflow_pending:
-                        metrics["mlflow_pending"] = float(mlflow_pending)
-                else:  # a reachable server has the epoch before it is reported
-                    tracker.settle(MLFLOW_EPOCH_SETTLE_S)
-                metrics["mlflow_queued"] = float(tracker.queued())
                 tracker.keep_pending(Path(tmp))
                 write_marker(tmp)
                 # Rank 0 uploads before anyone reports, retrying an unreachable storage;
@@ -209,10 +206,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 try:
                     persisted = persist_checkpoint(tmp, name, cfg.train.storage_retry_s,
                                                    epoch + 1, log=notes.append)
+                    tracker.release()
                 except OSError as exc:
                     failure = str(exc)
                 if len(notes) > 1:  # it took retries: the console says so (first, last)
                     metrics["storage_note"] = f"{notes[0]} ... {notes[-1]}"
+                if last and not failure:
+                    mlflow_pending = tracker.finish(cfg.train.mlflow_wait_s)
+                    if mlflow_pending:
+                        metrics["mlflow_pending"] = float(mlflow_pending)
+                elif not failure:  # a reachable server has the epoch before it is reported
+                    tracker.settle(MLFLOW_EPOCH_SETTLE_S)
+                metrics["mlflow_queued"] = float(tracker.queued())
             if not _all_ok(not failure, distributed, device):
                 if rank == 0:
                     return {"status": "storage", "message": failure}
@@ -298,6 +303,14 @@ class _RankZeroTracker:
             from cvaa.tracking.spool import SpooledRun
             self.run = SpooledRun(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"],
                                   on_state=lambda line: print(line, flush=True))
+
+    def hold(self) -> None:
+        if self.active:
+            self.run.hold()
+
+    def release(self) -> None:
+        if self.active:
+            self.run.release()
 
     def log_epoch(self, metrics: dict[str, Any], epoch: int) -> None:
         if self.active:

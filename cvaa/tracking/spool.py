@@ -59,6 +59,8 @@ class SpooledRun:
         self._cond = threading.Condition()
         self._closed = False
         self._seq = 0
+        self._holding = False
+        self._held: set[int] = set()   # id() of the entries logged while holding
         self.failures = 0
         self.last_error = ""
         self._logger = None
@@ -88,6 +90,20 @@ class SpooledRun:
         shutil.copyfile(path, target)
         self._put({"kind": "artifact", "file": target.name, "artifact_path": artifact_path,
                    "dumped": dumped})
+
+    def hold(self) -> None:
+        """Entries logged from now on wait for :meth:`release` (they are pending, and
+        :meth:`dump` writes them): rank 0 holds an epoch's log until that epoch's checkpoint
+        exists, so a worker that dies before has sent nothing its successor will redo."""
+        with self._cond:
+            self._holding = True
+
+    def release(self) -> None:
+        """Send what :meth:`hold` kept back (in order, after anything logged before)."""
+        with self._cond:
+            self._holding = False
+            self._held.clear()
+            self._cond.notify_all()
 
     def pending(self) -> int:
         with self._cond:
@@ -174,15 +190,18 @@ class SpooledRun:
             if self._closed:
                 raise RuntimeError("the MLflow spool is closed")
             self._entries.append(entry)
+            if self._holding:
+                self._held.add(id(entry))
             self._cond.notify_all()
 
     def _run(self) -> None:
         backoff = 1.0
         while True:
             with self._cond:
-                while not self._entries and not self._closed:
+                while not self._closed and (not self._entries
+                                            or id(self._entries[0]) in self._held):
                     self._cond.wait()
-                if not self._entries:
+                if not self._entries or id(self._entries[0]) in self._held:
                     return
                 entry = self._entries[0]
             try:
@@ -203,6 +222,7 @@ class SpooledRun:
             with self._cond:
                 if self._entries and self._entries[0] is entry:
                     self._entries.pop(0)
+                    self._held.discard(id(entry))
                 self._cond.notify_all()
             if entry["kind"] == "artifact":
                 (self.dir / entry["file"]).unlink(missing_ok=True)
