@@ -1,6 +1,7 @@
 """jobs/tune.py: search spaces fail fast; ASHA sweeps on a local Ray, tracked in MLflow."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -244,7 +245,7 @@ def _wait_for_free_cpus(ray, want=2.0, timeout_s=60):
 
 @pytest.mark.ray
 def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared_cpu,
-                                                              ray_local):
+                                                              ray_local, ray_session_dir):
     """Two trials, one after the other: lr_g = 1e-3 learns, lr_g = 0 cannot (its G keeps
     its initial weights), so at ASHA's first rung (epoch 1) the second trial is below the
     first one's value and is stopped; the first runs both epochs and wins."""
@@ -307,6 +308,14 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
     x = torch.rand(2, 2, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), trained(x))
+
+    # Tune forwards the driver's AWS keys into each trial's runtime_env, which Ray's agent
+    # logs in full; the sweep keeps them out (the session has the S3 server's keys set).
+    from s3server import SECRET_KEY
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY        # given back after fit
+    leaked = [p.name for p in (ray_session_dir / "logs").rglob("*")
+              if p.is_file() and SECRET_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 @pytest.mark.ray

@@ -25,7 +25,9 @@ child run by name.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +253,8 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
                 run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path,
                                           storage_filesystem=fs, verbose=sweep.verbose,
                                           callbacks=run_callbacks))
-        grid = tuner.fit()
+        with _credentials_kept_out_of_trial_envs():
+            grid = tuner.fit()
         wall = time.perf_counter() - start
         _release_stopped_trials()
 
@@ -462,6 +465,25 @@ def leaderboard_markdown(rows: list[dict[str, Any]], metric: str) -> str:
                             for c in cols) + "|"]
     lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env,
+# which Ray's runtime_env agent writes in full to runtime_env_agent.log on each node.
+_TUNE_FORWARDED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                           "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_kept_out_of_trial_envs():
+    """While Tune starts trials, the driver's AWS credentials are out of its environment, so
+    they reach no runtime_env (nor Ray's logs); the trials take them from their node's own
+    environment, as every Ray Train worker does. The storage filesystem made before holds
+    its own copy."""
+    saved = {k: os.environ.pop(k) for k in _TUNE_FORWARDED_SECRETS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def trial_statuses(experiment_path: str, fs=None) -> dict[str, str]:
