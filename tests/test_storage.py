@@ -114,3 +114,39 @@ def test_an_outage_longer_than_the_deadline_and_a_permanent_error_are_raised(
         with fs.open_output_stream("ckpt/ray/late.json") as f:
             f.write(b"x")
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.s3
+def test_two_loaders_of_one_s3_checkpoint_never_share_its_files(s3_bucket, tmp_path):
+    """What two evaluation actors (or two restored workers) on one node do at once. Ray's
+    ``as_directory()`` gives both the same directory and downloads again into it when the
+    second arrives, rewriting the file the first is reading: a torn ``checkpoint.pt``."""
+    from ray.train import Checkpoint
+
+    from cvaa.distributed.checkpoints import local_checkpoint, verify_directory, write_marker
+
+    source = tmp_path / "epoch_0001"
+    source.mkdir()
+    (source / "checkpoint.pt").write_bytes(bytes(range(256)) * 4096)   # 1 MiB
+    write_marker(source)
+    fs = storage_filesystem(f"s3://{s3_bucket}/ray")
+    pafs.copy_files(str(source), f"{s3_bucket}/ray/epoch_0001", destination_filesystem=fs)
+    checkpoint = Checkpoint(f"{s3_bucket}/ray/epoch_0001", fs)
+
+    with local_checkpoint(checkpoint) as first:
+        weights = first / "checkpoint.pt"
+        before = weights.stat()
+        with local_checkpoint(pickle.loads(pickle.dumps(checkpoint))) as second:
+            assert second != first
+            verify_directory(second)
+        after = weights.stat()
+        # the first loader's file was not rewritten under it, and is still whole
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        verify_directory(first)
+        assert not second.exists()
+    assert not first.exists()
+
+    # a local checkpoint is read where it is, never copied or deleted
+    with local_checkpoint(Checkpoint.from_directory(str(source))) as here:
+        assert here == source
+    assert (source / "checkpoint.pt").exists()

@@ -10,6 +10,9 @@
   names the storage and the epoch, and the previous checkpoint stays as it was.
 - A resumed worker group loads the newest checkpoint that verifies
   (:func:`load_resume_state`), warning about each one it skips.
+- Every process reads a remote checkpoint from its own private download
+  (:func:`local_checkpoint`), never from the temporary directory Ray shares among a node's
+  processes.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import errno
 import hashlib
 import io
 import json
+import contextlib
 import re
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -101,6 +106,29 @@ def sibling_checkpoints(checkpoint) -> list:
     return [c for _, c in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint) -> Iterator[Path]:
+    """The files of a ``ray.train.Checkpoint`` in a local directory for the duration of the
+    context: its own directory when it is local, else a download private to this call,
+    deleted afterwards.
+
+    Not Ray's ``Checkpoint.as_directory()``: that shares one temporary directory per
+    checkpoint among all processes of a node, and a process that arrives after another
+    finished downloading downloads again into it, rewriting files the first one is still
+    reading (seen as a torn ``checkpoint.pt`` when two evaluation actors on a node loaded
+    the model from S3 at the same moment). A node with 8 workers holds 8 copies while they
+    load; each is gone when its loader is done.
+    """
+    from pyarrow import fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="cvaa-checkpoint-") as tmp:
+        # a path of our own: Ray's download lock on it is never contended
+        yield Path(checkpoint.to_directory(tmp))
+
+
 def load_resume_state(checkpoint, filename: str, *, map_location=None,
                       use: Callable[[Path], None] | None = None
                       ) -> tuple[dict[str, Any], list[str]]:
@@ -115,7 +143,7 @@ def load_resume_state(checkpoint, filename: str, *, map_location=None,
     warnings: list[str] = []
     for candidate in [checkpoint, *sibling_checkpoints(checkpoint)]:
         try:
-            with candidate.as_directory() as local:
+            with local_checkpoint(candidate) as local:
                 verify_directory(local)
                 state = torch.load(io.BytesIO((Path(local) / filename).read_bytes()),
                                    map_location=map_location, weights_only=True)

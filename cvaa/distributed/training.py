@@ -34,7 +34,8 @@ from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
-from cvaa.distributed.checkpoints import MARKER, CorruptCheckpointError, verify_directory
+from cvaa.distributed.checkpoints import (MARKER, CorruptCheckpointError, local_checkpoint,
+                                          verify_directory)
 from cvaa.distributed.cluster import format_duration, forwarded_env
 from cvaa.distributed.storage import ray_storage
 from cvaa.distributed.worker import CHECKPOINT_FILE, PENDING_DIR, train_loop_per_worker
@@ -209,10 +210,10 @@ def load_checkpoint_state(checkpoint) -> dict[str, Any]:
     """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins),
     verified against its checksums when it has them (checkpoints written before integrity
     checks have none and load as they are)."""
-    with checkpoint.as_directory() as ckpt_dir:
-        if (Path(ckpt_dir) / MARKER).exists():
+    with local_checkpoint(checkpoint) as ckpt_dir:
+        if (ckpt_dir / MARKER).exists():
             verify_directory(ckpt_dir)
-        return torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu",
+        return torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu",
                           weights_only=True)
 
 
