@@ -37,6 +37,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cvaa.backoff import call_with_backoff
+
 
 @dataclass(frozen=True)
 class Step:
@@ -128,31 +130,27 @@ class CaseStream:
         self.stats = StreamStats()
 
     def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        started, delay = None, 1.0
-        while True:
-            try:
-                found = self.load(case_id)
-            except ConnectionError as exc:  # an outage: wait it out, bounded
-                now = time.monotonic()
-                if started is None:
-                    started = now
-                    self._say(f"case {case_id}: storage unreachable ({exc}); retrying for "
-                              f"up to {self.retry_s:.0f} s")
-                if now - started >= self.retry_s:
-                    raise RuntimeError(f"case {case_id}: cannot be read for training: "
-                                       f"storage unreachable for {now - started:.0f} s "
-                                       f"({exc})") from exc
-                time.sleep(min(delay, self.retry_s - (now - started)))
-                delay = min(delay * 2, 30.0)
-                continue
-            except Exception as exc:
-                raise RuntimeError(f"case {case_id}: cannot be read for training: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-            if started is not None:
-                self.stats.retried_seconds += time.monotonic() - started
-                self._say(f"case {case_id}: read after waiting "
-                          f"{time.monotonic() - started:.0f} s for the storage")
-            return found
+        def waiting(exc: BaseException, attempt: int, wait: float) -> None:
+            if attempt == 1:
+                self._say(f"case {case_id}: storage unreachable ({exc}); retrying for "
+                          f"up to {self.retry_s:.0f} s")
+
+        def recovered(attempt: int, waited: float) -> None:
+            self.stats.retried_seconds += waited
+            self._say(f"case {case_id}: read after waiting {waited:.0f} s for the storage")
+
+        start = time.monotonic()
+        try:   # an outage (ConnectionError) is waited out, bounded; anything else fails
+            return call_with_backoff(lambda: self.load(case_id), deadline_s=self.retry_s,
+                                     retry_if=lambda exc: isinstance(exc, ConnectionError),
+                                     on_retry=waiting, on_recovered=recovered)
+        except ConnectionError as exc:
+            raise RuntimeError(f"case {case_id}: cannot be read for training: storage "
+                               f"unreachable for {time.monotonic() - start:.0f} s ({exc})"
+                               ) from exc
+        except Exception as exc:
+            raise RuntimeError(f"case {case_id}: cannot be read for training: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
     def _say(self, message: str) -> None:
         if self.on_retry is not None:

@@ -17,18 +17,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
-import contextlib
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from cvaa.backoff import call_with_backoff
 
 MARKER = "COMPLETE.json"
 # epoch_0012, or epoch_0012_r1: the same epoch trained again after a resume skipped a bad
@@ -189,18 +190,12 @@ def upload_with_retry(checkpoint, destination: str, filesystem, *, deadline_s: f
     from pyarrow import fs as pafs
     from ray.train import Checkpoint
 
-    start, backoff, attempt = time.monotonic(), 1.0, 0
-    while True:
-        attempt += 1
+    def attempt():
         try:
             filesystem.create_dir(destination)
             pafs.copy_files(checkpoint.path, destination,
                             source_filesystem=checkpoint.filesystem,
                             destination_filesystem=filesystem)
-            if attempt > 1:
-                log(f"checkpoint upload to {destination} succeeded on attempt {attempt} "
-                    f"after {time.monotonic() - start:.0f} s")
-            return Checkpoint(destination, filesystem)
         except OSError as exc:
             if _is_full(exc):
                 raise StorageFullError(
@@ -208,14 +203,20 @@ def upload_with_retry(checkpoint, destination: str, filesystem, *, deadline_s: f
                     f"{epoch if epoch is not None else '?'} could not be written to "
                     f"{destination} ({exc}); the previous checkpoint is intact: free space "
                     "and run again with the same --run-name to resume") from exc
-            waited = time.monotonic() - start
-            if waited + backoff > deadline_s:
-                raise OSError(f"checkpoint upload to {destination} still failing after "
-                              f"{attempt} attempts in {waited:.0f} s: {exc}") from exc
-            log(f"checkpoint upload to {destination} failed ({exc}); retrying in "
-                f"{backoff:.0f} s")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            raise
+        return Checkpoint(destination, filesystem)
+
+    return call_with_backoff(
+        attempt, deadline_s=deadline_s,
+        retry_if=lambda exc: isinstance(exc, OSError) and not isinstance(exc, StorageFullError),
+        on_retry=lambda exc, n, wait: log(
+            f"checkpoint upload to {destination} failed ({exc}); retrying in {wait:.3g} s"),
+        on_recovered=lambda n, waited: log(
+            f"checkpoint upload to {destination} succeeded on attempt {n} after "
+            f"{waited:.0f} s"),
+        give_up=lambda exc, n, waited: OSError(
+            f"checkpoint upload to {destination} still failing after {n} attempts in "
+            f"{waited:.0f} s: {exc}"))
 
 
 def _is_full(exc: BaseException) -> bool:

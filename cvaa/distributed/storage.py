@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-import time
 from typing import Any, Callable, TypeVar
 
 from pyarrow import PythonFile
 from pyarrow import fs as pafs
+
+from cvaa.backoff import call_with_backoff
 
 T = TypeVar("T")
 
@@ -44,29 +45,22 @@ def is_transient(exc: BaseException) -> bool:
 
 def retry_transient(call: Callable[[], T], what: str, deadline_s: float,
                     log: Callable[[str], None] | None = print) -> T:
-    """``call()``, again after 1, 2, 4 … 30 s while it fails with a transient S3 error and
-    ``deadline_s`` has not passed; the last error is raised with ``what`` in front."""
-    start, backoff, attempt = time.monotonic(), 1.0, 0
-    while True:
-        attempt += 1
-        try:
-            result = call()
-        except OSError as exc:
-            waited = time.monotonic() - start
-            if not is_transient(exc):
-                raise
-            if waited + backoff > deadline_s:
-                raise OSError(f"{what}: storage still unreachable after {attempt} attempts "
-                              f"in {waited:.0f} s: {exc}") from exc
-            if log is not None:
-                log(f"storage: {what} failed ({_first_line(exc)}); retrying in {backoff:.0f} s")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-            continue
-        if attempt > 1 and log is not None:
-            log(f"storage: {what} succeeded on attempt {attempt} after "
-                f"{time.monotonic() - start:.0f} s")
-        return result
+    """``call()``, again after 1, 2, 4 … 30 s while it fails with a transient S3 error, for
+    up to ``deadline_s`` (:func:`cvaa.backoff.call_with_backoff`); the last error is raised
+    with ``what`` in front."""
+    def say(line: str) -> None:
+        if log is not None:
+            log(f"storage: {what} {line}")
+
+    return call_with_backoff(
+        call, deadline_s=deadline_s, retry_if=is_transient,
+        on_retry=lambda exc, attempt, wait: say(
+            f"failed ({_first_line(exc)}); retrying in {wait:.3g} s"),
+        on_recovered=lambda attempt, waited: say(
+            f"succeeded on attempt {attempt} after {waited:.0f} s"),
+        give_up=lambda exc, attempts, waited: OSError(
+            f"{what}: storage still unreachable after {attempts} attempts in {waited:.0f} s: "
+            f"{exc}"))
 
 
 def _first_line(exc: BaseException) -> str:
