@@ -48,14 +48,16 @@ def test_local_storage_keeps_rays_default_and_s3_gets_the_patient_filesystem(mon
 @pytest.fixture
 def stopped_and_restarted(tmp_path):
     """A private SeaweedFS server (bucket ``ckpt``) with ``outage(seconds)``: stop it now,
-    start it again (same port, same data) after ``seconds`` in a thread."""
+    start it again (same port, same data) after ``seconds`` in a thread (``None``: never)."""
     from s3server import SeaweedS3, environment_of
 
     server = SeaweedS3(tmp_path / "s3").start()
     threads: list[threading.Thread] = []
 
-    def outage(seconds: float):
+    def outage(seconds: float | None):
         server.stop()
+        if seconds is None:
+            return
 
         def back():
             time.sleep(seconds)
@@ -107,13 +109,13 @@ def test_an_outage_longer_than_the_deadline_and_a_permanent_error_are_raised(
         fs.open_input_stream("ckpt/ray/missing")
     assert time.monotonic() - start < 3
 
-    outage(5)
+    outage(None)   # down for good: the write gives up at the deadline, not before or long after
     start = time.monotonic()
     with pytest.raises(OSError, match=r"write ckpt/ray/late\.json: storage still "
-                                      r"unreachable after \d+ attempts"):
+                                      r"unreachable after \d+ attempts in \d+ s"):
         with fs.open_output_stream("ckpt/ray/late.json") as f:
             f.write(b"x")
-    assert time.monotonic() - start < 5
+    assert 3 <= time.monotonic() - start < 20
 
 
 @pytest.mark.s3
