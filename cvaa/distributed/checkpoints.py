@@ -146,10 +146,10 @@ def load_resume_state(checkpoint, filename: str, *, map_location=None,
         try:
             with local_checkpoint(candidate) as local:
                 verify_directory(local)
-                state = torch.load(io.BytesIO((Path(local) / filename).read_bytes()),
+                state = torch.load(io.BytesIO((local / filename).read_bytes()),
                                    map_location=map_location, weights_only=True)
                 if use is not None:
-                    use(Path(local))
+                    use(local)
             return state, warnings
         except (CorruptCheckpointError, OSError, RuntimeError, EOFError) as exc:
             warnings.append(f"checkpoint {candidate.path} skipped: {exc}")
