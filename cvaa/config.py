@@ -294,6 +294,11 @@ class TrainConfig:
             to take the entries queued during the outage; what it has not taken by then
             stays in the last checkpoint, and the job says how to send it.
         checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
+        finite_check_every: steps between the host's checks that every loss stayed
+            finite (each check waits for the device to drain, STYLE habit 12). ``0`` is
+            every step on CPU (where nothing runs ahead, so nothing is ever stepped on a
+            NaN) and every 25 steps on CUDA; a check also runs before every checkpoint, so
+            a checkpoint never holds weights stepped on a NaN.
     """
 
     epochs: int = 200
@@ -314,6 +319,7 @@ class TrainConfig:
     storage_retry_s: float = 600.0
     mlflow_wait_s: float = 300.0
     checkpoints_to_keep: int = 2
+    finite_check_every: int = 0
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,13 @@ class GANTrainer:
         # bf16 has fp32's exponent range and needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.precision == "fp16")
+        every = self.cfg.train.finite_check_every
+        if every < 0:
+            raise ValueError(f"train.finite_check_every must be >= 0, got {every}")
+        self.check_every = every or (25 if self.device.type == "cuda" else 1)
+        self._unchecked = 0
+        self._finite: dict[str, torch.Tensor] = {}   # name -> all finite since last check
+        self._last: dict[str, torch.Tensor] = {}     # name -> a loss (non-finite if any)
 
     def set_epoch(self, epoch: int) -> None:
         """Apply the LR schedule for ``epoch`` (0-based)."""
@@ -142,8 +149,8 @@ class GANTrainer:
                 group["lr"] = self.base_lr["d"] * factor
 
     def step(self, xrays: torch.Tensor, target: torch.Tensor, weight: float = 1.0
-             ) -> dict[str, float]:
-        """One D step then one G step on a batch.
+             ) -> dict[str, torch.Tensor]:
+        """One D step then one G step on a batch, without waiting for the device.
 
         Args:
             xrays: ``(B, 2, P, P)`` in [0, 1]; target: ``(B, 1, D, H, W)`` in [0, 1].
@@ -153,15 +160,22 @@ class GANTrainer:
                 losses are unweighted.
 
         Returns:
-            ``{"loss_d", "loss_g", "loss_adv", "loss_rec", "loss_proj"}`` as floats.
+            ``{"loss_d", "loss_g", "loss_adv", "loss_rec", "loss_proj"}`` as detached fp32
+            0-dim tensors on the device. Nothing here reads a value back to the host (a
+            read blocks the CPU until the GPU drains, so it could not queue the next step's
+            kernels; STYLE habit 12): sum them on the device and read them once per
+            logging interval.
 
         Raises:
-            NonFiniteLossError: if any loss is NaN or inf (nothing is stepped then). An
-                fp16 gradient overflow with a finite loss is not an error: the scaler
-                skips that update and lowers its scale.
+            NonFiniteLossError: from the finiteness check (:meth:`check_finite`), which runs
+                every ``train.finite_check_every`` steps: on CPU every step, before anything
+                is stepped; on CUDA the step where a loss went NaN and those up to the check
+                may have stepped, which the caller discards (it checks before each
+                checkpoint). An fp16 gradient overflow with a finite loss is not an error:
+                the scaler skips that update and lowers its scale.
         """
         amp = autocast_context(self.device, self.precision)
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
         # Networks run under autocast; their outputs are cast to float32 and the losses
         # computed outside it, so losses, metrics and the NaN guard see fp32 values.
         with amp:
@@ -175,14 +189,14 @@ class GANTrainer:
                 scores = self.discriminator(torch.cat([xrays, xrays]),
                                             torch.cat([target, fake.detach()]))
             loss_d = lsgan_d_loss(scores[:n].float(), scores[n:].float())
-            self._check("D", loss_d)
+            self._guard("D", loss_d)
             self.opt_d.zero_grad(set_to_none=True)
             # With fp16 a finite loss can still give inf gradients (scale too large):
             # scaler.step then skips the update and update() lowers the scale. Gradients
             # are all-reduced by DDP before unscaling, so every rank skips together.
             self.scaler.scale(loss_d * weight).backward()
             self.scaler.step(self.opt_d)
-            out["loss_d"] = float(loss_d.detach())
+            out["loss_d"] = loss_d.detach()
             # G step: D's weights frozen; the unwrapped D avoids a DDP reduction for a
             # forward whose parameters get no gradient.
             set_requires_grad(self.discriminator, False)
@@ -191,22 +205,58 @@ class GANTrainer:
         else:
             d_fake = None
         loss_g, parts = generator_loss(fake, target, d_fake, self.cfg.loss)
-        self._check("G", loss_g)
+        self._guard("G", loss_g)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(loss_g * weight).backward()
         self.scaler.step(self.opt_g)
         self.scaler.update()
         if self.discriminator is not None:
             set_requires_grad(self.discriminator, True)
-        out["loss_g"] = float(loss_g.detach())
-        out.update({f"loss_{k}": float(v) for k, v in parts.items() if k != "total"})
+        out["loss_g"] = loss_g.detach()
+        out.update({f"loss_{k}": v.detach() for k, v in parts.items() if k != "total"})
+        self._unchecked += 1
+        if self._unchecked >= self.check_every:
+            self.check_finite()
         return out
 
-    def _check(self, name: str, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
-        if not self.all_finite(math.isfinite(value)):
-            raise NonFiniteLossError(f"{name} loss is {value} on this rank; a rank's "
-                                     f"{name} loss was NaN or inf")
+    def _guard(self, name: str, loss: torch.Tensor) -> None:
+        """Checks ``loss`` now when every step is checked (nothing is stepped on a NaN);
+        otherwise remembers it on the device for the next :meth:`check_finite`."""
+        loss = loss.detach()
+        if self.check_every == 1:
+            value = float(loss)
+            if not self.all_finite(math.isfinite(value)):
+                raise NonFiniteLossError(f"{name} loss is {value} on this rank; a rank's "
+                                         f"{name} loss was NaN or inf")
+            return
+        finite = torch.isfinite(loss)
+        if name not in self._finite:
+            self._finite[name], self._last[name] = finite, loss
+        else:  # keeps the latest non-finite value, for the message
+            self._finite[name] = self._finite[name] & finite
+            self._last[name] = torch.where(finite, self._last[name], loss)
+
+    def check_finite(self) -> None:
+        """Reads the losses' finiteness since the last check back to the host (one wait for
+        the device) and agrees on it across ranks; every rank must call it at the same step.
+
+        Raises:
+            NonFiniteLossError: if a loss on any rank was NaN or inf since the last check.
+        """
+        unchecked, self._unchecked = self._unchecked, 0
+        if not self._finite:
+            return
+        flags = {name: bool(ok) for name, ok in self._finite.items()}
+        last = {name: float(v) for name, v in self._last.items()}
+        self._finite.clear()
+        self._last.clear()
+        if self.all_finite(all(flags.values())):
+            return
+        bad = [name for name, ok in flags.items() if not ok] or list(flags)
+        name = bad[0]
+        raise NonFiniteLossError(
+            f"{name} loss is {last[name]} on this rank at the last of {unchecked} steps "
+            f"since the last check; a rank's loss was NaN or inf")
 
     # ----------------------------------------------------------------- checkpoint state
 

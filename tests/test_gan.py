@@ -57,7 +57,8 @@ def _losses(name: str, precision: str) -> tuple[dict[str, float], ...]:
     if precision == "fp16":
         _set_scale(trainer, FP16_SCALE)
     batches = _batches()
-    out = tuple(trainer.step(*batches[i % len(batches)]) for i in range(STEPS))
+    out = tuple({k: float(v) for k, v in trainer.step(*batches[i % len(batches)]).items()}
+                for i in range(STEPS))
     if precision == "fp16":
         assert trainer.scaler.get_scale() == FP16_SCALE      # no step was skipped
     # Autocast casts op inputs only: weights and checkpoints stay float32.
@@ -102,7 +103,7 @@ def test_default_precision_on_cpu_is_fp32_without_autocast():
     with torch.no_grad():
         expected, _ = generator_loss(copy.deepcopy(g)(xrays), ct, None, cfg.loss)
     # Bit-identical to the plain forward: no autocast anywhere in an fp32 step.
-    assert trainer.step(xrays, ct)["loss_g"] == float(expected)
+    assert float(trainer.step(xrays, ct)["loss_g"]) == float(expected)
 
 
 # Measured (3 steps, these widths, relative error of every loss at every step vs fp32):
@@ -132,7 +133,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
     before = _params(trainer)
     xrays, ct = _batches(1)[0]
     out = trainer.step(xrays, ct)           # finite loss: no NonFiniteLossError
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    assert all(torch.isfinite(v) for v in out.values())
     assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
     assert trainer.scaler.get_scale() < 2.0 ** 40
     _set_scale(trainer, FP16_SCALE)
@@ -148,3 +149,29 @@ def test_fp16_nan_loss_still_raises():
     with pytest.raises(NonFiniteLossError, match="nan"):
         trainer.step(torch.rand(1, 2, 32, 32), torch.full((1, 1, 32, 32, 32), float("nan")))
     assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
+
+
+def test_the_step_returns_device_tensors_and_checks_finiteness_every_k_steps():
+    """With ``train.finite_check_every=3`` the step reads nothing back: a NaN at step 2 is
+    raised by the check at step 3 (or an explicit check_finite), never silently kept."""
+    cfg = load_config("cpu", overrides=["model.generator=3dcnn", "train.finite_check_every=3",
+                                        *NARROW])
+    torch.manual_seed(0)
+    trainer = GANTrainer(build_generator("3dcnn", cfg), None, cfg)
+    assert trainer.check_every == 3
+    xrays, ct = _batches(1)[0]
+    out = trainer.step(xrays, ct)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad
+               for v in out.values())
+    nan_ct = torch.full_like(ct, float("nan"))
+    trainer.step(xrays, nan_ct)                      # step 2: not checked yet
+    with pytest.raises(NonFiniteLossError, match="G loss is nan on this rank at the last "
+                                                 "of 3 steps"):
+        trainer.step(xrays, ct)                      # step 3: the check sees step 2's NaN
+    trainer.check_finite()                           # the flags were consumed: no error
+    trainer.step(xrays, nan_ct)
+    with pytest.raises(NonFiniteLossError):
+        trainer.check_finite()                       # what the loop calls before a checkpoint
+    # CPU default: every step is checked, before anything is stepped.
+    assert GANTrainer(build_generator("3dcnn", load_config("cpu", overrides=NARROW)), None,
+                      load_config("cpu", overrides=NARROW)).check_every == 1

@@ -79,7 +79,7 @@ def test_gan_step_updates_g_and_d(name, adversarial, tmp_path):
     before_g = [p.detach().clone() for p in g.parameters()]
     before_d = [p.detach().clone() for p in d.parameters()] if d else []
     out = trainer.step(torch.rand(2, 2, 32, 32), torch.rand(2, 1, 32, 32, 32))
-    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    assert all(torch.isfinite(v) for v in out.values())
     assert ("loss_d" in out) == adversarial and ("loss_adv" in out) == adversarial
     assert any(not torch.equal(a, b) for a, b in zip(before_g, g.parameters()))
     if d:
@@ -175,7 +175,7 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     assert version.tags["volume_size"] == "32" and version.tags["data.test_cases"] != "0"
     assert "Test split" in version.description and "(N, 2, 32, 32)" in version.description
     model = tracking.load_generator("models:/tiny@candidate", job.mlflow_uri)
-    from cvaa.distributed.training import load_checkpoint_generator
+    from cvaa.distributed.checkpoints import load_checkpoint_generator
     import ray.train
     trained, state = load_checkpoint_generator(ray.train.Checkpoint(out["checkpoint"]))
     assert state["epoch"] == 1

@@ -302,7 +302,7 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
     assert len(client.search_model_versions("name = 'tiny-tune'")) == 1   # only the best
     model = tracking.load_generator("models:/tiny-tune@tuned-best", sweep.train.mlflow_uri)
     import ray.train
-    from cvaa.distributed.training import load_checkpoint_generator
+    from cvaa.distributed.checkpoints import load_checkpoint_generator
     trained, state = load_checkpoint_generator(ray.train.Checkpoint(winner["checkpoint"]))
     assert state["epoch"] == 1 and state["config"]["optim"]["lr_g"] == 1e-3
     x = torch.rand(2, 2, 32, 32)
@@ -346,7 +346,7 @@ def test_resume_continues_an_interrupted_sweep(tmp_path, prepared_cpu, ray_local
     (row,) = out["leaderboard"]
     assert row["status"] == "completed" and row["epochs"] == 2
     import ray.train
-    from cvaa.distributed.training import load_checkpoint_generator
+    from cvaa.distributed.checkpoints import load_checkpoint_generator
     _, state = load_checkpoint_generator(ray.train.Checkpoint(row["checkpoint"]))
     assert state["history"]["resumed_at_epoch"] == [2.0]     # not restarted from scratch
 

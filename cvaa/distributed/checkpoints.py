@@ -30,8 +30,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cvaa.backoff import call_with_backoff
+from cvaa.models import generator_from_state
 
 MARKER = "COMPLETE.json"
+# The training state inside each checkpoint directory (a ``weights_only`` torch file).
+CHECKPOINT_FILE = "checkpoint.pt"
 # epoch_0012, or epoch_0012_r1: the same epoch trained again after a resume skipped a bad
 # checkpoint (a new name, because Ray still tracks, and may delete, the skipped one).
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})(?:_r(\d+))?$")
@@ -228,3 +231,21 @@ def _is_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def load_checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins),
+    verified against its checksums when it has them (checkpoints written before integrity
+    checks have none and load as they are)."""
+    with local_checkpoint(checkpoint) as ckpt_dir:
+        if (ckpt_dir / MARKER).exists():
+            verify_directory(ckpt_dir)
+        return torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu",
+                          weights_only=True)
+
+
+def load_checkpoint_generator(checkpoint, cfg=None):
+    """The generator (eval mode, CPU) and the raw state of a Ray Train checkpoint; ``cfg``
+    (a :class:`cvaa.config.Config`) overrides the one saved in it."""
+    state = load_checkpoint_state(checkpoint)
+    return generator_from_state(state, cfg), state

@@ -299,7 +299,8 @@ class ModelSpec:
     def load(self):
         if self.checkpoint is None:
             return tracking.load_model(self.uri, self.tracking_uri).generator
-        from cvaa.distributed.training import generator_from_state, load_checkpoint_state
+        from cvaa.distributed.checkpoints import load_checkpoint_state
+        from cvaa.models import generator_from_state
 
         return generator_from_state(load_checkpoint_state(self.checkpoint))
 

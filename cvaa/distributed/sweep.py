@@ -44,8 +44,9 @@ from cvaa.config import Config, ConfigError
 from cvaa.data.dataset import PreparedDataset
 from cvaa.distributed import compat
 from cvaa.distributed.storage import ray_storage, storage_filesystem
-from cvaa.distributed.training import (TrainJob, evaluate_split, load_checkpoint_generator,
-                                       log_curves, log_evaluation, register, train)
+from cvaa.distributed.checkpoints import load_checkpoint_generator
+from cvaa.distributed.training import (TrainJob, evaluate_split, log_curves, log_evaluation,
+                                       register, train)
 from cvaa.distributed.worker import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace

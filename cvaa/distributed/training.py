@@ -27,20 +27,18 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
-from cvaa.distributed.checkpoints import (MARKER, CorruptCheckpointError, local_checkpoint,
-                                          verify_directory)
+from cvaa.distributed.checkpoints import CorruptCheckpointError, load_checkpoint_state
 from cvaa.distributed.cluster import format_duration, forwarded_env
 from cvaa.distributed.storage import ray_storage
-from cvaa.distributed.worker import CHECKPOINT_FILE, PENDING_DIR, train_loop_per_worker
+from cvaa.distributed.worker import PENDING_DIR, train_loop_per_worker
 from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
-from cvaa.models import build_generator
+from cvaa.models import generator_from_state
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
 
 # Table I row labels of the generators (the paper's names).
@@ -204,31 +202,6 @@ def _send_kept_entries(job: TrainJob, run: tracking.RunLogger, checkpoint, pendi
     with tempfile.TemporaryDirectory(prefix="cvaa-pending-") as tmp:
         pyarrow.fs.copy_files(where, tmp, source_filesystem=checkpoint.filesystem)
         replay(tmp, job.mlflow_uri, run.run_id, log=log or (lambda line: None))
-
-
-def load_checkpoint_state(checkpoint) -> dict[str, Any]:
-    """The content of a Ray Train checkpoint (``weights_only``: tensors and builtins),
-    verified against its checksums when it has them (checkpoints written before integrity
-    checks have none and load as they are)."""
-    with local_checkpoint(checkpoint) as ckpt_dir:
-        if (ckpt_dir / MARKER).exists():
-            verify_directory(ckpt_dir)
-        return torch.load(ckpt_dir / CHECKPOINT_FILE, map_location="cpu",
-                          weights_only=True)
-
-
-def load_checkpoint_generator(checkpoint, cfg: Config | None = None):
-    """The generator (eval mode, CPU) and the raw state of a Ray Train checkpoint."""
-    state = load_checkpoint_state(checkpoint)
-    return generator_from_state(state, cfg), state
-
-
-def generator_from_state(state: dict[str, Any], cfg: Config | None = None):
-    """The generator of a checkpoint's state, built from ``cfg`` or the state's config."""
-    cfg = cfg or Config.from_dict(state["config"])
-    generator = build_generator(cfg.model.generator, cfg)
-    generator.load_state_dict(state["trainer"]["generator"])
-    return generator.eval()
 
 
 # --------------------------------------------------------------------------- step 2: evaluate

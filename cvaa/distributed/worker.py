@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from cvaa.config import Config
-from cvaa.distributed.checkpoints import (CorruptCheckpointError, checkpoint_name,
-                                          load_resume_state, persist_checkpoint, write_marker)
+from cvaa.distributed.checkpoints import (CHECKPOINT_FILE, CorruptCheckpointError,
+                                          checkpoint_name, load_resume_state,
+                                          persist_checkpoint, write_marker)
 from cvaa.data.dataset import PreparedDataset, validation_split
 from cvaa.data.augment import Randomizer
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
@@ -37,7 +38,6 @@ from cvaa.scoring import evaluate_cases, predict
 from cvaa.models import build_discriminator, build_generator, set_output_prior
 from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
 
-CHECKPOINT_FILE = "checkpoint.pt"
 # Inside a checkpoint: MLflow entries not yet received when it was written (see spool.py).
 PENDING_DIR = "mlflow_pending"
 # How long an epoch's report waits for a reachable server to take the epoch's entries (not
@@ -145,17 +145,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 batches.close()
                 break
             if item.weight > 0:  # a padding step (weight 0) is not one of the epoch's
-                for k, v in out.items():
-                    sums[k] += v
+                for k, v in out.items():  # summed on the device, read once an epoch
+                    sums[k] = sums[k] + v
                 steps += 1
                 cases += len(item.case_ids)
+        if not nonfinite:
+            try:  # the steps since the last check, before anything is checkpointed
+                trainer.check_finite()
+            except NonFiniteLossError as exc:
+                nonfinite = f"epoch {epoch + 1}, by step {steps}: {exc}"
         train_seconds = time.perf_counter() - tick
         if nonfinite:
             # Stop every rank cleanly (no retries: a NaN would recur); the last good
             # checkpoint stays the run's checkpoint, the driver raises with this message.
             ray.train.report({"epoch": epoch + 1, "nonfinite": 1.0})
             return {"status": "nonfinite", "message": nonfinite}
-        metrics: dict[str, Any] = {k: _mean_over_ranks(v / max(steps, 1), distributed, device)
+        metrics: dict[str, Any] = {k: _mean_over_ranks(float(v) / max(steps, 1), distributed,
+                                                    device)
                                    for k, v in sorted(sums.items())}
         metrics.update(
             epoch_cases=_sum_over_ranks(cases, distributed, device),

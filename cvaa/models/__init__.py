@@ -79,9 +79,21 @@ def build_discriminator(cfg: "Config") -> PatchDiscriminator3D:
 
 
 __all__ = [
+    "generator_from_state",
     "GENERATORS", "build_generator", "build_discriminator", "set_output_prior",
     "count_parameters",
     "CVAAGenerator", "X2CTGenerator", "UNet3DGenerator", "PSRGenerator",
     "PatchDiscriminator3D", "Feat2D", "Expand2Dto3D", "expand_along", "ConcatConv", "ConvNormAct",
     "ViewAttentionAlignment", "FineDistillation", "CVAAModule",
 ]
+
+
+def generator_from_state(state: dict, cfg: "Config | None" = None) -> nn.Module:
+    """The generator (eval mode) of a training checkpoint's state, built from ``cfg`` or
+    from the config saved in the state (``state["config"]``, ``state["trainer"]``)."""
+    from cvaa.config import Config
+
+    cfg = cfg or Config.from_dict(state["config"])
+    generator = build_generator(cfg.model.generator, cfg)
+    generator.load_state_dict(state["trainer"]["generator"])
+    return generator.eval()
