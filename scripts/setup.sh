@@ -14,11 +14,17 @@ STAMP="$VENV/.cvaa-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing torch (CPU build) and cvaa[dev] into $VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # pip's notes that a configured local index has no folder for a package (a machine's
+  # pip.conf can list such indexes) are dropped; everything else pip says is shown.
+  pip_quiet() {
+    "$VENV/bin/python" -m pip install -q "$@" 2>&1 \
+      | { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$" || true; }
+  }
+  pip_quiet --upgrade pip
   # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
   # GPU users: skip this line and let the package's torch range take your CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==${CVAA_TORCH_VERSION:-2.13.0}"
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  pip_quiet "torch==${CVAA_TORCH_VERSION:-2.13.0}"
+  pip_quiet -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
