@@ -216,13 +216,16 @@ class _InstanceNormFunction(torch.autograd.Function):
                 bias: torch.Tensor | None, eps: float) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
         shape = (1, -1) + (1,) * len(dims)
-        xf = x.float()                                   # a no-op for float32 inputs
+        # At least float32 statistics (bf16 / fp16 inputs under autocast); a no-op for
+        # float32 and float64.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
         var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)  # (B, C, 1, ...)
         rstd = torch.rsqrt(var + eps)
-        scale = rstd if weight is None else rstd * weight.float().view(shape)
+        scale = rstd if weight is None else rstd * weight.to(acc).view(shape)
         shift = -mean * scale
         if bias is not None:
-            shift = shift + bias.float().view(shape)
+            shift = shift + bias.to(acc).view(shape)
         # Elementwise with (B, C, 1, ...) operands: the result takes x's strides.
         out = torch.addcmul(shift, xf, scale).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -234,8 +237,9 @@ class _InstanceNormFunction(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         dims = ctx.dims
         shape = (1, -1) + (1,) * len(dims)
-        g = grad.float()
-        xhat = (x.float() - mean) * rstd
+        acc = mean.dtype
+        g = grad.to(acc)
+        xhat = (x.to(acc) - mean) * rstd
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_weight = (g * xhat).sum(dim=(0, *dims)).to(weight.dtype)
@@ -243,7 +247,7 @@ class _InstanceNormFunction(torch.autograd.Function):
             grad_bias = g.sum(dim=(0, *dims)).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            gy = g if weight is None else g * weight.float().view(shape)
+            gy = g if weight is None else g * weight.to(acc).view(shape)
             # d/dx of (x - mean) * rstd: rstd * (g - mean(g) - xhat * mean(g * xhat)).
             grad_x = rstd * (gy - gy.mean(dim=dims, keepdim=True)
                              - xhat * (gy * xhat).mean(dim=dims, keepdim=True))
