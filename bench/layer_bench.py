@@ -6,8 +6,9 @@ strides, dtype, whether they need a gradient): convolutions (``nn.Conv*``,
 instance norms. Each layer is then run alone on fresh random inputs of exactly those
 shapes and strides (stride-0 expanded views stay stride-0), forward then backward to its
 parameters and inputs, and timed: ``torch.cuda.Event`` pairs on CUDA (synchronised),
-``time.perf_counter`` on CPU; the median of ``--repeats`` after ``--warmup`` runs. The
-D is recorded as in the G step: the volume needs a gradient.
+``time.perf_counter`` on CPU; the median of ``--repeats`` after ``--warmup`` runs, the
+layouts compared alternated run by run. The D is recorded as in the G step: the volume
+needs a gradient. A last line per model gives the whole model's forward + backward time.
 
     python bench/layer_bench.py --preset cpu                         # quick, on CPU
     python bench/layer_bench.py --device cuda --precision bf16 --batch 4 \\
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -276,22 +278,61 @@ def main() -> None:
     print("`python " + " ".join(["bench/layer_bench.py", *sys.argv[1:]]) + "`\n")
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, cfg).to(device).train()
+        # One copy of the model per layout, so that the layouts can be timed alternately
+        # (layer by layer, round by round): a load that drifts during the run then
+        # weighs on both columns alike.
+        first = build(name, cfg).to(device).train()
+        models = {lay: to_memory_format(copy.deepcopy(first) if i else first, lay)
+                  for i, lay in enumerate(args.layout)}
         recs_by_layout: dict[str, list[Recorded]] = {}
-        for lay in args.layout:
-            to_memory_format(model, lay)
+        for lay, model in models.items():
             with amp():
-                recs_by_layout[lay] = record(model, model_inputs(name, args.batch, size, device,
-                                                                 lay))
+                recs_by_layout[lay] = record(model, model_inputs(name, args.batch, size,
+                                                                 device, lay))
         base = recs_by_layout[args.layout[0]]
-        for lay in args.layout:
-            to_memory_format(model, lay)
-            for rec, rec_lay in zip(base, recs_by_layout[lay]):
-                rec.times[lay] = time_layer(rec_lay, device, torch.float32, amp, warmup, repeats)
+        for i, rec in enumerate(base):
+            samples: dict[str, list[tuple[float, float]]] = {lay: [] for lay in args.layout}
+            for r in range(warmup + repeats):
+                order = args.layout if r % 2 == 0 else args.layout[::-1]
+                for lay in order:
+                    t = time_layer(recs_by_layout[lay][i], device, torch.float32, amp, 0, 1)
+                    if r >= warmup:
+                        samples[lay].append(t)
+            for lay in args.layout:
+                rec.times[lay] = (statistics.median(f for f, _ in samples[lay]),
+                                  statistics.median(b for _, b in samples[lay]))
         print(table(name, base, args.layout, device, args.top))
-        del model
+        print(whole_model_line(name, models, args.batch, size, device, amp, warmup, repeats))
+        del models, first, base, recs_by_layout
         if cuda:
             torch.cuda.empty_cache()
+
+
+def whole_model_line(name: str, models: dict[str, nn.Module], batch: int, size: int, device,
+                     amp, warmup: int, repeats: int) -> str:
+    """Median forward + backward ms of each whole model (layouts alternated)."""
+    cuda = device.type == "cuda"
+    samples: dict[str, list[float]] = {lay: [] for lay in models}
+    inputs = {lay: model_inputs(name, batch, size, device, lay) for lay in models}
+    for r in range(warmup + repeats):
+        for lay in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with amp():
+                out = models[lay](*inputs[lay])
+            out.float().mean().backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= warmup:
+                samples[lay].append((time.perf_counter() - t0) * 1e3)
+            models[lay].zero_grad(set_to_none=True)
+    parts = [f"{lay} {statistics.median(v):.1f} ms" for lay, v in samples.items()]
+    ratio = ""
+    if len(samples) == 2:
+        a, b = (statistics.median(v) for v in samples.values())
+        ratio = f" (ratio {b / a:.2f})"
+    return f"Whole {name} forward + backward, batch {batch}: " + ", ".join(parts) + ratio + "\n"
 
 
 if __name__ == "__main__":
