@@ -19,7 +19,7 @@ name, kind, input shape(s), channels, kernel/stride, ms per layout and, when two
 are compared, their ratio. "reformulated" says what the tensor-core reformulations of
 ``cvaa.models.blocks`` do to the layer on this device (docs/performance.md, "Layers"):
 
-- ``GEMM``: a kernel == stride transposed conv computed as a matrix product
+- ``GEMM``: a kernel == stride transposed conv computed as a matrix product on CUDA
   (``transposed_conv_no_overlap``). On the H200 profile (paper preset, batch 4, bf16) the
   ``dgrad2d_grouped_direct_kernel`` call (30.5 ms, CVAA-GAN only) and the four
   ``wgrad2d_grouped_direct_kernel`` calls (5.4 ms) sit under
@@ -35,7 +35,10 @@ are compared, their ratio. "reformulated" says what the tensor-core reformulatio
   the D step. The 1- and 2-output convs (VAA ``mix`` 7^3, FD ``gate``, the heads) are
   padded too.
 - ``layout``: the instance norms, whose replacement keeps channels-last tensors as they
-  are (PyTorch's copies them to contiguous and back).
+  are (PyTorch's copies them to contiguous and back); contiguous inputs still go through
+  PyTorch's kernel.
+
+``(CUDA)`` marks a change that applies on CUDA only (on a CPU it would only add work).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def describe(m: nn.Module, shapes: list[tuple[int, ...]]) -> tuple[str, str, str
 def reformulation(m: nn.Module, shapes: list[tuple[int, ...]], device: torch.device) -> str:
     """What ``cvaa.models.blocks`` changes in this layer ('' if nothing); channel padding
     happens on CUDA only and is shown as ``(CUDA) ...`` on other devices."""
+    cuda_only = "" if tensor_core_multiple(device) > 1 else "(CUDA) "
     if isinstance(m, InstanceNorm):
         return "layout"
     if isinstance(m, SkipLinker):
@@ -106,7 +110,8 @@ def reformulation(m: nn.Module, shapes: list[tuple[int, ...]], device: torch.dev
     if not isinstance(conv, nn.modules.conv._ConvNd):
         return ""
     if conv.transposed:
-        return "GEMM" if conv.kernel_size == conv.stride and not any(conv.padding) else ""
+        no_overlap = conv.kernel_size == conv.stride and not any(conv.padding)
+        return cuda_only + "GEMM" if no_overlap else ""
     # A one-element stride-0 stand-in: _use_fft only reads the device and the shape.
     if (device.type == "cpu" and isinstance(m, ConcatConv)
             and m._use_fft(torch.empty(1).expand(shapes[0]))):
@@ -116,8 +121,7 @@ def reformulation(m: nn.Module, shapes: list[tuple[int, ...]], device: torch.dev
              if c % multiple]
     if conv.out_channels % multiple:
         notes.append(f"C_out {conv.out_channels}->{-(-conv.out_channels // multiple) * multiple}")
-    prefix = "" if tensor_core_multiple(device) == multiple else "(CUDA) "
-    return prefix + ", ".join(notes) if notes else ""
+    return cuda_only + ", ".join(notes) if notes else ""
 
 
 def record(model: nn.Module, inputs: list[torch.Tensor]) -> list[Recorded]:

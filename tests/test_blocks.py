@@ -123,7 +123,7 @@ def test_transposed_conv_as_a_matrix_product_equals_the_transposed_conv(dims, ch
                              else torch.contiguous_format)
 
 
-def test_transposed_conv_modules_keep_overlapping_kernels_on_the_plain_path():
+def test_transposed_conv_modules_keep_overlapping_kernels_on_the_plain_path(tensor_cores):
     torch.manual_seed(0)
     old = nn.ConvTranspose3d(4, 2, 3, stride=2, padding=1, output_padding=1)
     new = ConvTranspose3d(4, 2, 3, stride=2, padding=1, output_padding=1)
@@ -137,7 +137,8 @@ def test_transposed_conv_modules_keep_overlapping_kernels_on_the_plain_path():
 
 
 @pytest.mark.parametrize("dims,affine", [(3, True), (2, True), (3, False)])
-def test_instance_norm_equals_pytorchs_forward_and_gradients(dims, affine):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_equals_pytorchs_forward_and_gradients(dims, affine, channels_last):
     torch.manual_seed(0)
     old = (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(5, affine=affine)
     if affine:
@@ -150,7 +151,8 @@ def test_instance_norm_equals_pytorchs_forward_and_gradients(dims, affine):
     x = (torch.randn(3, 5, *(6,) * dims) * 3 + 2).requires_grad_(True)
     leaves = [x, *old.parameters()]
     ref = old(x)
-    out = new(x)
+    # Channels-last: the layout-keeping reduction; contiguous: PyTorch's kernel.
+    out = new(x.contiguous(memory_format=CL[dims + 2]) if channels_last else x)
     _close([out], [ref])
     _close(_grads(out, [x, *new.parameters()]), _grads(ref, leaves), tol=2e-5)
 
@@ -176,12 +178,12 @@ def test_instance_norm_under_bf16_autocast_keeps_float32_statistics():
     torch.manual_seed(0)
     x = (torch.randn(2, 4, 6, 6, 6) * 0.1 + 30).bfloat16()  # mean >> std: needs fp32 stats
     ref = nn.InstanceNorm3d(4)(x.float())
-    out = InstanceNorm(3, 4, affine=False)(x)
+    out = InstanceNorm(3, 4, affine=False)(x.contiguous(memory_format=CL[5]))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
 
 
-def test_old_format_block_state_dicts_load_into_the_new_blocks():
+def test_old_format_block_state_dicts_load_into_the_new_blocks(tensor_cores):
     torch.manual_seed(0)
     # UpConv and ConvNormAct as they were built with nn.ConvTranspose3d / nn.Conv3d /
     # nn.InstanceNorm3d: the same keys and shapes, and the same function.

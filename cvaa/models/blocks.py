@@ -180,11 +180,14 @@ def transposed_conv_no_overlap(x: torch.Tensor, weight: torch.Tensor,
 
 
 class _NoOverlapTransposedConv:
-    """Mixin for ``nn.ConvTranspose2d``/``3d``: kernel == stride (no padding, dilation or
-    groups) runs as :func:`transposed_conv_no_overlap`; same parameters and keys."""
+    """Mixin for ``nn.ConvTranspose2d``/``3d``: on CUDA, kernel == stride (no padding,
+    dilation or groups) runs as :func:`transposed_conv_no_overlap`; same parameters and
+    keys. On a CPU oneDNN's transposed conv is the faster one (8 -> 8 channels,
+    4x8x16^3 -> 32^3, forward + backward, 1 thread: 83 ms against 180 ms), so it stays."""
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if (output_size is None and self.kernel_size == self.stride and self.groups == 1
+        if (tensor_core_multiple(input.device) > 1
+                and output_size is None and self.kernel_size == self.stride and self.groups == 1
                 and not any(self.padding) and not any(self.output_padding)
                 and all(d == 1 for d in self.dilation) and self.padding_mode == "zeros"):
             return transposed_conv_no_overlap(input, self.weight, self.bias)
@@ -258,7 +261,9 @@ class _InstanceNormFunction(torch.autograd.Function):
 class InstanceNorm(nn.Module):
     """Instance norm that keeps the input's memory layout (channels-last or contiguous).
 
-    The function of ``nn.InstanceNorm{2,3}d(channels, affine, track_running_stats=False)``
+    Contiguous inputs go through ``F.instance_norm`` (PyTorch's); any other layout through
+    a reduction over the spatial dims that keeps it. Both compute the function of
+    ``nn.InstanceNorm{2,3}d(channels, affine, track_running_stats=False)``
     (per-sample, per-channel statistics over the spatial dims, biased variance, float32
     statistics under autocast, output in the input's dtype) and the same state_dict keys
     (``weight`` and ``bias`` when ``affine``, no running statistics). PyTorch's own runs
@@ -296,6 +301,10 @@ class InstanceNorm(nn.Module):
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.channels:
             raise ValueError(f"InstanceNorm({self.spatial_dims}D, {self.channels} channels) "
                              f"got input of shape {tuple(x.shape)}")
+        if x.is_contiguous():
+            # Nothing to keep: PyTorch's kernel (on a CPU about twice as fast as the
+            # reduction below: 4x8x32^3 forward + backward, 1 thread, 75 ms against 176).
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         return _InstanceNormFunction.apply(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
