@@ -276,8 +276,9 @@ def main() -> None:
 
     cfg = load_config(args.preset, overrides=args.set)
     size = cfg.preprocess.size
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(f"# Layer times: preset {args.preset} ({size}^3), batch {args.batch}, {device} "
-          f"({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
+          f"({where}), "
           f"{precision}, torch {torch.__version__}, median of {repeats} after {warmup} warm-up\n")
     print("`python " + " ".join(["bench/layer_bench.py", *sys.argv[1:]]) + "`\n")
     for name in args.models:

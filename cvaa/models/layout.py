@@ -97,7 +97,8 @@ def to_memory_format(module: nn.Module, fmt: str) -> nn.Module:
         for sub in module.modules():
             for name, b in sub.named_buffers(recurse=False):
                 if b is not None:
-                    setattr(sub, name, b.contiguous(memory_format=torch_memory_format(fmt, b.dim())))
+                    fmt_b = torch_memory_format(fmt, b.dim())
+                    setattr(sub, name, b.contiguous(memory_format=fmt_b))
     return module
 
 
