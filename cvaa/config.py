@@ -281,6 +281,11 @@ class TrainConfig:
         precision: autocast dtype, on GPU and CPU alike: ``bf16`` (no loss scaling
             needed), ``fp16`` (with a GradScaler) or ``fp32`` (no autocast); ``auto`` is
             bf16 on CUDA and fp32 elsewhere (:func:`cvaa.gan.resolve_precision`).
+        memory_format: layout of the models' parameters and inputs, end to end:
+            ``channels_last`` (NHWC for 2D tensors, NDHWC for 3D ones: cuDNN's tensor-core
+            kernels then need no layout conversion around every conv), ``contiguous``
+            (NCHW / NCDHW) or ``auto``: channels_last on CUDA, contiguous elsewhere
+            (:func:`cvaa.models.layout.resolve_memory_format`). Same function either way.
         prefetch_batches: batches each worker reads ahead of its training step (its
             memory holds at most ``prefetch_batches + 1`` batches of cases, whatever the
             size of the dataset; :mod:`cvaa.data.stream`).
@@ -313,6 +318,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     prefetch_batches: int = 4
     io_threads: int = 2
     max_failures: int = 2

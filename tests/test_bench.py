@@ -29,3 +29,21 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert step_ms > 0 and gflop > 0
     assert re.search(r"^\| DRR PA \+ lateral, 32\^3 -> 2 x 32\^2 \| fp32 \| [\d.]+ \|$", text,
                      re.MULTILINE), text
+
+
+def test_layer_bench_times_every_layer_and_marks_the_reformulated_ones():
+    cmd = [sys.executable, str(ROOT / "bench" / "layer_bench.py"), "--preset", "cpu",
+           "--set", "preprocess.size=16", "drr.detector_pixels=16", "--models", "D",
+           "--batch", "1", "--repeats", "1", "--warmup", "0",
+           "--layout", "contiguous", "channels_last"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # D's first conv: volume (1 channel) + two 4-channel expansions -> 8, padded on CUDA.
+    row = re.search(r"^\| `net\.0\.conv` \| ConcatConv3d \| 1x1x16x16x16 \+ 1x4x16x16x16 \+ "
+                    r"1x4x16x16x16 \| 1\+4\+4->8 \| k4 s2 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                    r"([\d.]+) \| ([\d.]+) \| \*\*\(CUDA\) C_in 1->8, C_in 4->8, C_in 4->8\*\* \|$",
+                    proc.stdout, re.MULTILINE)
+    assert row, proc.stdout
+    assert all(float(v) > 0 for v in row.groups()[:4])
+    # Every conv and norm of D is timed: 4 PatchGAN convs + 2 norms + 2 x (2 convs + 1 norm).
+    assert re.search(r"^12 layer calls", proc.stdout, re.MULTILINE), proc.stdout

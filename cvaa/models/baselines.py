@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
-from .blocks import CPU_CONV_MODES, ConcatConv, CpuConv, UNet
+from .blocks import CPU_CONV_MODES, ConcatConv, Conv2d, Conv3d, CpuConv, InstanceNorm, UNet
 from .encoder import VIEW_AXES, ProjectionAxis, expand_along
 from .generator import check_xrays, volume_size
 
@@ -48,8 +48,7 @@ def _x2ct_norm(spatial_dims: int, channels: int) -> nn.Module:
     (The original keeps running statistics but never uses them: its test script puts every
     instance norm back in train mode; ``track_running_stats=False`` is that behaviour.)
     """
-    norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
-    return norm(channels, affine=False, track_running_stats=False)
+    return InstanceNorm(spatial_dims, channels, affine=False)
 
 
 def _positive(**values: int) -> None:
@@ -68,9 +67,9 @@ class X2CTDenseLayer(nn.Module):
         width = bottleneck * growth
         self.layers = nn.Sequential(
             _x2ct_norm(2, in_channels), nn.ReLU(inplace=True),
-            nn.Conv2d(in_channels, width, 1),
+            Conv2d(in_channels, width, 1),
             _x2ct_norm(2, width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, growth, 3, padding=1),
+            Conv2d(width, growth, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +119,13 @@ class X2CTEncoder(nn.Module):
                              f"({len(dense_layers) - 1}), got {list(transitions)}")
         for k, n_layers in enumerate(dense_layers):
             _positive(**{f"dense_layers[{k}]": n_layers})
-        self.stem = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_channels, stem_channels, 7),
+        self.stem = nn.Sequential(nn.ReflectionPad2d(3), Conv2d(in_channels, stem_channels, 7),
                                   _x2ct_norm(2, stem_channels), nn.ReLU(inplace=True))
         stages, channels = [], [stem_channels]
         c = stem_channels
         for k, n_layers in enumerate(dense_layers):
             layers: list[nn.Module] = [_x2ct_norm(2, c), nn.ReLU(inplace=True),
-                                       nn.Conv2d(c, c, 3, stride=2, padding=1)]
+                                       Conv2d(c, c, 3, stride=2, padding=1)]
             layers += [X2CTDenseLayer(c + i * growth, growth, bottleneck) for i in range(n_layers)]
             c += n_layers * growth
             if k == len(dense_layers) - 1:
@@ -134,7 +133,7 @@ class X2CTEncoder(nn.Module):
             else:
                 out = c // 2 if transitions is None else int(transitions[k])
                 _positive(**{f"transitions[{k}]": out})
-                layers += [_x2ct_norm(2, c), nn.ReLU(inplace=True), nn.Conv2d(c, out, 1)]
+                layers += [_x2ct_norm(2, c), nn.ReLU(inplace=True), Conv2d(c, out, 1)]
                 c = out
             stages.append(nn.Sequential(*layers))
             channels.append(c)
@@ -195,9 +194,9 @@ class SkipLinker(nn.Module):
             raise ValueError(f"axis must be 'H' (PA) or 'W' (lateral), got {axis!r}")
         _positive(in_channels=in_channels, out_channels=out_channels)
         self.axis: ProjectionAxis = axis
-        self.reduce = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1),
+        self.reduce = nn.Sequential(Conv2d(in_channels, out_channels, 1),
                                     _x2ct_norm(2, out_channels), nn.ReLU(inplace=True))
-        self.conv = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.conv = Conv3d(out_channels, out_channels, 3, padding=1)
         self.eps = 1e-5                                     # nn.InstanceNorm3d's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +266,7 @@ class X2CTConvBlock(nn.Module):
 
     def __init__(self, in_channels: int | Sequence[int], out_channels: int) -> None:
         super().__init__()
-        self.conv: nn.Module = (nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.conv: nn.Module = (Conv3d(in_channels, out_channels, 3, padding=1)
                                 if isinstance(in_channels, int)
                                 else ConcatConv(3, in_channels, out_channels, 3))
         self.norm = _x2ct_norm(3, out_channels)

@@ -36,17 +36,286 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+# cuDNN's tensor-core (implicit GEMM) kernels want channel counts in multiples of 8; a
+# convolution with 1 or 2 input or output channels falls back to slow generic kernels
+# (docs/performance.md, "Layers").
+TENSOR_CORE_CHANNELS = 8
+
+
+def tensor_core_multiple(device: torch.device) -> int:
+    """The channel multiple convolutions are padded to on ``device``: 8 on CUDA (tensor
+    cores), 1 (no padding) elsewhere, where padding would only add work."""
+    return TENSOR_CORE_CHANNELS if device.type == "cuda" else 1
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_dim1(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """``t`` with ``extra`` zero slices appended along dim 1 (its layout is kept)."""
+    if extra == 0:
+        return t
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, extra))
+
+
+def conv_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: Sequence[int] | int, padding: Sequence[int] | int,
+                multiple: int, slice_output: bool = True) -> torch.Tensor:
+    """``F.conv{2,3}d(x, weight, bias, stride, padding)`` with both channel counts padded.
+
+    The input and the weight get zero channels up to a multiple of ``multiple`` of input
+    channels (the zeros multiply zeros), and the weight (and bias) zero filters up to a
+    multiple of output channels; those extra output channels are sliced off. So the result
+    is the same function of ``x``, ``weight`` and ``bias`` (gradients included: the padding
+    is outside the parameters), computed as a conv cuDNN can run on tensor cores. The
+    padding is built at every call (a few KB of weight; the input's only when its channel
+    count is odd-sized, e.g. the discriminator's 1-channel volume).
+
+    Args:
+        x: ``(B, C_in, *S)``; weight: ``(C_out, C_in, *k)``; bias: ``(C_out,)`` or None.
+        stride, padding: as for ``F.conv3d`` (numeric padding only).
+        multiple: channel multiple (:func:`tensor_core_multiple`); 1 is the plain conv.
+        slice_output: drop the padded output channels (``False`` keeps them, zero, for a
+            caller that sums several parts first and slices once).
+
+    Example:
+        >>> x, w = torch.rand(1, 1, 6, 6, 6), torch.rand(2, 1, 3, 3, 3)
+        >>> torch.allclose(conv_padded(x, w, None, 1, 1, 8), F.conv3d(x, w, None, 1, 1), atol=1e-6)
+        True
+    """
+    c_out, c_in = weight.shape[:2]
+    extra_in = _round_up(c_in, multiple) - c_in
+    extra_out = _round_up(c_out, multiple) - c_out
+    fn = F.conv2d if weight.dim() == 4 else F.conv3d
+    if extra_in:
+        x = _pad_dim1(x, extra_in)
+        weight = _pad_dim1(weight, extra_in)
+    if extra_out:
+        weight = F.pad(weight, (0, 0) * (weight.dim() - 2) + (0, 0, 0, extra_out))
+        bias = None if bias is None else F.pad(bias, (0, extra_out))
+    out = fn(x, weight, bias, stride, padding)
+    return out[:, :c_out] if extra_out and slice_output else out
+
+
+class _TensorCoreConv:
+    """Mixin for ``nn.Conv2d``/``nn.Conv3d``: on CUDA, channel counts are padded to
+    multiples of 8 at call time (:func:`conv_padded`); parameters, state_dict keys and
+    results are those of the plain conv."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        multiple = tensor_core_multiple(input.device)
+        if multiple == 1 or self.padding_mode != "zeros" or self.groups != 1 \
+                or isinstance(self.padding, str) or self.dilation != (1,) * len(self.dilation):
+            return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+        return conv_padded(input, weight, bias, self.stride, self.padding, multiple)
+
+
+class Conv2d(_TensorCoreConv, nn.Conv2d):
+    """``nn.Conv2d`` whose channel counts are padded to multiples of 8 on CUDA."""
+
+
+class Conv3d(_TensorCoreConv, nn.Conv3d):
+    """``nn.Conv3d`` whose channel counts are padded to multiples of 8 on CUDA.
+
+    Example:
+        >>> Conv3d(16, 1, 3, padding=1)(torch.zeros(1, 16, 4, 4, 4)).shape
+        torch.Size([1, 1, 4, 4, 4])
+    """
+
+
 def conv_type(spatial_dims: int) -> type[nn.Module]:
-    """``nn.Conv2d`` or ``nn.Conv3d``."""
+    """:class:`Conv2d` or :class:`Conv3d` (``nn.Conv2d``/``nn.Conv3d`` with tensor-core
+    channel padding on CUDA)."""
     _check_dims(spatial_dims)
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return Conv2d if spatial_dims == 2 else Conv3d
 
 
-def instance_norm(spatial_dims: int, channels: int) -> nn.Module:
-    """Instance norm with learnable scale and shift."""
-    _check_dims(spatial_dims)
-    norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
-    return norm(channels, affine=True)
+def transposed_conv_no_overlap(x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv_transpose{2,3}d(x, weight, bias, stride=k)`` for kernel ``k`` == stride.
+
+    Such a transposed conv has no overlap: output voxel ``s * k + t`` is
+    ``sum_c x[c, s] * weight[c, :, t]``, one tap per output voxel. That is one matrix
+    product ``(B * prod(S), C_in) @ (C_in, C_out * prod(k))`` followed by a rearrangement
+    of the ``k`` taps into space (a "pixel shuffle"): the same sums, computed by a GEMM
+    on tensor cores instead of cuDNN's transposed conv (which for 16 -> 16 channels at
+    64^3 -> 128^3 falls back to ``dgrad2d_grouped_direct_kernel``, 30 ms on an H200).
+    The output keeps the input's layout (channels-last or contiguous).
+
+    Args:
+        x: ``(B, C_in, *S)``; weight: ``(C_in, C_out, *k)``; bias: ``(C_out,)`` or None.
+
+    Returns:
+        ``(B, C_out, *(S * k))``.
+
+    Example:
+        >>> x, w = torch.rand(1, 3, 2, 2, 2), torch.rand(3, 4, 2, 2, 2)
+        >>> ref = F.conv_transpose3d(x, w, stride=2)
+        >>> torch.allclose(transposed_conv_no_overlap(x, w, None), ref, atol=1e-6)
+        True
+    """
+    n = x.dim() - 2
+    batch, c_in, *spatial = x.shape
+    c_out, kernel = weight.shape[1], tuple(weight.shape[2:])
+    w = weight.reshape(c_in, -1)                                  # (C_in, C_out * prod(k))
+    channels_last = x.dim() > 3 and x.movedim(1, -1).is_contiguous() and c_in > 1
+    if channels_last:
+        y = x.movedim(1, -1) @ w                                  # (B, *S, C_out * prod(k))
+        y = y.view(batch, *spatial, c_out, *kernel)
+        # (B, S0, k0, S1, k1, ..., C_out): channels-last memory of the output.
+        order = [0] + [d for i in range(n) for d in (1 + i, 2 + n + i)] + [1 + n]
+        out = y.permute(order).reshape(batch, *(s * k for s, k in zip(spatial, kernel)), c_out)
+        out = out.movedim(-1, 1)
+    else:
+        y = w.t() @ x.reshape(batch, c_in, -1)                    # (B, C_out * prod(k), prod(S))
+        y = y.view(batch, c_out, *kernel, *spatial)
+        # (B, C_out, S0, k0, S1, k1, ...): contiguous memory of the output.
+        order = [0, 1] + [d for i in range(n) for d in (2 + n + i, 2 + i)]
+        out = y.permute(order).reshape(batch, c_out, *(s * k for s, k in zip(spatial, kernel)))
+    if bias is not None:
+        out = out + bias.view(1, -1, *(1,) * n)
+    return out
+
+
+class _NoOverlapTransposedConv:
+    """Mixin for ``nn.ConvTranspose2d``/``3d``: on CUDA, kernel == stride (no padding,
+    dilation or groups) runs as :func:`transposed_conv_no_overlap`; same parameters and
+    keys. On a CPU oneDNN's transposed conv is the faster one (8 -> 8 channels,
+    4x8x16^3 -> 32^3, forward + backward, 1 thread: 83 ms against 180 ms), so it stays."""
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if (tensor_core_multiple(input.device) > 1
+                and output_size is None and self.kernel_size == self.stride and self.groups == 1
+                and not any(self.padding) and not any(self.output_padding)
+                and all(d == 1 for d in self.dilation) and self.padding_mode == "zeros"):
+            return transposed_conv_no_overlap(input, self.weight, self.bias)
+        return super().forward(input, output_size)  # type: ignore[misc]
+
+
+class ConvTranspose2d(_NoOverlapTransposedConv, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d``; kernel == stride runs as a matrix product."""
+
+
+class ConvTranspose3d(_NoOverlapTransposedConv, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d``; kernel == stride runs as a matrix product.
+
+    Example:
+        >>> ConvTranspose3d(4, 2, 2, stride=2)(torch.zeros(1, 4, 3, 3, 3)).shape
+        torch.Size([1, 2, 6, 6, 6])
+    """
+
+
+class _InstanceNormFunction(torch.autograd.Function):
+    """Instance norm over dims 2.. with float32 statistics, in the input's layout.
+
+    Saves the input and the per-(sample, channel) statistics, as PyTorch's instance norm
+    does; the backward is the standard normalisation gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None,  # type: ignore[override]
+                bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        shape = (1, -1) + (1,) * len(dims)
+        # At least float32 statistics (bf16 / fp16 inputs under autocast); a no-op for
+        # float32 and float64.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)  # (B, C, 1, ...)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight.to(acc).view(shape)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(acc).view(shape)
+        # Elementwise with (B, C, 1, ...) operands: the result takes x's strides.
+        out = torch.addcmul(shift, xf, scale).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.dims = dims
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims = ctx.dims
+        shape = (1, -1) + (1,) * len(dims)
+        acc = mean.dtype
+        g = grad.to(acc)
+        xhat = (x.to(acc) - mean) * rstd
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g * xhat).sum(dim=(0, *dims)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(dim=(0, *dims)).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gy = g if weight is None else g * weight.to(acc).view(shape)
+            # d/dx of (x - mean) * rstd: rstd * (g - mean(g) - xhat * mean(g * xhat)).
+            grad_x = rstd * (gy - gy.mean(dim=dims, keepdim=True)
+                             - xhat * (gy * xhat).mean(dim=dims, keepdim=True))
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class InstanceNorm(nn.Module):
+    """Instance norm that keeps the input's memory layout (channels-last or contiguous).
+
+    Contiguous inputs go through ``F.instance_norm`` (PyTorch's); any other layout through
+    a reduction over the spatial dims that keeps it. Both compute the function of
+    ``nn.InstanceNorm{2,3}d(channels, affine, track_running_stats=False)``
+    (per-sample, per-channel statistics over the spatial dims, biased variance, float32
+    statistics under autocast, output in the input's dtype) and the same state_dict keys
+    (``weight`` and ``bias`` when ``affine``, no running statistics). PyTorch's own runs
+    through batch norm on a ``(1, B * C, N)`` reshape, which copies a channels-last input
+    to the contiguous layout and back; this one reduces over the spatial dims in place.
+
+    Args:
+        spatial_dims: 2 or 3 (the input is ``(B, C, *S)`` with ``len(S) == spatial_dims``).
+        channels: ``C``.
+        affine: learnable per-channel scale (``weight``, ones) and shift (``bias``, zeros).
+        eps: added to the variance (PyTorch's default 1e-5).
+
+    Example:
+        >>> x = torch.rand(2, 3, 4, 4, 4)
+        >>> ref = nn.InstanceNorm3d(3, affine=True)(x)
+        >>> torch.allclose(InstanceNorm(3, 3)(x), ref, atol=1e-5)
+        True
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, affine: bool = True,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        _check_dims(spatial_dims)
+        _check_positive(channels=channels)
+        self.spatial_dims, self.channels, self.eps = spatial_dims, channels, eps
+        if affine:
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, C, *S), in ``x``'s dtype and layout."""
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.channels:
+            raise ValueError(f"InstanceNorm({self.spatial_dims}D, {self.channels} channels) "
+                             f"got input of shape {tuple(x.shape)}")
+        if x.is_contiguous():
+            # Nothing to keep: PyTorch's kernel (on a CPU about twice as fast as the
+            # reduction below: 4x8x32^3 forward + backward, 1 thread, 75 ms against 176).
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        return _InstanceNormFunction.apply(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, spatial_dims={self.spatial_dims}, eps={self.eps}, "
+                f"affine={self.weight is not None}")
+
+
+def instance_norm(spatial_dims: int, channels: int, affine: bool = True) -> nn.Module:
+    """Instance norm (:class:`InstanceNorm`, layout-preserving), learnable scale and shift
+    unless ``affine=False``."""
+    return InstanceNorm(spatial_dims, channels, affine)
 
 
 def activation(kind: Activation) -> nn.Module:
@@ -103,7 +372,9 @@ def fft_conv3d(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                padding[2]:padding[2] + spatial[2]]
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1, 1)
-    return out.contiguous()
+    channels_last = xs[0].is_contiguous(memory_format=torch.channels_last_3d)
+    return out.contiguous(memory_format=torch.channels_last_3d if channels_last
+                          else torch.contiguous_format)
 
 
 def fft_conv_bytes(input_shape: Sequence[int], weight_shape: Sequence[int],
@@ -246,13 +517,17 @@ class ConcatConv(nn.Module):
                               conv.padding)
         if len(xs) == 1:
             return conv(xs[0])
-        fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
+        # On CUDA each part's channels are padded to tensor-core multiples (conv_padded);
+        # the padded output channels are zero in every part and sliced off once.
+        multiple = tensor_core_multiple(xs[0].device)
         out = None
         for x, w in zip(xs, conv.weight.split(self.splits, dim=1)):
-            part = fn(x, w, conv.bias if out is None else None, conv.stride, conv.padding)
+            part = conv_padded(x, w, conv.bias if out is None else None, conv.stride,
+                               conv.padding, multiple, slice_output=False)
             # In place: a conv's backward does not need its output.
             out = part if out is None else out.add_(part)
-        return out
+        c_out = conv.out_channels
+        return out if out.shape[1] == c_out else out[:, :c_out]
 
     def _use_fft(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` convolves ``x`` (the first input) through :func:`fft_conv3d`:
@@ -322,7 +597,8 @@ class UpConv(nn.Sequential):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         _check_positive(in_channels=in_channels, out_channels=out_channels)
         _check_dims(spatial_dims)
-        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        # kernel == stride: computed as a matrix product (``transposed_conv_no_overlap``).
+        up = ConvTranspose2d if spatial_dims == 2 else ConvTranspose3d
         super().__init__(up(in_channels, out_channels, 2, stride=2, bias=False),
                          instance_norm(spatial_dims, out_channels), nn.ReLU(inplace=True))
 
@@ -435,7 +711,9 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["fast_fft_size", "fft_conv3d", "fft_conv_bytes", "available_memory_bytes",
+__all__ = ["TENSOR_CORE_CHANNELS", "tensor_core_multiple", "conv_padded", "Conv2d", "Conv3d",
+           "transposed_conv_no_overlap", "ConvTranspose2d", "ConvTranspose3d", "InstanceNorm",
+           "fast_fft_size", "fft_conv3d", "fft_conv_bytes", "available_memory_bytes",
            "choose_cpu_conv", "CpuConv", "CPU_CONV_MODES", "ConcatConv", "ConvNormAct", "UpConv",
            "DenseLayer", "DenseBlock", "UNet", "conv_type", "instance_norm", "activation",
            "count_parameters"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .blocks import ConvNormAct
+from .blocks import Conv3d, ConvNormAct
 from .encoder import VIEW_AXES, Expand2Dto3D
 from .generator import check_xrays, volume_size
 
@@ -61,7 +61,7 @@ class PatchDiscriminator3D(nn.Module):
             layers.append(ConvNormAct(3, c_in, c_out, kernel_size=4, stride=stride, padding=1,
                                       norm=i > 0, act="lrelu"))
             c_in, extent = c_out, _conv_out(extent, stride)
-        layers.append(nn.Conv3d(c_in, 1, kernel_size=4, stride=1, padding=1))
+        layers.append(Conv3d(c_in, 1, kernel_size=4, stride=1, padding=1))
         extent = _conv_out(extent, 1)
         if extent < 1:
             raise ValueError(f"size {size} is too small for {len(channels)} PatchGAN convs "

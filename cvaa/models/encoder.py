@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from .blocks import ConvNormAct, DenseBlock, instance_norm
+from .blocks import Conv2d, ConvNormAct, DenseBlock, instance_norm
 
 ProjectionAxis = Literal["H", "W"]
 
@@ -83,9 +83,9 @@ class Expand2Dto3D(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.axis: ProjectionAxis = axis
-        self.reduce = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.reduce = Conv2d(in_channels, out_channels, 1, bias=False)
         # The 3^3 kernel summed along the projection axis (see the class docstring).
-        self.conv = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm = instance_norm(2, out_channels)
         self.act = nn.ReLU(inplace=True)
 
@@ -137,10 +137,10 @@ class Feat2D(nn.Module):
             block = DenseBlock(2, channels, n_layers, growth, bottleneck)
             stages.append(nn.Sequential(
                 instance_norm(2, channels), nn.ReLU(inplace=True),
-                nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
+                Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
                 block,
                 instance_norm(2, block.out_channels), nn.ReLU(inplace=True),
-                nn.Conv2d(block.out_channels, c_out, 1, bias=False),
+                Conv2d(block.out_channels, c_out, 1, bias=False),
             ))
             channels = c_out
         self.stages = nn.ModuleList(stages)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .blocks import ConvNormAct, CpuConv, UpConv
+from .blocks import Conv3d, ConvNormAct, CpuConv, UpConv
 from .encoder import VIEW_AXES, Expand2Dto3D, Feat2D
 from .fusion import CVAAModule
 
@@ -99,7 +99,8 @@ class CVAAGenerator(nn.Module):
         self.fusions = nn.ModuleList(
             CVAAModule(dec[j], dec[j + 1] if j < n else None, checkpoint, cpu_conv)
             for j in range(1, n + 1))
-        self.head = nn.Conv3d(dec[n], 1, kernel_size=3, padding=1)
+        # 1 output channel: padded to 8 on CUDA (``Conv3d``).
+        self.head = Conv3d(dec[n], 1, kernel_size=3, padding=1)
 
     @property
     def output_conv(self) -> nn.Module:
