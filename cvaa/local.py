@@ -165,12 +165,19 @@ def _input_record(args: tuple[Any, dict[str, Any], str]) -> dict[str, Any]:
 
     item, cfg_dict, output = args
     torch.set_num_threads(1)
-    try:
-        import SimpleITK as sitk
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    except ImportError:
-        pass  # process_case names the missing reader in the case's rejection
+    import SimpleITK as sitk  # _need_simpleitk checked it is there
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     return process_case(item, Config.from_dict(cfg_dict), output)
+
+
+def _need_simpleitk() -> None:
+    """Preprocessing (orientation, resampling, reading CTs) is SimpleITK's: say so once,
+    not in every case's rejection."""
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("preparing CTs and phantoms needs SimpleITK: pip install SimpleITK "
+                          "(or carry its wheel, README: \"Table I at paper scale\")") from exc
 
 
 def _prepare(jobs: list, fn: Callable, cfg: Config, output: str, source: str,
@@ -236,6 +243,7 @@ def prepare_phantoms(cfg: Config, output: str, *, processes: int | None = None,
     if have is not None:
         log(f"[prepare] {output}: {len(have['prepared'])} phantoms prepared already")
         return have
+    _need_simpleitk()
     processes = processes or os.cpu_count() or 1
     log(f"[prepare] drawing and preparing {n} phantoms ({cfg.preprocess.size}^3 at "
         f"{cfg.preprocess.spacing_mm:g} mm) with {processes} processes")
@@ -259,5 +267,6 @@ def prepare_inputs(source: str, cfg: Config, output: str, *, processes: int | No
     if have is not None:
         log(f"[prepare] {output}: {len(have['prepared'])} CTs prepared already")
         return have
+    _need_simpleitk()
     processes = min(processes or os.cpu_count() or 1, max(1, len(inputs)))
     return _prepare(inputs, _input_record, cfg, output, source, processes, log)

@@ -87,3 +87,19 @@ def test_the_runner_imports_without_ray_or_mlflow():
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_real_cts_prepare_in_a_pool_and_the_mr_is_rejected(shared_data, tmp_path):
+    from cvaa.local import prepare_inputs
+
+    cfg = load_config("cpu")
+    lines: list[str] = []
+    manifest = prepare_inputs(str(shared_data), cfg, str(tmp_path), processes=2,
+                              log=lines.append)
+    assert len(manifest["prepared"]) == 4          # 3 NIfTI CTs and the DICOM series
+    assert [r["source_uri"].rsplit("/", 1)[-1] for r in manifest["rejected"]] == \
+        ["abdomen_mr.nii.gz"]
+    assert all(r["ct_shape"] == [32, 32, 32] for r in manifest["prepared"])
+    again = prepare_inputs(str(shared_data), cfg, str(tmp_path), processes=2,
+                           log=lines.append)
+    assert again["prepared"] == manifest["prepared"] and "prepared already" in lines[-1]
