@@ -103,3 +103,16 @@ def test_real_cts_prepare_in_a_pool_and_the_mr_is_rejected(shared_data, tmp_path
     again = prepare_inputs(str(shared_data), cfg, str(tmp_path), processes=2,
                            log=lines.append)
     assert again["prepared"] == manifest["prepared"] and "prepared already" in lines[-1]
+
+
+def test_a_spent_budget_stops_after_a_checkpoint_and_the_next_call_goes_on(prepared_tiny,
+                                                                          tmp_path):
+    cfg = load_config("cpu", overrides=[*TINY, "train.epochs=3", "model.generator=psr"])
+    lines: list[str] = []
+    first = train_local(cfg, prepared_tiny, tmp_path, device="cpu", budget_s=1e-3,
+                        log=lines.append)
+    assert first["status"] == "budget" and first["epoch"] == 1 and first["steps"] == 1
+    assert "stopped for the time budget" in lines[-1]
+    rest = train_local(cfg, prepared_tiny, tmp_path, device="cpu", log=None)
+    assert rest["status"] == "completed" and rest["epoch"] == 3
+    assert rest["history"]["resumed_at_epoch"] == [2.0]
