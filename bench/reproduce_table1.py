@@ -165,7 +165,8 @@ def _git_commit() -> str:
         # this script's own outputs (the report, the seed files, seed 0's figures) are not
         # changes to the code that produced a result
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!docs/results.md", ":!docs/results", ":!docs/table1_*"],
+                                ".", ":!docs/results.md", ":!docs/results", ":!docs/table1_*",
+                                ":!docs/results-paper.md"],
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return head + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

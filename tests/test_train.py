@@ -50,7 +50,7 @@ def test_train_job_makes_local_paths_absolute_for_the_workers(tmp_path, monkeypa
 
 def test_training_mean_intensity_averages_the_first_training_cases(prepared_cpu):
     from cvaa.data.dataset import PreparedDataset
-    from cvaa.distributed.worker import training_mean_intensity
+    from cvaa.loop import training_mean_intensity
 
     ds = PreparedDataset(prepared_cpu)
     ids = ds.split("train")

@@ -174,8 +174,11 @@ def _manifest_rows(source: str) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- per case
 
-def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
+def process_case(item: CaseInput, cfg: Config, output: str, volume=None) -> dict[str, Any]:
     """Read, preprocess and render one CT, write it under ``output``; never raises.
+
+    ``volume`` (a :class:`cvaa.data.io.Volume` in HU) is the CT when it is in memory
+    already (a phantom drawn in this process); ``item.uri`` is then only recorded.
 
     Returns the case's record: ``status`` is ``prepared`` (with metadata) or ``rejected``
     (with ``reason``: the bad-input message, or the crash with its exception type).
@@ -187,7 +190,8 @@ def process_case(item: CaseInput, cfg: Config, output: str) -> dict[str, Any]:
     record: dict[str, Any] = {"case_id": item.case_id, "patient_id": item.patient_id,
                               "source_uri": item.uri, "config_hash": config_hash(cfg)}
     try:
-        prep = prepare_ct(read_ct(item.uri), cfg.preprocess)
+        prep = prepare_ct(volume if volume is not None else read_ct(item.uri),
+                          cfg.preprocess)
         generator = None
         if cfg.drr.photons > 0:  # per-case noise, reproducible from the case id and seed
             import torch

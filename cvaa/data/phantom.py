@@ -848,6 +848,12 @@ def phantom_shape(size: int, spacing_mm: float, margin_mm: float = 16.0) -> tupl
     return (n, n, n)
 
 
+def phantom_spacing_mm(cfg: Config) -> float:
+    """Phantoms are drawn at most 4 mm apart (finer than coarse presets, so resampling to
+    the preset averages real structure) and at the preset's spacing when that is finer."""
+    return min(4.0, cfg.preprocess.spacing_mm)
+
+
 def phantom_case_name(index: int, suffix: str = ".nii.gz") -> str:
     """File name of case ``index`` of a phantom set: ``phantom-0007.nii.gz``."""
     return f"phantom-{index:04d}{suffix}"
@@ -922,5 +928,5 @@ __all__ = [
     "LABELS", "PhantomParams", "Phantom", "PhantomCase", "sample_params", "render_phantom",
     "phantom_shape",
     "generate_phantom", "write_phantom", "implant_flags", "generate_phantoms",
-    "phantom_case", "phantom_case_name", "write_phantom_case",
+    "phantom_case", "phantom_case_name", "phantom_spacing_mm", "write_phantom_case",
 ]

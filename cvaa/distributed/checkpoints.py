@@ -30,11 +30,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cvaa.backoff import call_with_backoff
+from cvaa.loop import CHECKPOINT_FILE  # the state file in each checkpoint dir
 from cvaa.models import generator_from_state
 
 MARKER = "COMPLETE.json"
-# The training state inside each checkpoint directory (a ``weights_only`` torch file).
-CHECKPOINT_FILE = "checkpoint.pt"
 # epoch_0012, or epoch_0012_r1: the same epoch trained again after a resume skipped a bad
 # checkpoint (a new name, because Ray still tracks, and may delete, the skipped one).
 _EPOCH_DIR = re.compile(r"^epoch_(\d{4,})(?:_r(\d+))?$")

@@ -11,9 +11,9 @@ are off and Ray's and MLflow's loggers say only warnings. ``verbose=True`` (the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
+
 
 # S3 and MLflow settings the driver was given reach the workers too. Secrets never do:
 # a runtime_env is written to Ray's logs (runtime_env_agent.log) and shown by the
@@ -87,18 +87,3 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def format_duration(seconds: float) -> str:
-    """``42s``, ``2m40s``, ``3h05m`` (``?`` when unknown), for ETAs on the console.
-
-    Example:
-        >>> format_duration(160), format_duration(11100), format_duration(float("inf"))
-        ('2m40s', '3h05m', '?')
-    """
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -25,7 +25,8 @@ from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import (CaseInput, config_hash, previous_outcomes, process_case,
                                split_by_patient, write_manifest)
-from cvaa.distributed.cluster import cluster_cpus, format_duration, forwarded_env
+from cvaa.distributed.cluster import cluster_cpus, forwarded_env
+from cvaa.loop import format_duration
 
 if TYPE_CHECKING:
     import ray.data
@@ -273,18 +274,12 @@ def default_phantom_dir(output: str, cfg: Config) -> str:
     return store.join(parent, f"phantoms-{phantom_key(cfg)}")
 
 
-def phantom_spacing_mm(cfg: Config) -> float:
-    """Phantoms are drawn at most 4 mm apart (finer than coarse presets, so resampling to
-    the preset averages real structure) and at the preset's spacing when that is finer."""
-    return min(4.0, cfg.preprocess.spacing_mm)
-
-
 def _phantom_batch(batch: dict[str, np.ndarray], cfg_dict: dict[str, Any],
                    out_dir: str) -> dict[str, np.ndarray]:
     from cvaa.data import phantom
 
     cfg = Config.from_dict(cfg_dict)
-    spacing_mm = phantom_spacing_mm(cfg)
+    spacing_mm = phantom.phantom_spacing_mm(cfg)
     uris = [phantom.write_phantom_case(int(i), cfg, out_dir, spacing_mm=spacing_mm)
             for i in batch["index"]]
     return {"uri": np.array(uris, dtype=object)}

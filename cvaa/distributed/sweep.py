@@ -47,7 +47,7 @@ from cvaa.distributed.storage import ray_storage, storage_filesystem
 from cvaa.distributed.checkpoints import load_checkpoint_generator
 from cvaa.distributed.training import (TrainJob, evaluate_split, log_curves, log_evaluation,
                                        register, train)
-from cvaa.distributed.worker import VAL_METRICS
+from cvaa.loop import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
 

@@ -34,10 +34,11 @@ from cvaa.config import Config
 from cvaa.data import store
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.distributed.checkpoints import CorruptCheckpointError, load_checkpoint_state
-from cvaa.distributed.cluster import format_duration, forwarded_env
+from cvaa.distributed.cluster import forwarded_env
 from cvaa.distributed.storage import ray_storage
 from cvaa.distributed.worker import PENDING_DIR, train_loop_per_worker
 from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
+from cvaa.loop import format_epoch
 from cvaa.models import generator_from_state
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
 
@@ -397,28 +398,6 @@ def ensure_prepared(cfg: Config, output: str, log=print) -> str:
 
 
 # --------------------------------------------------------------------------- console
-
-def format_epoch(m: dict[str, Any], epochs: int, eta_s: float | None) -> str:
-    """One readable line per epoch, from rank 0's report.
-
-    Example:
-        >>> format_epoch({"epoch": 3, "loss_g": 0.0123, "val/psnr": 28.3,
-        ...               "val/ssim": 0.7012, "epoch_seconds": 12.1}, 16, 160.0)
-        'epoch  3/16  loss_g 0.0123  val PSNR 28.30 dB  SSIM 0.7012  12.1 s/epoch  ETA 2m40s'
-    """
-    width = len(str(epochs))
-    parts = [f"epoch {int(m.get('epoch', 0)):>{width}}/{epochs}"]
-    parts += [f"{k} {m[k]:.4f}" for k in ("loss_g", "loss_d") if k in m]
-    if "val/psnr" in m:
-        parts.append(f"val PSNR {m['val/psnr']:.2f} dB  SSIM {m.get('val/ssim', float('nan')):.4f}")
-    if "epoch_seconds" in m:
-        parts.append(f"{m['epoch_seconds']:.1f} s/epoch")
-    if eta_s is not None:
-        parts.append(f"ETA {format_duration(eta_s)}")
-    if m.get("mlflow_queued"):
-        parts.append(f"(MLflow unreachable: {int(m['mlflow_queued'])} entries queued)")
-    return "  ".join(parts)
-
 
 class EpochReporter(ray.train.UserCallback):
     """Turns rank 0's report into a :func:`format_epoch` line on a Ray queue.
