@@ -48,7 +48,6 @@ from torch import nn
 from cvaa.config import Config
 from cvaa.data.augment import RenderParams, _display, sample_params
 from cvaa.data.drr import gaussian_blur, render_drr
-from cvaa.data.preprocess import denormalize
 
 VERDICTS = ("ok", "check", "out of distribution")
 CALIBRATION_FILE = "reliability_calibration.json"
@@ -472,6 +471,10 @@ class ReliabilityCalibration:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"reliability calibration: unknown field(s) {unknown}")
+        missing = sorted(n for n, f in cls.__dataclass_fields__.items()
+                         if n not in data and n != "info")
+        if missing:
+            raise ValueError(f"reliability calibration: missing field(s) {missing}")
         for key in ("score_features", "score_mean", "score_scale", "coef", "ood_features",
                     "ood_mean", "ood_scale"):
             data[key] = tuple(data[key])
@@ -544,6 +547,25 @@ def assess(generator: nn.Module, xrays, cfg: Config,
                        calibration.assess(row) if calibration is not None else None, k)
 
 
+def measure_cases(generator: nn.Module, cases, cfg: Config, k: int, seed: int = 0
+                  ) -> tuple[list[dict[str, float]], list[float]]:
+    """Features and actual PSNR of held-out cases, for :meth:`ReliabilityCalibration.fit`.
+
+    Args:
+        cases: ``(xrays (2, P, P), ct (1, S, S, S))`` pairs in [0, 1], cases the model did
+            not train on.
+    """
+    from cvaa.metrics import psnr
+
+    rows, values = [], []
+    for xrays, ct in cases:
+        rel = assess(generator, xrays, cfg, None, k=k, seed=seed)
+        rows.append(rel.features)
+        values.append(float(psnr(torch.from_numpy(rel.estimate)[None, None],
+                                 torch.as_tensor(np.asarray(ct, np.float32))[None])))
+    return rows, values
+
+
 # --------------------------------------------------------------------------- attention
 
 @torch.no_grad()
@@ -588,5 +610,5 @@ __all__ = [
     "VERDICTS", "CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "reproject",
     "reprojection_consistency", "perturb_xrays", "sample_xrays", "estimate_with_uncertainty",
     "input_features", "features", "body_threshold", "conformal_quantile", "Assessment",
-    "ReliabilityCalibration", "Reliability", "assess", "view_attention",
+    "ReliabilityCalibration", "Reliability", "assess", "measure_cases", "view_attention",
 ]
