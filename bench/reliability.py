@@ -371,6 +371,30 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def save_cached(folder: str, label: str, result: dict) -> None:
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{kind}/{case}": v for kind in ("estimates", "truths")
+              for case, v in result[kind].items()}
+    np.savez_compressed(root / f"{label}.npz", **arrays)
+    (root / f"{label}.json").write_text(json.dumps(
+        {k: v for k, v in result.items() if k not in ("estimates", "truths")}))
+
+
+def load_cached(folder: str | None, label: str, model_uri: str) -> dict | None:
+    if not folder or not (Path(folder) / f"{label}.json").is_file():
+        return None
+    result = json.loads((Path(folder) / f"{label}.json").read_text())
+    if result.get("uri") != model_uri:
+        return None
+    result["estimates"], result["truths"] = {}, {}
+    with np.load(Path(folder) / f"{label}.npz") as z:
+        for key in z.files:
+            kind, case = key.split("/", 1)
+            result[kind][case] = z[key]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="prepared dataset (its test split)")
@@ -383,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--mlflow-uri", default=None)
     p.add_argument("--out", default="docs/reliability_results")
+    p.add_argument("--cache", help="directory keeping each model's measurements (LABEL.json "
+                   "+ LABEL.npz): a model measured there before is read back, not run again")
     args = p.parse_args(argv)
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     data, calib = PreparedDataset(args.data), PreparedDataset(args.calib_data)
@@ -390,10 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     per_model = {}
     for item in args.model:
         label, _, model_uri = item.partition("=")
+        cached = load_cached(args.cache, label, model_uri)
+        if cached is not None:
+            print(f"[reliability] {label}: measurements read from {args.cache}")
+            per_model[label] = cached
+            continue
         model = tracking.load_model(model_uri, uri)
         print(f"[reliability] {label}: {model.label}")
         per_model[label] = run_model(label, model, data, calib, extra, args.mr, args.k,
                                      log=lambda line: print(f"[reliability] {line}"))
+        per_model[label]["uri"] = model_uri
+        if args.cache:
+            save_cached(args.cache, label, per_model[label])
     summary = summarise(per_model)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

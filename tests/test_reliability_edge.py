@@ -147,3 +147,46 @@ def test_reliability_paths():
                                                         "a/ct.reliability.json")
     assert JOB.reliability_paths("a/series/", True) == ("a/series_uncertainty",
                                                         "a/series.reliability.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory, real_ct_paths):
+    """A three-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
+    and cube, and two perturbed copies of its X-rays."""
+    import torch
+
+    from cvaa.data.dataset import encode_case, write_manifest
+    xrays, prepared = inference.xrays_from_ct(str(real_ct_paths["abdomen"]), CFG)
+    root = tmp_path_factory.mktemp("tiny-prepared")
+    (root / "cases").mkdir()
+    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 3, seed=9).numpy()
+    records = []
+    for i, x in enumerate(copies):
+        path = f"cases/c{i}.npz"
+        (root / path).write_bytes(encode_case(prepared.normalized, x, {}))
+        records.append({"case_id": f"c{i}", "path": path, "patient_id": f"p{i}"})
+    write_manifest(str(root), {"config": CFG.to_dict(), "prepared": records,
+                               "split": {"test": [r["case_id"] for r in records],
+                                         "train": []}})
+    return str(root)
+
+
+def test_evaluate_adds_the_calibration_to_table_i_and_logs_the_figures(
+        tmp_path, calibrated, tiny_prepared):
+    from cvaa.distributed.evaluate import EvalJob, run
+
+    out = run(EvalJob(models=[calibrated["model"]], data=tiny_prepared, out=str(tmp_path),
+                      mlflow_uri=calibrated["uri"], figure_cases=1, engine="local"),
+              log=lambda *_: None)
+    text = Path(out["files"]["table_md"]).read_text()
+    assert "Reliability of tiny-cvaa@candidate (v1)" in text
+    assert sum(line.startswith(("| c0 |", "| c1 |", "| c2 |")) for line in text.splitlines()) == 3
+    rows = Path(out["files"]["reliability_csv_tiny-cvaa_candidate_v1"]).read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("case_id,psnr,score")
+    names = {Path(p).name for p in out["files"].values()}
+    assert {"calibration_tiny-cvaa_candidate_v1.png", "uncertainty_tiny-cvaa_candidate_v1_c0.png",
+            "attention_tiny-cvaa_candidate_v1_c0.png"} <= names
+    client = mlflow.MlflowClient(calibrated["uri"])
+    logged = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
+    assert "figures/attention_tiny-cvaa_candidate_v1_c0.png" in logged
+    assert "figures/uncertainty_tiny-cvaa_candidate_v1_c0.png" in logged
