@@ -94,7 +94,7 @@ def reliability_grid(estimate: np.ndarray, uncertainty: np.ndarray,
             if j == 0:
                 ax.set_ylabel(plane, fontsize=8)
         if j > 0:
-            fig.colorbar(shown, ax=axes[:, j], fraction=0.05, shrink=0.6)
+            fig.colorbar(shown, ax=axes[-1, j], orientation="horizontal", fraction=0.08)
     return _finish(fig, title)
 
 
@@ -120,8 +120,8 @@ def attention_grid(maps: Sequence[np.ndarray], title: str = "") -> bytes:
                 ax.set_title(f"scale {weights.shape[-1]}^3", fontsize=9)
             if j == 0:
                 ax.set_ylabel(plane, fontsize=8)
-    fig.colorbar(shown, ax=axes, fraction=0.04, shrink=0.6,
-                 label="weight of the PA (red) vs the lateral (blue)")
+    fig.colorbar(shown, ax=axes[-1, -1], orientation="horizontal", fraction=0.08,
+                 label="PA weight (red: PA, blue: lateral)")
     return _finish(fig, title)
 
 
