@@ -151,23 +151,23 @@ def test_reliability_paths():
 
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory, real_ct_paths):
-    """A three-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
-    and cube, and two perturbed copies of its X-rays."""
+    """An eight-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
+    and cube, and seven perturbed copies of its X-rays; three of them are the test split."""
     import torch
 
     from cvaa.data.dataset import encode_case, write_manifest
     xrays, prepared = inference.xrays_from_ct(str(real_ct_paths["abdomen"]), CFG)
     root = tmp_path_factory.mktemp("tiny-prepared")
     (root / "cases").mkdir()
-    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 3, seed=9).numpy()
+    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 8, seed=9).numpy()
     records = []
     for i, x in enumerate(copies):
         path = f"cases/c{i}.npz"
         (root / path).write_bytes(encode_case(prepared.normalized, x, {}))
         records.append({"case_id": f"c{i}", "path": path, "patient_id": f"p{i}"})
     write_manifest(str(root), {"config": CFG.to_dict(), "prepared": records,
-                               "split": {"test": [r["case_id"] for r in records],
-                                         "train": []}})
+                               "split": {"test": [r["case_id"] for r in records[:3]],
+                                         "train": [r["case_id"] for r in records[3:]]}})
     return str(root)
 
 
@@ -180,7 +180,8 @@ def test_evaluate_adds_the_calibration_to_table_i_and_logs_the_figures(
               log=lambda *_: None)
     text = Path(out["files"]["table_md"]).read_text()
     assert "Reliability of tiny-cvaa@candidate (v1)" in text
-    assert sum(line.startswith(("| c0 |", "| c1 |", "| c2 |")) for line in text.splitlines()) == 3
+    assert sum(line.startswith(tuple(f"| c{i} |" for i in range(8)))
+               for line in text.splitlines()) == 3
     rows = Path(out["files"]["reliability_csv_tiny-cvaa_candidate_v1"]).read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("case_id,psnr,score")
     names = {Path(p).name for p in out["files"].values()}
@@ -190,3 +191,20 @@ def test_evaluate_adds_the_calibration_to_table_i_and_logs_the_figures(
     logged = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
     assert "figures/attention_tiny-cvaa_candidate_v1_c0.png" in logged
     assert "figures/uncertainty_tiny-cvaa_candidate_v1_c0.png" in logged
+
+
+def test_calibrate_job_stores_a_calibration_fitted_on_the_held_out_cases(
+        tmp_path, tiny_prepared, capsys):
+    spec = importlib.util.spec_from_file_location("calibrate_job", ROOT / "jobs" / "calibrate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    uri, models = register_tiny_models(tmp_path, names=("cvaa",))
+    assert tracking.load_model(models["cvaa"], uri).calibration is None
+    assert job.main(["--model", models["cvaa"], "--data", tiny_prepared, "--k", "4",
+                     "--mlflow-uri", uri]) == 0
+    assert "stored with models:/tiny-cvaa@candidate (version 1)" in capsys.readouterr().out
+    cal = reliability.ReliabilityCalibration.from_json(
+        tracking.load_model(models["cvaa"], uri).calibration)
+    assert cal.k == 4 and cal.n_fit + cal.n_conformal == 8 and cal.info["cases"] == 8
+    assert job.main(["--model", "models:/tiny-cvaa@gone", "--data", tiny_prepared,
+                     "--mlflow-uri", uri]) == 2
