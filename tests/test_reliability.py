@@ -167,3 +167,28 @@ def test_view_attention_weights_per_scale_sum_to_one():
     assert all(np.allclose(m.sum(0), 1.0, atol=1e-5) for m in maps)
     with pytest.raises(ValueError, match="no view-attention"):
         R.view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "reliability.py"
+    spec = importlib.util.spec_from_file_location("reliability_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_auroc_and_altered_inputs():
+    bench = _bench()
+    assert bench.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert bench.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert bench.auroc([1.0, 1.0], [1.0]) == 0.5                   # ties count half
+    x = R.reproject(_body(), CFG)[0].numpy()
+    assert np.array_equal(bench.altered_input("swapped views", x), x[::-1])
+    assert np.array_equal(bench.altered_input("flipped lateral", x)[1], x[1][:, ::-1])
+    const = bench.foreign_input("constant", x, 0, [])
+    assert np.allclose(const.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=1e-6)
+    assert float(np.ptp(const, axis=(1, 2)).max()) == 0.0
+    noise = bench.foreign_input("noise", x, 0, [])
+    assert noise.shape == x.shape and 0.0 <= noise.min() and noise.max() <= 1.0
