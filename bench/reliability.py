@@ -334,9 +334,7 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
         x = [r["assessment"]["score"] for r in rows]
         err = [[r["assessment"]["score"] - r["assessment"]["psnr_low"] for r in rows]] * 2
         a1.errorbar(x, y, xerr=err, fmt="o", ms=4, color=colour, alpha=0.7, label=f"{m} test")
-        real = v["settings"].get("real CTs", [])
-        a1.plot([r["assessment"]["score"] for r in real], [r["psnr"] for r in real], "s",
-                color=colour, mfc="none", ms=7, label=f"{m} real CTs")
+        # the real CTs are all out of distribution (their scores mean nothing): table only
     lo, hi = a1.get_xlim()
     a1.plot([lo, hi], [lo, hi], "k:", lw=1)
     a1.set_xlabel("predicted PSNR (score), dB, with 90 % interval")
