@@ -369,6 +369,27 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15) -> dict:
+    """Median seconds of a plain reconstruction and of :func:`cvaa.reliability.assess` at
+    each K, interleaved on one test case (the machine's load hits them alike)."""
+    cfg = Config.from_dict(model.config)
+    g = model.generator.eval()
+    x = data.arrays(data.split("test")[0])[0]
+    calls = {"plain": lambda: reconstruct(g, x),
+             **{f"K={k}": (lambda k=k: reliability.assess(g, x, cfg, k=k)) for k in ks}}
+    for fn in calls.values():                     # warm-up
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    plain = float(np.median(seconds["plain"]))
+    return {name: {"ms": 1000 * float(np.median(v)), "ratio": float(np.median(v)) / plain}
+            for name, v in seconds.items()}
+
+
 def save_cached(folder: str, label: str, result: dict) -> None:
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -405,12 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--mlflow-uri", default=None)
     p.add_argument("--out", default="docs/reliability_results")
+    p.add_argument("--cost-only", action="store_true", help="only time a plain "
+                   "reconstruction against reliability at K = 1, 4, 8, 16 (first --model)")
     p.add_argument("--cache", help="directory keeping each model's measurements (LABEL.json "
                    "+ LABEL.npz): a model measured there before is read back, not run again")
     args = p.parse_args(argv)
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     data, calib = PreparedDataset(args.data), PreparedDataset(args.calib_data)
     extra = PreparedDataset(args.extra_data) if args.extra_data else None
+    if args.cost_only:
+        label, _, model_uri = args.model[0].partition("=")
+        costs = cost_by_k(tracking.load_model(model_uri, uri), data)
+        print(f"| {label} | " + " | ".join(f"{k}: {v['ms']:.0f} ms ({v['ratio']:.2f}x)"
+                                          for k, v in costs.items()) + " |")
+        return 0
     per_model = {}
     for item in args.model:
         label, _, model_uri = item.partition("=")
