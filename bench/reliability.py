@@ -390,6 +390,24 @@ def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15)
             for name, v in seconds.items()}
 
 
+def example_figures(item: str, tracking_uri: str, data: PreparedDataset, k: int,
+                    out: Path) -> None:
+    """OUT_uncertainty.png and OUT_attention.png of the first test case, first model."""
+    from cvaa.figures import attention_grid, reliability_grid
+
+    label, _, model_uri = item.partition("=")
+    model = tracking.load_model(model_uri, tracking_uri)
+    cfg = Config.from_dict(model.config)
+    case_id = data.split("test")[0]
+    xrays, ct = data.arrays(case_id)
+    rel = reliability.assess(model.generator, xrays, cfg, None, k=k)
+    out.with_name(out.name + "_uncertainty.png").write_bytes(reliability_grid(
+        rel.estimate, rel.uncertainty, ct[0], title=f"{label}, test case {case_id}, K = {k}"))
+    out.with_name(out.name + "_attention.png").write_bytes(attention_grid(
+        reliability.view_attention(model.generator, xrays),
+        title=f"{label}, test case {case_id}: CVAA view attention per scale"))
+
+
 def save_cached(folder: str, label: str, result: dict) -> None:
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -465,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(summary, per_model, args.k)
     out.with_suffix(".md").write_text(text + "\n")
     plot(per_model, summary, out.with_suffix(".png"))
+    example_figures(args.model[0], uri, data, args.k, out)
     print(text)
     print(f"[reliability] wrote {out.with_suffix('.json')}, .md, .png")
     return 0
