@@ -125,6 +125,37 @@ def attention_grid(maps: Sequence[np.ndarray], title: str = "") -> bytes:
     return _finish(fig, title)
 
 
+def reprojection_png(xrays: np.ndarray, drr: np.ndarray, title: str = "") -> bytes:
+    """Input X-rays, DRRs of the estimate and their residual (``drr - xrays``), one row
+    per view (PA, lateral).
+
+    Args:
+        xrays, drr: ``(2, P, P)`` in [0, 1].
+    """
+    plt = _pyplot()
+
+    xrays, drr = np.asarray(xrays), np.asarray(drr)
+    residual = drr - xrays
+    top = max(float(np.abs(residual).max()), 1e-6)
+    fig, axes = plt.subplots(2, 3, figsize=(6.6, 4.6), squeeze=False)
+    for i, view in enumerate(("PA", "lateral")):
+        vmax = max(float(xrays[i].max()), float(drr[i].max()), 1e-6)
+        for j, (label, image, cmap, lo, hi) in enumerate((
+                ("input", xrays[i], "gray", 0.0, vmax), ("DRR of the estimate", drr[i], "gray",
+                                                         0.0, vmax),
+                ("residual", residual[i], "coolwarm", -top, top))):
+            ax = axes[i, j]
+            shown = ax.imshow(image, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(view, fontsize=8)
+    fig.colorbar(shown, ax=axes[-1, -1], orientation="horizontal", fraction=0.08)
+    return _finish(fig, title)
+
+
 def calibration_png(score: Sequence[float], low: Sequence[float], high: Sequence[float],
                     actual: Sequence[float], title: str = "") -> bytes:
     """Predicted PSNR (the reliability score) with its interval against the actual PSNR."""

@@ -58,8 +58,9 @@ format; with --dicom a second DERIVED series in the same study, the standard dev
 HU); DRRs of the estimate are compared with the inputs. With the calibration stored with
 the registered version (jobs/calibrate.py), a console line and OUT.reliability.json give
 the predicted PSNR, its split-conformal interval and a verdict: ok, check or out of
-distribution. Without one, the uncertainty and the reprojection are still written, and the
-verdict is "uncalibrated".
+distribution; OUT.reliability_reprojection.png shows the inputs, the DRRs of the estimate
+and their residual. Without one, the uncertainty and the reprojection are still written,
+and the verdict is "uncalibrated".
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {where}")
     if rel is not None:
         print(rel["line"])
-        print(f"wrote {unc_out} (uncertainty, K = {rel['k']}) and {meta_out}")
+        print(f"wrote {unc_out} (uncertainty, K = {rel['k']}), {meta_out} and "
+              f"{rel['reprojection_figure']}")
     print(f"time: {total:.2f} s (model load {loaded - start:.2f} s, inputs "
           f"{prepped - loaded:.2f} s, forward {result.seconds['forward']:.2f} s on "
           f"{args.device}, write {result.seconds['write']:.2f} s)")
@@ -263,6 +265,12 @@ def _reliability(generator, cfg, xrays, result, model, args, unc_out: str, meta_
                                      series_number=2)
     else:
         inference.write_volume(unc, unc_out)
+    from cvaa.figures import reprojection_png
+
+    figure = meta_out[:-len(".json")] + "_reprojection.png"
+    Path(figure).write_bytes(reprojection_png(np.asarray(xrays), rel.drr,
+                                              title=meta["line"][len("reliability: "):]))
+    meta["reprojection_figure"] = figure
     Path(meta_out).write_text(json.dumps(meta, indent=1))
     return meta
 

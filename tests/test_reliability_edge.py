@@ -108,6 +108,7 @@ def test_reconstruct_writes_the_uncertainty_metadata_and_a_line(tmp_path, calibr
     assert meta["verdict"] in reliability.VERDICTS and meta["k"] == 4
     assert meta["psnr_low"] < meta["predicted_psnr"] < meta["psnr_high"]
     assert "reliability: " + meta["verdict"] in printed
+    assert (tmp_path / "ct.reliability_reprojection.png").read_bytes()[:4] == b"\x89PNG"
 
     plain = tmp_path / "plain.nii.gz"
     assert JOB.main(["--model", calibrated["model"], "--pa", paths[0], "--lateral", paths[1],
