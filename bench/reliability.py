@@ -181,10 +181,10 @@ def run_model(label: str, model, data: PreparedDataset, calib: PreparedDataset,
 
 
 def summarise(per_model: dict) -> dict:
-    def pooled(setting, key):
+    def pooled(setting):
         return [r for m in per_model.values() for r in m["settings"].get(setting, [])]
 
-    clean = pooled("clean", None)
+    clean = pooled("clean")
     psnrs = [r["psnr"] for r in clean]
     scores = [r["assessment"]["score"] for r in clean]
     inside = [r["assessment"]["psnr_low"] <= r["psnr"] <= r["assessment"]["psnr_high"]
@@ -192,9 +192,10 @@ def summarise(per_model: dict) -> dict:
     summary = {
         "test_cases": len(clean),
         "spearman_score_psnr": spearman(scores, psnrs),
-        "spearman_per_model": {m: spearman([r["assessment"]["score"] for r in v["settings"]["clean"]],
-                                           [r["psnr"] for r in v["settings"]["clean"]])
-                               for m, v in per_model.items()},
+        "spearman_per_model": {
+            m: spearman([r["assessment"]["score"] for r in v["settings"]["clean"]],
+                        [r["psnr"] for r in v["settings"]["clean"]])
+            for m, v in per_model.items()},
         "coverage": float(np.mean(inside)),
         "level": next(iter(per_model.values()))["calibration"]["level"],
         "halfwidth_db": {m: v["calibration"]["halfwidth"] for m, v in per_model.items()},
@@ -205,7 +206,7 @@ def summarise(per_model: dict) -> dict:
     }
     names = list(next(iter(per_model.values()))["settings"])
     for setting in names:
-        rows = pooled(setting, None)
+        rows = pooled(setting)
         summary["verdicts"][setting] = {v: float(np.mean([r["assessment"]["verdict"] == v
                                                          for r in rows]))
                                         for v in reliability.VERDICTS}
@@ -219,11 +220,11 @@ def summarise(per_model: dict) -> dict:
             m: auroc([r["assessment"]["ood_distance"] for r in v["settings"]["clean"]],
                      [r["assessment"]["ood_distance"] for r in v["settings"][setting]])
             for m, v in per_model.items()}
-    shifted = [r for s in names if s not in ("clean", "real CTs") for r in pooled(s, None)
+    shifted = [r for s in names if s not in ("clean", "real CTs") for r in pooled(s)
                if "psnr" in r] + clean
     summary["spearman_score_psnr_with_shifts"] = spearman(
         [r["assessment"]["score"] for r in shifted], [r["psnr"] for r in shifted])
-    real = pooled("real CTs", None)
+    real = pooled("real CTs")
     if real:
         summary["real"] = [{"case_id": r["case_id"], "psnr": r["psnr"],
                             **{k: r["assessment"][k] for k in ("score", "psnr_low", "psnr_high",
@@ -355,15 +356,11 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
     a2.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     a2.set_ylabel("log10 input distance (red: thresholds)")
     a2.set_title("out-of-distribution distance per input")
-    v = next(iter(per_model.values()))
-    case_id = next(iter(v["estimates"]))
-    rows = v["settings"]["clean"]
-    corr = [r["voxel_corr_tta"] for r in rows]
+    corr = [r["voxel_corr_tta"] for v in per_model.values() for r in v["settings"]["clean"]]
     a3.hist(corr, bins=10, alpha=0.7, label="K-sample")
     a3.set_xlabel("per-voxel Spearman, uncertainty vs abs. error (per case)")
     a3.set_title("uncertainty vs error")
     a3.legend(fontsize=7)
-    del case_id
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
