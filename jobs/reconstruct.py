@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                            generator=cfg.model.generator),
             identity=identity if filed else None, identity_removed=args.anonymize,
             origin_mm=origin, source=args.from_ct or f"{args.pa} + {args.lateral}")
-        rel = None
+        rel, assessed = None, time.perf_counter()
         if not args.no_reliability:
             rel = _reliability(generator, cfg, xrays, result, model, args, unc_out, meta_out,
                                identity if filed else None)
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.TrackingUnavailableError, ValueError) as exc:
         return _fail(str(exc))
     total = time.perf_counter() - start
+    assessed = time.perf_counter() - assessed
 
     vol = result.volume
     where = args.out
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{rel['reprojection_figure']}")
     print(f"time: {total:.2f} s (model load {loaded - start:.2f} s, inputs "
           f"{prepped - loaded:.2f} s, forward {result.seconds['forward']:.2f} s on "
-          f"{args.device}, write {result.seconds['write']:.2f} s)")
+          f"{args.device}, write {result.seconds['write']:.2f} s"
+          + (f", reliability {assessed:.2f} s)" if rel is not None else ")"))
     if prepared is not None:
         pred = torch.from_numpy(result.normalized)[None, None]
         target = torch.from_numpy(prepared.normalized)[None, None]
