@@ -59,6 +59,119 @@ def slice_grid(columns: Mapping[str, Sequence[np.ndarray]], row_labels: Sequence
     return _finish(fig, title)
 
 
+def reliability_grid(estimate: np.ndarray, uncertainty: np.ndarray,
+                     truth: np.ndarray | None = None, title: str = "",
+                     vmax: float = 0.45) -> bytes:
+    """Mid-slices of the estimate, its absolute error (with the ground truth) and its
+    per-voxel uncertainty side by side: one row per plane.
+
+    Args:
+        estimate, uncertainty, truth: ``(D, H, W)`` in normalised units.
+        vmax: display maximum of the estimate; error and uncertainty share a window (the
+            error's 99th percentile) so that their magnitudes compare.
+    """
+    plt = _pyplot()
+
+    columns = {"estimate": mid_slices(estimate)}
+    top = float(np.percentile(np.asarray(uncertainty), 99))
+    if truth is not None:
+        error = np.abs(np.asarray(estimate, np.float32) - np.asarray(truth, np.float32))
+        columns["|error|"] = mid_slices(error)
+        top = max(top, float(np.percentile(error, 99)))
+    columns["uncertainty (std)"] = mid_slices(uncertainty)
+    top = max(top, 1e-6)
+    fig, axes = plt.subplots(len(PLANES), len(columns),
+                             figsize=(2.2 * len(columns), 2.0 * len(PLANES)), squeeze=False)
+    for j, (label, planes) in enumerate(columns.items()):
+        for i, plane in enumerate(PLANES):
+            ax = axes[i, j]
+            shown = ax.imshow(planes[plane], cmap="gray" if j == 0 else "magma", vmin=0.0,
+                              vmax=vmax if j == 0 else top, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(plane, fontsize=8)
+        if j > 0:
+            fig.colorbar(shown, ax=axes[-1, j], orientation="horizontal", fraction=0.08)
+    return _finish(fig, title)
+
+
+def attention_grid(maps: Sequence[np.ndarray], title: str = "") -> bytes:
+    """CVAA's view attention: the PA's weight (1 - the lateral's) at every decoder scale,
+    mid-slices, one column per scale (coarsest first).
+
+    Args:
+        maps: ``[(2, s, s, s)]`` softmax weights, channel 0 PA, 1 lateral.
+    """
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(len(PLANES), len(maps), figsize=(2.1 * len(maps), 2.0 * 3),
+                             squeeze=False)
+    for j, weights in enumerate(maps):
+        for i, (plane, image) in enumerate(mid_slices(np.asarray(weights)[0]).items()):
+            ax = axes[i, j]
+            shown = ax.imshow(image, cmap="coolwarm", vmin=0.0, vmax=1.0,
+                              interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"scale {weights.shape[-1]}^3", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(plane, fontsize=8)
+    fig.colorbar(shown, ax=axes[-1, -1], orientation="horizontal", fraction=0.08,
+                 label="PA weight (red: PA, blue: lateral)")
+    return _finish(fig, title)
+
+
+def reprojection_png(xrays: np.ndarray, drr: np.ndarray, title: str = "") -> bytes:
+    """Input X-rays, DRRs of the estimate and their residual (``drr - xrays``), one row
+    per view (PA, lateral).
+
+    Args:
+        xrays, drr: ``(2, P, P)`` in [0, 1].
+    """
+    plt = _pyplot()
+
+    xrays, drr = np.asarray(xrays), np.asarray(drr)
+    residual = drr - xrays
+    top = max(float(np.abs(residual).max()), 1e-6)
+    fig, axes = plt.subplots(2, 3, figsize=(6.6, 4.6), squeeze=False)
+    for i, view in enumerate(("PA", "lateral")):
+        vmax = max(float(xrays[i].max()), float(drr[i].max()), 1e-6)
+        for j, (label, image, cmap, lo, hi) in enumerate((
+                ("input", xrays[i], "gray", 0.0, vmax), ("DRR of the estimate", drr[i], "gray",
+                                                         0.0, vmax),
+                ("residual", residual[i], "coolwarm", -top, top))):
+            ax = axes[i, j]
+            shown = ax.imshow(image, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(view, fontsize=8)
+    fig.colorbar(shown, ax=axes[-1, -1], orientation="horizontal", fraction=0.08)
+    return _finish(fig, title)
+
+
+def calibration_png(score: Sequence[float], low: Sequence[float], high: Sequence[float],
+                    actual: Sequence[float], title: str = "") -> bytes:
+    """Predicted PSNR (the reliability score) with its interval against the actual PSNR."""
+    plt = _pyplot()
+
+    score, actual = np.asarray(score, float), np.asarray(actual, float)
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.errorbar(score, actual, xerr=[score - np.asarray(low), np.asarray(high) - score],
+                fmt="o", ms=4, alpha=0.8)
+    lo, hi = float(min(score.min(), actual.min())) - 1, float(max(score.max(), actual.max())) + 1
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.set_xlabel("predicted PSNR (dB), with interval")
+    ax.set_ylabel("actual PSNR (dB)")
+    return _finish(fig, title)
+
+
 def curves_png(history: Mapping[str, Sequence[float]], title: str = "") -> bytes:
     """Line plots of per-epoch series, one panel per series."""
     plt = _pyplot()

@@ -553,7 +553,8 @@ def _fit(text: str, limit: int) -> str:
 def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
                        label: EstimateLabel | None = None,
                        identity: DicomIdentity | None = None,
-                       identity_removed: bool = False) -> list[str]:
+                       identity_removed: bool = False, study_uid: str | None = None,
+                       series_number: int = 1) -> list[str]:
     """Write a volume in HU as a DICOM CT series, one file per slice along ``D``.
 
     Pixel data are int16 HU (slope 1, intercept 0); every slice carries the same study,
@@ -576,6 +577,9 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
             the series with; ``None``: patient ``ANONYMOUS`` in a new study.
         identity_removed: also mark ``PatientIdentityRemoved = YES`` (``--anonymize``);
             only with ``identity=None``.
+        study_uid: with ``identity=None``, the study to file the series in (a second
+            series of the same estimate, e.g. its uncertainty); default a new study.
+        series_number: ``SeriesNumber``.
 
     Returns:
         The files written, in slice order.
@@ -602,7 +606,7 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
              if getattr(identity, name)} if identity is not None else {}
     filed.setdefault("PatientName", "ANONYMOUS" if identity is None else "")
     filed.setdefault("PatientID", "ANONYMOUS" if identity is None else "")
-    filed.setdefault("StudyInstanceUID", generate_uid())
+    filed.setdefault("StudyInstanceUID", study_uid or generate_uid())
     if identity is None:
         filed.update(StudyDate=now[0], StudyTime=now[1])
     names = []
@@ -633,7 +637,7 @@ def write_dicom_series(volume: Volume, directory: str | os.PathLike, *,
                 ds.Manufacturer, ds.ManufacturerModelName = "cvaa", label.model_name
                 ds.SeriesDate = ds.ContentDate = now[0]
                 ds.SeriesTime = ds.ContentTime = now[1]
-                ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+                ds.SeriesNumber, ds.InstanceNumber = int(series_number), k + 1
                 ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0],
                                                                *direction[:, 1])]
                 position = origin + direction[:, 2] * k * sz

@@ -50,6 +50,17 @@ new series with its own frame of reference; otherwise (PNG, NIfTI, --from-ct) th
 is ANONYMOUS in a new study. --anonymize writes it without any of the inputs' identifiers
 (ANONYMOUS, a new study, PatientIdentityRemoved YES). These identifiers are only copied
 into the series: never printed or logged.
+
+Every reconstruction says how far to trust it (cvaa/reliability.py; --no-reliability skips
+it): K forward samples in one batch (the X-rays as given plus K-1 test-time perturbations)
+give a per-voxel uncertainty, written next to the estimate as OUT_uncertainty (the same
+format; with --dicom a second DERIVED series in the same study, the standard deviation in
+HU); DRRs of the estimate are compared with the inputs. With the calibration stored with
+the registered version (jobs/calibrate.py), a console line and OUT.reliability.json give
+the predicted PSNR, its split-conformal interval and a verdict: ok, check or out of
+distribution; OUT.reliability_reprojection.png shows the inputs, the DRRs of the estimate
+and their residual. Without one, the uncertainty and the reprojection are still written,
+and the verdict is "uncalibrated".
 """
 
 from __future__ import annotations
@@ -92,7 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="training-domain values the window maps onto "
                    "(default 0 and 6 / drr.log_scale)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--no-reliability", action="store_true",
+                   help="write the estimate only: no uncertainty, score or verdict")
+    p.add_argument("--k", type=int, default=0, help="forward samples for the uncertainty "
+                   "(default: the calibration's K, else 8)")
     return p
+
+
+def reliability_paths(out: str, dicom: bool) -> tuple[str, str]:
+    """``(uncertainty output, metadata JSON)`` beside ``out``: ``ct.nii.gz`` ->
+    ``ct_uncertainty.nii.gz`` and ``ct.reliability.json``; a DICOM directory ``ct/`` ->
+    ``ct_uncertainty/`` and ``ct.reliability.json``."""
+    path = Path(out.rstrip("/"))
+    if dicom:
+        return str(path.with_name(path.name + "_uncertainty")), \
+            str(path.with_name(path.name + ".reliability.json"))
+    name = path.name
+    stem, suffix = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else \
+        (path.stem, path.suffix)
+    return str(path.with_name(stem + "_uncertainty" + suffix)), \
+        str(path.with_name(stem + ".reliability.json"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.data.io import InvalidVolumeError
     from cvaa.metrics import evaluate_batch
 
+    unc_out, meta_out = reliability_paths(args.out, args.dicom)
     try:
         inference.check_output(args.out, args.dicom)
+        if not args.no_reliability:
+            inference.check_output(unc_out, args.dicom)
     except ValueError as exc:
         return _fail(str(exc))
     mlflow_uri = args.mlflow_uri or tracking.default_tracking_uri()
@@ -147,10 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                                            generator=cfg.model.generator),
             identity=identity if filed else None, identity_removed=args.anonymize,
             origin_mm=origin, source=args.from_ct or f"{args.pa} + {args.lateral}")
+        rel, assessed = None, time.perf_counter()
+        if not args.no_reliability:
+            rel = _reliability(generator, cfg, xrays, result, model, args, unc_out, meta_out,
+                               identity if filed else None)
     except (inference.InvalidXrayError, InvalidVolumeError, tracking.ModelLookupError,
             tracking.TrackingUnavailableError, ValueError) as exc:
         return _fail(str(exc))
     total = time.perf_counter() - start
+    assessed = time.perf_counter() - assessed
 
     vol = result.volume
     where = args.out
@@ -162,9 +200,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{xrays.shape[2]} -> CT {'x'.join(map(str, vol.shape))} at "
           f"{vol.spacing_mm[0]:g} mm, HU {vol.array.min():.0f}..{vol.array.max():.0f}")
     print(f"wrote {where}")
+    if rel is not None:
+        print(rel["line"])
+        print(f"wrote {unc_out} (uncertainty, K = {rel['k']}), {meta_out} and "
+              f"{rel['reprojection_figure']}")
     print(f"time: {total:.2f} s (model load {loaded - start:.2f} s, inputs "
           f"{prepped - loaded:.2f} s, forward {result.seconds['forward']:.2f} s on "
-          f"{args.device}, write {result.seconds['write']:.2f} s)")
+          f"{args.device}, write {result.seconds['write']:.2f} s"
+          + (f", reliability {assessed:.2f} s)" if rel is not None else ")"))
     if prepared is not None:
         pred = torch.from_numpy(result.normalized)[None, None]
         target = torch.from_numpy(prepared.normalized)[None, None]
@@ -172,6 +215,66 @@ def main(argv: list[str] | None = None) -> int:
         print("against the prepared CT: " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _reliability(generator, cfg, xrays, result, model, args, unc_out: str, meta_out: str,
+                 identity) -> dict:
+    """Assess the reconstruction, write the uncertainty volume (or series) and the
+    metadata JSON; returns the metadata with its console ``line``."""
+    import json
+
+    import numpy as np
+
+    from cvaa import inference, reliability
+    from cvaa.data.io import Volume
+
+    calibration = None
+    if model.calibration is not None:
+        calibration = reliability.ReliabilityCalibration.from_json(model.calibration)
+    k = args.k or (calibration.k if calibration is not None else 8)
+    rel = reliability.assess(generator, xrays, cfg, calibration, k=k)
+    lo, hi = cfg.preprocess.clip_hu
+    vol = result.volume
+    unc = Volume((rel.uncertainty * (hi - lo)).astype(np.float32), vol.spacing_mm,
+                 vol.origin_mm, vol.direction, vol.source)          # standard deviation, HU
+    meta = {"model": model.uri, "version": model.version, "estimate": args.out,
+            "uncertainty": unc_out, "uncertainty_unit": "HU (standard deviation)",
+            **rel.metadata()}
+    f = rel.features
+    if rel.assessment is not None:
+        meta["line"] = rel.assessment.line()
+    else:
+        meta["verdict"] = "uncalibrated"
+        meta["line"] = (f"reliability: uncalibrated (no calibration stored with {model.uri}: "
+                        f"jobs/calibrate.py); reprojection NCC PA "
+                        f"{f['reprojection_ncc_pa']:.3f}, lateral "
+                        f"{f['reprojection_ncc_lateral']:.3f}")
+    if args.dicom:
+        import pydicom
+
+        study = pydicom.dcmread(result.written[0], stop_before_pixels=True).StudyInstanceUID
+        label = inference.estimate_label(model.uri, model_label=model.label,
+                                         version=model.version,
+                                         generator=cfg.model.generator)
+        verdict = meta["line"][len("reliability: "):]
+        unc_label = inference.EstimateLabel(
+            ("Uncertainty of " + label.series_description)[:64],
+            f"Per-voxel standard deviation (HU) over {k} forward samples of the CT estimate "
+            f"in this study; reliability: {verdict}. " + label.comments, label.model_name)
+        inference.write_dicom_series(unc, unc_out, label=unc_label, identity=identity,
+                                     identity_removed=args.anonymize,
+                                     study_uid=None if identity is not None else study,
+                                     series_number=2)
+    else:
+        inference.write_volume(unc, unc_out)
+    from cvaa.figures import reprojection_png
+
+    figure = meta_out[:-len(".json")] + "_reprojection.png"
+    Path(figure).write_bytes(reprojection_png(np.asarray(xrays), rel.drr,
+                                              title=meta["line"][len("reliability: "):]))
+    meta["reprojection_figure"] = figure
+    Path(meta_out).write_text(json.dumps(meta, indent=1))
+    return meta
 
 
 def _fail(message: str) -> int:

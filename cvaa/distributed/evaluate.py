@@ -33,7 +33,7 @@ import torch
 from cvaa import tracking
 from cvaa.data.dataset import CaseDataset, PreparedDataset
 from cvaa.scoring import TABLE_COLUMNS, evaluate_cases, predict, table_markdown, table_rows
-from cvaa.figures import slice_grid
+from cvaa.figures import attention_grid, calibration_png, reliability_grid, slice_grid
 from cvaa.metrics import evaluate_batch
 
 GROUND_TRUTH = "Ground truth"
@@ -160,12 +160,43 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"table_md": out / "table_i.md", "table_csv": out / "table_i.csv",
              "per_case_csv": out / "per_case.csv"}
-    files["table_md"].write_text(f"{caption}\n\n{table}")
+    # Models whose version carries a reliability calibration: score vs actual PSNR per
+    # case, and the uncertainty and attention figures of the Fig. 2 cases.
+    reliability_md, figure_files = [], {}
+    for label, m, spec in zip(labels, models, specs):
+        if m.calibration is None:
+            continue
+        start = time.perf_counter()
+        result = (reliability_on_cluster if engine == "ray" else _reliability_cases)(
+            spec, job.data, case_ids, m.calibration, fig_ids, job.use_gpu, 1)
+        metrics = [r["psnr"] for r in per_case[label]]
+        reliability_md.append(reliability_markdown(label, result["cases"], metrics))
+        name = _metric_name(label)
+        files[f"reliability_csv_{name}"] = out / f"reliability_{name}.csv"
+        files[f"reliability_csv_{name}"].write_text(reliability_csv(result["cases"], metrics))
+        figure_files[f"calibration_{name}"] = calibration_png(
+            [r["score"] for r in result["cases"]], [r["psnr_low"] for r in result["cases"]],
+            [r["psnr_high"] for r in result["cases"]], metrics,
+            title=f"{label}: predicted vs actual PSNR")
+        for case_id, fig in result["figures"].items():
+            figure_files[f"uncertainty_{name}_{case_id}"] = reliability_grid(
+                fig["estimate"], fig["uncertainty"], fig["truth"],
+                title=f"{label}, {case_id}: {fig['line']}")
+            if fig["attention"]:
+                figure_files[f"attention_{name}_{case_id}"] = attention_grid(
+                    fig["attention"], title=f"{label}, {case_id}: which view CVAA trusted")
+        log(f"[evaluate] {label}: reliability of {len(case_ids)} cases in "
+            f"{time.perf_counter() - start:.1f} s")
+    files["table_md"].write_text(f"{caption}\n\n{table}" + "".join(
+        f"\n\n{text}" for text in reliability_md))
     files["table_csv"].write_text(table_csv(rows))
     files["per_case_csv"].write_text(per_case_csv(per_case, case_ids))
     if png:
         files["figure"] = out / "fig2.png"
         files["figure"].write_bytes(png)
+    for key, data in figure_files.items():
+        files[f"figure_{key}"] = out / f"{key}.png"
+        files[f"figure_{key}"].write_bytes(data)
 
     run_id = _log_run(job, rows, files, labels, len(case_ids), engine)
     log(f"[evaluate] wrote {out}; MLflow run {run_id} at {job.mlflow_uri}")
@@ -276,11 +307,92 @@ def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> st
                 metrics[f"{name}/{key}_std"] = row[f"{key}_std"]
         run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
         run.log_table(rows, "evaluation/table_i.json")
-        for key in ("table_md", "table_csv", "per_case_csv"):
-            run.log_file(files[key], "evaluation")
-        if "figure" in files:
-            run.log_file(files["figure"], "figures")
+        for key in files:
+            if key in ("table_md", "table_csv", "per_case_csv") or \
+                    key.startswith("reliability_csv_"):
+                run.log_file(files[key], "evaluation")
+            elif key == "figure" or key.startswith("figure_"):
+                run.log_file(files[key], "figures")
     return run.run_id
+
+
+# --------------------------------------------------------------------------- reliability
+
+def _reliability_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
+                       calibration_json: str, figure_ids: Sequence[str], use_gpu: bool,
+                       threads: float) -> dict[str, Any]:
+    """Every case's reliability (score, interval, verdict) with the version's calibration,
+    and the figure volumes (estimate, uncertainty, truth, view attention) of
+    ``figure_ids``: run on a cluster worker (or here with the local engine)."""
+    from cvaa import reliability
+    from cvaa.config import Config
+
+    device = _device(use_gpu, threads)
+    dataset = PreparedDataset(data)
+    generator = model.load().to(device)
+    calibration = reliability.ReliabilityCalibration.from_json(calibration_json)
+    cfg = Config.from_dict(dataset.config)
+    cases, figures = [], {}
+    for case_id in case_ids:
+        xrays, ct = dataset.arrays(case_id)
+        rel = reliability.assess(generator, xrays, cfg, calibration, k=calibration.k)
+        cases.append({"case_id": case_id, **rel.assessment.to_dict()})
+        if case_id in figure_ids:
+            try:
+                attention = reliability.view_attention(generator, xrays)
+            except ValueError:              # a baseline without view attention
+                attention = []
+            figures[case_id] = {"estimate": rel.estimate, "uncertainty": rel.uncertainty,
+                                "truth": ct[0], "attention": attention,
+                                "line": rel.assessment.line()[len("reliability: "):]}
+    return {"cases": cases, "figures": figures}
+
+
+def reliability_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str],
+                           calibration_json: str, figure_ids: Sequence[str], use_gpu: bool,
+                           threads: float = 1) -> dict[str, Any]:
+    """:func:`_reliability_cases` as one cluster task."""
+    import ray
+
+    from cvaa.distributed.cluster import forwarded_env
+
+    env = forwarded_env()
+    task = ray.remote(_reliability_cases).options(
+        **_worker_resources(use_gpu, threads),
+        runtime_env={"env_vars": env} if env else None)
+    return ray.get(task.remote(model, data, list(case_ids), calibration_json,
+                               list(figure_ids), use_gpu, threads))
+
+
+def reliability_markdown(label: str, cases: Sequence[dict[str, Any]],
+                         actual: Sequence[float]) -> str:
+    """Score vs actual PSNR per case, with the Spearman correlation and the coverage."""
+    from scipy.stats import spearmanr
+
+    inside = [c["psnr_low"] <= y <= c["psnr_high"] for c, y in zip(cases, actual)]
+    rho = float(spearmanr([c["score"] for c in cases], actual).statistic) \
+        if len(cases) > 2 else float("nan")
+    level = 100 * cases[0]["level"] if cases else 0
+    lines = [f"Reliability of {label}: Spearman rho {rho:.3f} between the score and the "
+             f"actual PSNR; {sum(inside)}/{len(inside)} cases inside the {level:.0f} % "
+             "interval", "",
+             "| case | actual PSNR | score (predicted PSNR) | interval | verdict |",
+             "|---|---:|---:|---|---|"]
+    for c, y in zip(cases, actual):
+        lines.append(f"| {c['case_id']} | {y:.2f} | {c['score']:.2f} | "
+                     f"{c['psnr_low']:.2f}-{c['psnr_high']:.2f} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+def reliability_csv(cases: Sequence[dict[str, Any]], actual: Sequence[float]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case_id", "psnr", "score", "psnr_low", "psnr_high", "ood_distance",
+                     "verdict"])
+    for c, y in zip(cases, actual):
+        writer.writerow([c["case_id"], repr(float(y)), repr(c["score"]), repr(c["psnr_low"]),
+                         repr(c["psnr_high"]), repr(c["ood_distance"]), c["verdict"]])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- Ray Data

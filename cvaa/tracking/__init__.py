@@ -5,13 +5,13 @@ Only the driver and rank 0 call into this package; the core (data, models, losse
 metrics, the GAN step) never imports it.
 """
 
-from cvaa.tracking.registry import (LoadedModel, ModelLookupError, load_generator,
-                                    load_model, log_generator)
+from cvaa.tracking.registry import (LoadedModel, ModelLookupError, attach_calibration,
+                                    load_generator, load_model, log_generator)
 from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavailableError,
                                 check_tracking_uri, default_tracking_uri,
                                 find_run, open_run, setup)
 
-__all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger",
+__all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger", "attach_calibration",
            "TrackingUnavailableError", "check_tracking_uri",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
            "log_generator", "open_run", "RunKilled", "setup"]

@@ -8,6 +8,7 @@ file as a fresh module at load time, so it is never imported from ``cvaa``: it e
 
     model = mlflow.pyfunc.load_model("models:/cvaa-gan@candidate")
     ct = model.predict(xrays)                          # (N, 2, P, P) -> (N, 1, S, S, S)
+    out = model.predict(xrays, params={"reliability": True})   # + uncertainty, score, verdict
     generator = model.unwrap_python_model().generator  # the nn.Module, eval mode, CPU
 """
 
@@ -41,12 +42,24 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.generator.load_state_dict(state)
         self.generator.eval()
+        self.cfg = cfg
+        # The version's reliability calibration (cvaa.tracking.attach_calibration) lies next
+        # to MLmodel; the artifacts are in ``artifacts/`` below it.
+        calibration = config_path.parents[1] / "reliability_calibration.json"
+        self.calibration_json = calibration.read_text() if calibration.is_file() else None
 
     # The np.ndarray hint is one MLflow validates nothing against (the signature does), so
     # it neither wraps predict nor warns that type hints are missing.
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None):
         """``(N, 2, P, P)`` float32 X-rays (channel 0 PA, 1 lateral) -> ``(N, 1, S, S, S)``
         float32 volumes in [0, 1], ``CHUNK`` cases per forward pass.
+
+        With ``params={"reliability": True}`` (and optionally ``"k"``, default the
+        calibration's), a dict instead: ``ct`` as above, ``uncertainty`` ``(N, 1, S, S, S)``
+        (per-voxel standard deviation, normalised units), and per case ``score``
+        (predicted PSNR, dB), ``psnr_low``, ``psnr_high``, ``ood_distance`` (NaN without a
+        calibration) and ``verdict`` (``uncalibrated`` without one); see
+        :mod:`cvaa.reliability`.
 
         Args:
             model_input: the array, or ``{"xrays": array}``: MLflow's signature enforcement
@@ -57,8 +70,28 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         if xrays.ndim != 4 or xrays.shape[0] == 0:
             raise ValueError(f"xrays must be a non-empty (N, 2, P, P) batch, got shape "
                              f"{xrays.shape}")
+        if params and params.get("reliability"):
+            return self._with_reliability(xrays, int(params.get("k") or 0))
         volumes = scoring.predict(self.generator, torch.from_numpy(xrays), batch_size=CHUNK)
         return volumes.clamp(0, 1).numpy()   # (N, 1, S, S, S)
+
+    def _with_reliability(self, xrays: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        from cvaa import reliability
+
+        calibration = None
+        if self.calibration_json is not None:
+            calibration = reliability.ReliabilityCalibration.from_json(self.calibration_json)
+        k = k or (calibration.k if calibration is not None else 8)
+        cases = [reliability.assess(self.generator, x, self.cfg, calibration, k=k)
+                 for x in xrays]
+        out = {"ct": np.stack([c.estimate for c in cases])[:, None],
+               "uncertainty": np.stack([c.uncertainty for c in cases])[:, None]}
+        for key in ("score", "psnr_low", "psnr_high", "ood_distance"):
+            out[key] = np.array([getattr(c.assessment, key) if c.assessment else np.nan
+                                 for c in cases], np.float32)
+        out["verdict"] = np.array([c.assessment.verdict if c.assessment else "uncalibrated"
+                                   for c in cases])
+        return out
 
 
 set_model(GeneratorModel())

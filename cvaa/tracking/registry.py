@@ -20,9 +20,10 @@ from cvaa.tracking.runs import check_tracking_uri
 # The model definition MLflow logs as code (it is run as a file, never imported from cvaa).
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 # What the model file imports, as PyPI distributions: mlflow itself, and torch, numpy and
-# pyyaml for cvaa.config, cvaa.models and cvaa.scoring (they import neither Ray nor MLflow).
+# pyyaml for cvaa.config, cvaa.models and cvaa.scoring (they import neither Ray nor MLflow),
+# and SimpleITK for cvaa.reliability's DRR renderer (``params={"reliability": True}``).
 # cvaa travels with the model as source (code_paths); it is on no package index.
-REQUIREMENTS = ("mlflow", "torch", "numpy", "pyyaml")
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pyyaml", "SimpleITK")
 
 
 def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_name: str,
@@ -54,7 +55,7 @@ def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_nam
     import numpy as np
     import torch
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
     from mlflow.exceptions import MlflowException
 
     _check_rebuildable(generator, cfg_dict)
@@ -62,7 +63,11 @@ def log_generator(run_id: str, generator, cfg_dict: dict[str, Any], register_nam
     pixels = cfg_dict["drr"]["detector_pixels"]
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2, pixels, pixels), "xrays")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size, size), "ct")]))
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, size, size, size), "ct")]),
+        # On request, predict also returns the uncertainty, score and verdict
+        # (cvaa.tracking.pyfunc_model); k = 0: the calibration's own K.
+        params=ParamSchema([ParamSpec("reliability", "boolean", False),
+                            ParamSpec("k", "long", 0)]))
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     mlflow.set_tracking_uri(tracking_uri)  # Model.log and its registration use the global URI
@@ -148,7 +153,12 @@ def load_generator(model_uri: str, tracking_uri: str | None = None):
 
 
 def _load_pyfunc_generator(model_uri: str, info) -> Any:
-    """The generator inside the models-from-code pyfunc at ``model_uri`` (eval, CPU).
+    """The generator inside the models-from-code pyfunc at ``model_uri`` (eval, CPU)."""
+    return _load_python_model(model_uri, info).generator.eval()
+
+
+def _load_python_model(model_uri: str, info) -> Any:
+    """The models-from-code pyfunc's python model at ``model_uri`` (its ``generator``).
 
     In a process that has imported ``cvaa`` already, the model file's ``import cvaa...``
     finds that package (MLflow only prepends the logged source to ``sys.path``), so the
@@ -165,7 +175,63 @@ def _load_pyfunc_generator(model_uri: str, info) -> Any:
     if not hasattr(python_model, "generator"):
         raise ModelLookupError(f"{model_uri}: its pyfunc ({type(python_model).__name__}) "
                                "holds no generator; log it with cvaa.tracking.log_generator")
-    return python_model.generator.eval()
+    return python_model
+
+
+# --------------------------------------------------------------------------- calibration
+
+def _model_version(client, model_uri: str):
+    """The registry version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        raise ModelLookupError(f"{model_uri}: name a registered version (models:/NAME@ALIAS "
+                               "or models:/NAME/VERSION)")
+    ref = model_uri[len("models:/"):].rstrip("/")
+    try:
+        if "@" in ref:
+            name, _, alias = ref.partition("@")
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = ref.rpartition("/")
+        return client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise ModelLookupError(f"{model_uri}: no such registered version") from exc
+
+
+def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str) -> str:
+    """Store a reliability calibration with a registered version: the JSON file
+    ``reliability_calibration.json`` (:data:`cvaa.reliability.CALIBRATION_FILE`) in the
+    version's logged model, next to ``MLmodel``, so that every copy of the model carries it,
+    and the version tags ``reliability/*`` (level, half-width, K, cases). A later call
+    replaces the file.
+
+    Returns:
+        The version number.
+    """
+    import mlflow
+
+    from cvaa.reliability import CALIBRATION_FILE, ReliabilityCalibration
+
+    calibration = ReliabilityCalibration.from_json(calibration_json)   # refuse a bad file
+    client = mlflow.MlflowClient(tracking_uri)
+    version = _model_version(client, model_uri)
+    # log_generator registers the source models:/<logged model id>
+    model_id = version.model_id or (version.source or "").removeprefix("models:/")
+    if not model_id.startswith("m-"):
+        raise ModelLookupError(f"{model_uri}: version {version.version} has no logged model "
+                               f"(source {version.source!r}; registered by an older cvaa); "
+                               "register it again")
+    with tempfile.TemporaryDirectory(prefix="cvaa-calibration-") as tmp:
+        path = Path(tmp) / CALIBRATION_FILE
+        path.write_text(calibration_json)
+        client.log_model_artifact(model_id, str(path))
+    tags = {"reliability/level": calibration.level,
+            "reliability/halfwidth_db": round(calibration.halfwidth, 4),
+            "reliability/k": calibration.k,
+            "reliability/cases": calibration.n_fit + calibration.n_conformal}
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, str(value))
+    return str(version.version)
 
 
 # --------------------------------------------------------------------------- inference side
@@ -184,6 +250,8 @@ class LoadedModel(NamedTuple):
         uri: the model URI it was loaded from.
         label: ``NAME@ALIAS (vN)``, ``NAME vN``, or the URI, for tables and figures.
         version: the registry version, or ``""`` for a URI outside the registry.
+        calibration: the version's reliability calibration (JSON text,
+            :func:`attach_calibration`), or ``None``.
     """
 
     generator: Any
@@ -191,6 +259,7 @@ class LoadedModel(NamedTuple):
     uri: str
     label: str
     version: str
+    calibration: str | None = None
 
 
 def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
@@ -246,5 +315,6 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
     if "cvaa_config" not in metadata:
         raise ModelLookupError(f"{model_uri}: no 'cvaa_config' in the model's metadata; log "
                                "it with cvaa.tracking.log_generator")
-    generator = _load_pyfunc_generator(model_uri, info)
-    return LoadedModel(generator, metadata["cvaa_config"], model_uri, label, version)
+    python_model = _load_python_model(model_uri, info)
+    return LoadedModel(python_model.generator.eval(), metadata["cvaa_config"], model_uri,
+                       label, version, getattr(python_model, "calibration_json", None))

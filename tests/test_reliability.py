@@ -1,0 +1,194 @@
+"""cvaa.reliability: reprojection, perturbations, uncertainty, features, calibration."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cvaa import reliability as R
+from cvaa.config import load_config
+from cvaa.data.augment import RenderParams
+from cvaa.data.drr import render_drr
+from cvaa.models import build_generator
+
+CFG = load_config("cpu")
+S = CFG.preprocess.size
+
+
+def _body(shift_w: int = 0) -> torch.Tensor:
+    """(1, 1, S, S, S) normalised: an elliptic water body, wider left-right than deep,
+    with a 'spine' of bone posterior."""
+    d, h, w = torch.meshgrid(*(torch.arange(S, dtype=torch.float32),) * 3, indexing="ij")
+    c = (S - 1) / 2
+    inside = ((h - c) / (S * 0.25)) ** 2 + ((w - c - shift_w) / (S * 0.4)) ** 2 <= 1
+    hu = torch.full((S, S, S), -1000.0)
+    hu[inside] = 0.0
+    hu[(abs(w - c) < 2) & (h > c + 2) & (h < c + 6)] = 700.0
+    lo, hi = CFG.preprocess.clip_hu
+    return ((hu - lo) / (hi - lo))[None, None]
+
+
+def test_conformal_quantile_uses_the_finite_sample_rank():
+    assert R.conformal_quantile(range(1, 10), 0.9) == 9.0          # ceil(10 * 0.9) = 9
+    assert R.conformal_quantile(range(1, 11), 0.9) == 10.0         # ceil(11 * 0.9) = 10
+    assert R.conformal_quantile(range(1, 9), 0.9) == math.inf      # ceil(9 * 0.9) = 9 > 8
+    with pytest.raises(ValueError, match="level"):
+        R.conformal_quantile([1.0], 1.0)
+
+
+def test_conformal_quantile_covers_new_exchangeable_residuals():
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(2000):
+        r = np.abs(rng.standard_t(3, size=20))
+        hits.append(abs(rng.standard_t(3)) <= R.conformal_quantile(r, 0.9))
+    assert 0.9 <= np.mean(hits) <= 0.94     # guaranteed >= 0.9, at most 0.9 + 1/21
+
+
+def test_reprojection_of_a_cube_matches_its_drr_and_sees_the_views_apart():
+    vol = _body()
+    drr = R.reproject(vol, CFG)
+    lo, hi = CFG.preprocess.clip_hu
+    direct = render_drr(vol * (hi - lo) + lo, CFG.drr, spacing_mm=CFG.preprocess.spacing_mm,
+                        fov_mm=S * CFG.preprocess.spacing_mm)
+    assert drr.shape == (1, 2, S, S) and torch.allclose(drr, direct)
+    same = R.reprojection_consistency(drr, drr)
+    assert torch.allclose(same["ncc"], torch.ones(1, 2), atol=1e-5)
+    assert float(same["l1"].max()) == 0.0
+    swapped = R.reprojection_consistency(drr.flip(1), drr)
+    assert float(swapped["ncc"].mean()) < 0.9 and float(swapped["l1"].min()) > 0.0
+    flat = R.reprojection_consistency(torch.zeros_like(drr), drr)
+    assert float(flat["ncc"].abs().max()) == 0.0                  # constant: no correlation
+
+
+def test_perturbation_identity_is_identity_and_draws_change_the_image():
+    x = R.reproject(_body(), CFG)[0]
+    fov = S * CFG.preprocess.spacing_mm
+    assert torch.equal(R.perturb_xrays(x, RenderParams(), CFG.drr.log_scale, fov), x)
+    zoomed = R.perturb_xrays(x, RenderParams(zoom=1.2), CFG.drr.log_scale, fov)
+    # smaller on the detector: the body's extent shrinks
+    assert (zoomed[0].mean(0) > 0.01).sum() < (x[0].mean(0) > 0.01).sum()
+    moved = R.perturb_xrays(x, RenderParams(shift_mm=(32.0, 0.0, 0.0)), CFG.drr.log_scale,
+                            fov)
+    # 32 mm = 4 pixels at 8 mm: the PA's column profile moves by 4, the lateral stays
+    shift = int(np.argmax(np.correlate(moved[0].mean(0).numpy(), x[0].mean(0).numpy(),
+                                       "full"))) - (S - 1)
+    assert abs(shift) == 4 and torch.allclose(moved[1], x[1], atol=1e-5)
+    batch = R.sample_xrays(x, CFG, 5, seed=3)
+    assert batch.shape == (5, 2, S, S) and torch.equal(batch[0], x)
+    assert all(float((batch[i] - x).abs().mean()) > 1e-4 for i in range(1, 5))
+    assert float(batch.min()) >= 0.0 and float(batch.max()) <= 1.0
+    assert torch.equal(batch, R.sample_xrays(x, CFG, 5, seed=3))   # reproducible
+
+
+def test_input_features_see_swapped_views_and_a_flipped_lateral():
+    x = R.reproject(_body(), CFG)[0]
+    clean = R.input_features(x)
+    assert clean["profile_corr"] > 0.99
+    assert clean["log_width_ratio"] > 0.2                  # wider left-right than deep
+    assert R.input_features(x.flip(0))["log_width_ratio"] == pytest.approx(
+        -clean["log_width_ratio"])
+    flipped = torch.stack([x[0], x[1].flip(-1)])
+    assert clean["lateral_balance"] > 0.0                  # posterior spine
+    assert R.input_features(flipped)["lateral_balance"] == pytest.approx(
+        -clean["lateral_balance"], abs=1e-6)
+    noise = R.input_features(torch.rand(2, S, S, generator=torch.Generator().manual_seed(0)))
+    assert abs(noise["profile_corr"]) < 0.7
+
+
+def test_one_batched_pass_gives_the_plain_estimate_and_an_uncertainty():
+    torch.manual_seed(0)
+    g = build_generator("cvaa", CFG)
+    x = R.reproject(_body(), CFG)[0]
+    from cvaa.inference import reconstruct
+    plain = reconstruct(g, x)
+    est, unc = R.estimate_with_uncertainty(g, x, CFG, k=4)
+    assert est.shape == unc.shape == (1, 1, S, S, S)
+    assert np.allclose(est[0, 0].numpy(), plain, atol=1e-5)
+    assert float(unc.mean()) > 0.0
+    _, none = R.estimate_with_uncertainty(g, x, CFG, k=1)
+    assert float(none.abs().max()) == 0.0
+
+
+def _synthetic_rows(n, rng):
+    rows, psnr = [], []
+    for _ in range(n):
+        row = {name: float(rng.normal()) for name in R.OOD_FEATURES}
+        row["reprojection_ncc"] = float(rng.normal())
+        row["reprojection_l1"] = float(rng.normal())
+        rows.append(row)
+        psnr.append(30.0 - 2.0 * row["log_uncertainty"] + 0.3 * rng.normal())
+    return rows, psnr
+
+
+def test_calibration_predicts_covers_flags_and_round_trips_as_json():
+    rng = np.random.default_rng(1)
+    rows, psnr = _synthetic_rows(200, rng)
+    cal = R.ReliabilityCalibration.fit(rows[:100], psnr[:100], k=8, level=0.9)
+    test_rows, test_psnr = rows[100:], psnr[100:]
+    preds = [cal.assess(r) for r in test_rows]
+    inside = np.mean([a.psnr_low <= y <= a.psnr_high for a, y in zip(preds, test_psnr)])
+    assert 0.8 <= inside <= 1.0
+    assert np.corrcoef([a.score for a in preds], test_psnr)[0, 1] > 0.9
+    far = dict(test_rows[0], profile_corr=50.0)
+    assert cal.assess(far).verdict == "out of distribution"
+    assert sum(a.verdict == "out of distribution" for a in preds) < 20
+    again = R.ReliabilityCalibration.from_json(cal.to_json())
+    assert again == cal and again.assess(test_rows[3]) == cal.assess(test_rows[3])
+    assert json.loads(cal.to_json())["level"] == 0.9
+    with pytest.raises(ValueError, match="unknown field"):
+        R.ReliabilityCalibration.from_json(json.dumps({**json.loads(cal.to_json()), "x": 1}))
+    with pytest.raises(ValueError, match="at least 8"):
+        R.ReliabilityCalibration.fit(rows[:5], psnr[:5], k=8)
+
+
+def test_assess_refuses_a_calibration_of_another_k_and_reports_metadata():
+    torch.manual_seed(0)
+    g = build_generator("cvaa", CFG)
+    x = R.reproject(_body(), CFG)[0]
+    rows, psnr = _synthetic_rows(20, np.random.default_rng(2))
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=4)
+    with pytest.raises(ValueError, match="k=4"):
+        R.assess(g, x, CFG, cal, k=2)
+    rel = R.assess(g, x, CFG, cal, k=4)
+    meta = rel.metadata()
+    assert meta["verdict"] in R.VERDICTS and meta["k"] == 4
+    assert rel.uncertainty.shape == (S, S, S) and rel.residual.shape == (2, S, S)
+    assert "reliability:" in rel.assessment.line()
+
+
+def test_view_attention_weights_per_scale_sum_to_one():
+    torch.manual_seed(0)
+    g = build_generator("cvaa", CFG)
+    maps = R.view_attention(g, torch.rand(2, S, S))
+    assert [m.shape[1] for m in maps] == [8, 16, 32]
+    assert all(np.allclose(m.sum(0), 1.0, atol=1e-5) for m in maps)
+    with pytest.raises(ValueError, match="no view-attention"):
+        R.view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "reliability.py"
+    spec = importlib.util.spec_from_file_location("reliability_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_auroc_and_altered_inputs():
+    bench = _bench()
+    assert bench.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert bench.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert bench.auroc([1.0, 1.0], [1.0]) == 0.5                   # ties count half
+    x = R.reproject(_body(), CFG)[0].numpy()
+    assert np.array_equal(bench.altered_input("swapped views", x), x[::-1])
+    assert np.array_equal(bench.altered_input("flipped lateral", x)[1], x[1][:, ::-1])
+    const = bench.foreign_input("constant", x, 0, [])
+    assert np.allclose(const.mean(axis=(1, 2)), x.mean(axis=(1, 2)), atol=1e-6)
+    assert float(np.ptp(const, axis=(1, 2)).max()) == 0.0
+    noise = bench.foreign_input("noise", x, 0, [])
+    assert noise.shape == x.shape and 0.0 <= noise.min() and noise.max() <= 1.0
