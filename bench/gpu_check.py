@@ -1,13 +1,17 @@
 """One-command GPU check: step time, memory, FLOPs, DRR, reconstruction and a Ray Train run.
 
 On one CUDA GPU, in under 8 minutes, it measures at the paper preset (128^3 CT, 128^2
-X-rays) and writes a Markdown report (default ``docs/performance.md``):
+X-rays) and writes a Markdown report (default ``docs/performance_gpu.md``):
 
-* per generator (``cvaa``, ``x2ct``, ``3dcnn``, ``psr``), batch 1 / 2 / 4, bf16 / fp32,
-  activation checkpointing off / on: one D+G step (``cvaa.gan.GANTrainer.step``; G only
-  for the generators trained without D), median of ``--steps`` after a warm-up step, with
-  ``torch.cuda.synchronize``; peak ``torch.cuda.max_memory_allocated`` (reset per cell);
-  an out-of-memory cell reads ``OOM`` and the script goes on;
+* per cell of the grid generator x batch x precision x activation checkpointing x
+  ``train.compile`` mode x ``train.memory_format`` (where this checkout has the field):
+  one D+G step (``cvaa.gan.GANTrainer.step``; G only for the generators trained without
+  D), median of ``--steps`` after the cell's warm-up steps (compilation, cuDNN autotuning:
+  reported apart as "warm-up s"), with ``torch.cuda.synchronize``; peak
+  ``torch.cuda.max_memory_allocated`` (reset per cell); the GPU-busy fraction of the step
+  (the CUDA kernel time of one ``torch.profiler`` step over the median step's wall time:
+  below 1 the GPU waits for the host); an out-of-memory cell reads ``OOM`` and the
+  script goes on; ``--profile DIR`` writes each cell's top kernels (the profiler table);
 * FLOPs of that step (forward + backward of D and G, ``torch.utils.flop_counter``), counted
   once per generator and batch in fp32 without checkpointing (the model's work: the
   recomputation of checkpointing is not counted, as in MFU), achieved TFLOP/s and the
@@ -17,19 +21,31 @@ X-rays) and writes a Markdown report (default ``docs/performance.md``):
 * a 1-GPU Ray Train run, ``jobs/train.py --preset paper --gpu --epochs 2`` on 16 phantoms
   in a temporary ``CVAA_HOME``, s/epoch from its progress lines (``--no-train`` skips it).
 
-It watches the clock: once ``--budget-s`` (default 480 s) is near, the remaining heavy cells
-are skipped and say so. ``--cpu`` runs the same code at the ``cpu`` preset (32^3) on the CPU,
+It watches the clock against ``--budget-s`` (default 450 s). One-time costs are measured
+apart and never charged to a cell's estimate: the device's start (a throwaway step of the
+smallest model), FLOP counting (once per generator and batch). A cell is estimated from
+what it will really cost: its warm-up as measured for the same compile mode and generator
+(or the longest seen in that mode), plus ``--steps`` times its per-step time (the same generator
+and settings at another batch, scaled by the batch); a cell that does not fit is skipped
+and says so. The default grid (4 generators x batch 4 x bf16 x checkpointing off x compile
+none/default) is sized for 8 minutes on one H200 with the Ray Train run: the eager cells
+take seconds each (582 ms/step measured), compilation is the unknown (not yet measured at
+the paper preset); a compiled cell that would not fit is skipped and says so.
+``--cpu`` runs the same code at the ``cpu`` preset (32^3) on the CPU,
 fp32 only unless ``--precisions`` is given and without the training run unless ``--train``,
 printing the report (and writing it only with ``--out``): CI runs it so the script does not rot.
 
     python bench/gpu_check.py                                  # on the GPU node
     python bench/gpu_check.py --no-train --models cvaa x2ct    # steps, DRR, forward only
     python bench/gpu_check.py --cpu --models cvaa --batches 1  # CI smoke run, to stdout
+    python bench/gpu_check.py --no-train --compile none default max-autotune cudagraphs \
+        --memory-format contiguous channels_last --profile OUT/profiles
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -75,6 +91,8 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "L40S": {"fp32": 183.0, "bf16": 362.05},
 }
 
+COMPILE_MODES = ("-", "none", "default", "max-autotune", "cudagraphs")
+FLOP_SECONDS = [0.0]          # time spent counting FLOPs (one-time, reported apart)
 TRAIN_RESERVE_S = 200.0       # time kept for the Ray Train run (phantoms + 2 epochs)
 EPOCH_LINE = re.compile(r"\[train\] epoch\s+(\d+)/(\d+).*?([\d.]+) s/epoch")
 
@@ -136,6 +154,8 @@ def is_oom(exc: BaseException) -> bool:
 def count_step_flops(name: str, cfg, batch: int, device: torch.device) -> int:
     """FLOPs of one D+G step (forward + backward), fp32, no checkpointing."""
     cfg = cfg.override({"train.precision": "fp32", "model.checkpoint": False})
+    if "compile" in train_fields():   # count the model's ops, not a compilation
+        cfg = cfg.override({"train.compile": "none"})
     if hasattr(cfg.model, "cpu_conv"):
         # FFT convolutions are not counted by FlopCounterMode; count the direct ones.
         cfg = cfg.override({"model.cpu_conv": "direct"})
@@ -147,18 +167,60 @@ def count_step_flops(name: str, cfg, batch: int, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(trainer, x, y, steps: int, device: torch.device) -> list[float]:
-    """Seconds of ``steps`` steps after one warm-up step."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    trainer.step(x, y)
-    sync()
-    times = []
+def sync_of(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def warm_up(trainer, x, y, device: torch.device, steps: int = 2) -> float:
+    """Seconds of the first ``steps`` steps: compilation (each compiled callable builds on
+    its first call), cuDNN's algorithm search, the allocator's first blocks."""
+    sync = sync_of(device)
+    t0 = time.perf_counter()
     for _ in range(steps):
+        trainer.step(x, y)
+    sync()
+    return time.perf_counter() - t0
+
+
+def time_steps(trainer, x, y, steps: int, device: torch.device,
+               clock: "Clock | None" = None) -> list[float]:
+    """Seconds of up to ``steps`` steps (already warm); stops early, after at least one,
+    when the clock's budget would not hold the next."""
+    sync = sync_of(device)
+    times: list[float] = []
+    for _ in range(steps):
+        if times and clock is not None and not clock.fits(max(times)):
+            break
         t0 = time.perf_counter()
         trainer.step(x, y)
         sync()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def profile_step(trainer, x, y, device: torch.device):
+    """One step under ``torch.profiler``: ``(kernel seconds or None on a CPU, profiler)``.
+    Kernel seconds = the sum of the CUDA kernels' own times (what kept the GPU busy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync = sync_of(device)
+    with profile(activities=activities) as prof:
+        trainer.step(x, y)
+        sync()
+    if device.type != "cuda":
+        return None, prof
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernel_us / 1e6, prof
+
+
+def write_profile(prof, path: Path, device: torch.device, rows: int = 40) -> None:
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -168,61 +230,151 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
+def train_fields() -> set[str]:
+    """The ``train.*`` fields of this checkout (``compile`` and ``memory_format`` may be
+    missing on an older or newer branch: their columns then read n/a)."""
+    from cvaa.config import TrainConfig
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def start_device(device: torch.device, args) -> float:
+    """Seconds of the one-time start (CUDA context, cuBLAS/cuDNN handles): a throwaway
+    step of the cheapest generator at batch 1, eager, never charged to a cell."""
+    t0 = time.perf_counter()
+    cfg, _ = make_config(args.preset, "3dcnn", ["train.precision=fp32", *args.set])
+    if cfg is not None:
+        trainer = build_trainer("3dcnn", cfg, device)
+        warm_up(trainer, *random_batch(cfg, 1, device), device, steps=1)
+        trainer = None
+        free(device)
+    return time.perf_counter() - t0
+
+
+class Estimator:
+    """A cell's cost from measured parts: warm-up (per compile mode; per generator when
+    seen) + steps x per-step time (per generator and settings, scaled by the batch)."""
+
+    def __init__(self) -> None:
+        self.warmup: dict[tuple, float] = {}
+        self.step: dict[tuple, tuple[float, int]] = {}
+
+    def record(self, name: str, settings: tuple, compile_mode: str, batch: int,
+               warmup_s: float, step_s: float | None) -> None:
+        self.warmup[(name, compile_mode)] = warmup_s
+        self.warmup.setdefault(("*", compile_mode), warmup_s)
+        self.warmup[("*", compile_mode)] = max(self.warmup[("*", compile_mode)], warmup_s)
+        if step_s is not None:
+            self.step[(name, settings)] = (step_s, batch)
+
+    def cost(self, name: str, settings: tuple, compile_mode: str, batch: int,
+             steps: int) -> float | None:
+        """Seconds, or None when nothing comparable was measured yet (run it to learn)."""
+        warm = self.warmup.get((name, compile_mode), self.warmup.get(("*", compile_mode)))
+        per = self.step.get((name, settings))
+        if per is None:   # the same generator with other settings (e.g. another mode)
+            seen = [v for k, v in self.step.items() if k[0] == name]
+            per = max(seen) if seen else None
+        if warm is None or per is None:
+            return None
+        # warm-up + timed steps + the profiled step
+        return warm + (steps + 1) * per[0] * max(batch / per[1], 1.0)
+
+
 def step_rows(args, device, clock, peak_key, log) -> list[dict]:
-    """One row per (model, batch, precision, checkpointing)."""
+    """One row per (model, batch, precision, checkpointing, compile, memory format)."""
+    fields = train_fields()
     rows = []
+    estimate = Estimator()
     for name in args.models:
-        last: tuple[float, int] | None = None     # (seconds, batch) of this model's last cell
         for batch in args.batches:
             flops: int | str | None = None
             for precision in args.precisions:
                 for ckpt in args.checkpoint:
-                    row = {"model": name, "batch": batch, "precision": precision,
-                           "checkpoint": ckpt, "status": ""}
-                    rows.append(row)
-                    overrides = [f"train.precision={precision}",
-                                 f"model.checkpoint={'true' if ckpt == 'on' else 'false'}",
-                                 *args.set]
-                    cfg, missing = make_config(args.preset, name, overrides)
-                    if cfg is None:
-                        row["status"] = f"n/a: {missing}"
-                        continue
-                    # A cell costs about the model's last one, scaled by the batch.
-                    cost = last[0] * batch / last[1] if last else 0.0
-                    if not clock.fits(cost, reserve_s=args.reserve_s):
-                        row["status"] = f"skipped (time budget, {clock.elapsed():.0f} s used)"
-                        continue
-                    started = clock.elapsed()
-                    try:
-                        if flops is None:
-                            flops = count_step_flops(name, cfg, batch, device)
-                            free(device)
-                        if device.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        trainer = build_trainer(name, cfg, device)
-                        x, y = random_batch(cfg, batch, device)
-                        times = time_steps(trainer, x, y, args.steps, device)
-                        row["step_s"] = statistics.median(times)
-                        row["peak_gb"] = peak_memory_gb(device)
-                    except RuntimeError as exc:
-                        if not is_oom(exc):
-                            raise
-                        row["status"] = "OOM"
-                        if flops is None:
-                            flops = "OOM"
-                    finally:
-                        trainer = x = y = None
-                        free(device)
-                    last = (clock.elapsed() - started, batch)
-                    row["flops"] = flops
-                    if "step_s" in row and isinstance(flops, int):
-                        row["tflops"] = flops / row["step_s"] / 1e12
-                        if peak_key:
-                            row["frac"] = row["tflops"] / PEAK_TFLOPS[peak_key][precision]
-                    log(f"{name} b{batch} {precision} ckpt {ckpt}: "
-                        + (f"{row['step_s'] * 1e3:.1f} ms/step" if "step_s" in row
-                           else row["status"]))
+                    for mode in args.compile:
+                        for layout in args.memory_format:
+                            row = {"model": name, "batch": batch, "precision": precision,
+                                   "checkpoint": ckpt, "compile": mode, "layout": layout,
+                                   "status": ""}
+                            rows.append(row)
+                            flops = step_cell(args, device, clock, peak_key, log, row,
+                                              fields, estimate, flops)
     return rows
+
+
+def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
+    """Fills ``row``; returns the (model, batch)'s FLOPs, counted on its first cell."""
+    name, batch, precision, ckpt = row["model"], row["batch"], row["precision"], row["checkpoint"]
+    mode, layout = row["compile"], row["layout"]
+    overrides = [f"train.precision={precision}",
+                 f"model.checkpoint={'true' if ckpt == 'on' else 'false'}"]
+    missing = [f"train.{k}" for k, v in (("compile", mode), ("memory_format", layout))
+               if v != "-" and k not in fields]
+    if missing:
+        row["status"] = f"n/a: no {', '.join(missing)} in this checkout"
+        return flops
+    if mode != "-":
+        overrides.append(f"train.compile={mode}")
+    if layout != "-":
+        overrides.append(f"train.memory_format={layout}")
+    cfg, error = make_config(args.preset, name, [*overrides, *args.set])
+    if cfg is None:
+        row["status"] = f"n/a: {error}"
+        return flops
+    settings = (precision, ckpt, layout)
+    cost = estimate.cost(name, settings, mode, batch, args.steps)
+    if not clock.fits(cost or 0.0, reserve_s=args.reserve_s):
+        row["status"] = (f"skipped (time budget: ~{cost:.0f} s needed, "
+                         f"{clock.budget_s - args.reserve_s - clock.elapsed():.0f} s left)"
+                         if cost else f"skipped (time budget, {clock.elapsed():.0f} s used)")
+        return flops
+    trainer = x = y = prof = None
+    if mode not in ("-", "none"):
+        # Each cell compiles afresh: the cells of a generator share its forward's code
+        # object, whose compiled entries would otherwise pile up to dynamo's recompile
+        # limit (beyond it, it runs eager without a word).
+        torch._dynamo.reset()
+    try:
+        if flops is None:      # once per (model, batch), not charged to the cell
+            t0 = time.perf_counter()
+            flops = count_step_flops(name, cfg, batch, device)
+            free(device)
+            FLOP_SECONDS[0] += time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = build_trainer(name, cfg, device)
+        x, y = random_batch(cfg, batch, device)
+        row["warmup_s"] = warm_up(trainer, x, y, device)
+        times = time_steps(trainer, x, y, args.steps, device, clock)
+        row["step_s"] = statistics.median(times)
+        if len(times) < args.steps:
+            row["status"] = f"{len(times)} of {args.steps} steps (time budget)"
+        row["peak_gb"] = peak_memory_gb(device)
+        kernel_s, prof = profile_step(trainer, x, y, device)
+        if kernel_s is not None:
+            row["busy"] = kernel_s / row["step_s"]
+        if args.profile:
+            path = args.profile / f"{name}_b{batch}_{precision}_ckpt-{ckpt}_{mode}_{layout}.txt"
+            write_profile(prof, path, device)
+            row["profile"] = str(path)
+    except RuntimeError as exc:
+        if not is_oom(exc):
+            raise
+        row["status"] = "OOM"
+        if flops is None:
+            flops = "OOM"
+    finally:
+        trainer = x = y = prof = None
+        free(device)
+    estimate.record(name, settings, mode, batch, row.get("warmup_s", 0.0), row.get("step_s"))
+    row["flops"] = flops
+    if "step_s" in row and isinstance(flops, int):
+        row["tflops"] = flops / row["step_s"] / 1e12
+        if peak_key:
+            row["frac"] = row["tflops"] / PEAK_TFLOPS[peak_key][precision]
+    log(f"{name} b{batch} {precision} ckpt {ckpt} compile {mode} layout {layout}: "
+        + (f"warm-up {row['warmup_s']:.1f} s, {row['step_s'] * 1e3:.1f} ms/step"
+           if "step_s" in row else row["status"]))
+    return flops
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
@@ -340,28 +492,43 @@ def render(args, device_name, peak_key, steps, infer, train) -> str:
         f"- command: `{args.command}`",
         f"- preset `{args.preset}`: {size}^3 CT, {cfg.drr.detector_pixels}^2 X-rays; "
         f"step = D step + G step (`GANTrainer.step`; G only for 3dcnn/psr), median of "
-        f"{args.steps} after a warm-up",
+        f"{args.steps} after the cell's warm-up",
+        f"- one-time costs, not charged to any cell: device start {args.start_s:.1f} s "
+        f"(a throwaway eager step), FLOP counting {args.flops_s:.1f} s in all",
         "",
         "## Training step",
         "",
-        "GFLOP/step: forward + backward of D and G counted once per model and batch in fp32 "
-        f"without checkpointing (recomputation not counted); {unit} = that / step time.",
+        "warm-up s: the cell's first two steps (compilation for a compile mode, cuDNN's "
+        "algorithm search). GPU busy: CUDA kernel time of one profiled step / the median "
+        "step's wall time (below 100% the GPU waits for the host to launch work). "
+        "compile: `train.compile`; layout: `train.memory_format` (`-`: the config's "
+        "default; n/a where this checkout lacks the field). GFLOP/step: forward + backward "
+        "of D and G counted once per model and batch in fp32 without checkpointing "
+        f"(recomputation not counted); {unit} = that / step time.",
         "",
-        f"| model | batch | precision | checkpoint | ms/step | peak GB "
-        f"({'max allocated' if gpu else 'process RSS so far'}) | GFLOP/step | {unit} | of peak "
-        "| note |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
+        f"| model | batch | precision | checkpoint | compile | layout | warm-up s | ms/step "
+        f"| GPU busy | peak GB ({'max allocated' if gpu else 'process RSS so far'}) "
+        f"| GFLOP/step | {unit} | of peak | note |",
+        "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in steps:
         flops = r.get("flops")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {r['checkpoint']} | "
+            f"{r['compile']} | {r['layout']} | "
+            + (f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-") + " | "
             + (f"{r['step_s'] * 1e3:.1f}" if "step_s" in r else (r["status"] or "-")) + " | "
+            + (f"{100 * r['busy']:.0f}%" if "busy" in r else "-") + " | "
             + (f"{r['peak_gb']:.2f}" if "peak_gb" in r else "-") + " | "
             + (f"{flops / 1e9:.1f}" if isinstance(flops, int) else (flops or "-")) + " | "
             + (f"{r['tflops'] * scale:.3g}" if "tflops" in r else "-") + " | "
             + (f"{100 * r['frac']:.1f}%" if "frac" in r else "-") + " | "
             + (r["status"] if "step_s" in r else "") + " |")
+    skipped = [r for r in steps if "step_s" not in r]
+    if skipped:
+        lines += ["", f"{len(skipped)} of {len(steps)} cells not measured; each row says why."]
+    if args.profile:
+        lines += ["", f"Top kernels per cell (torch.profiler): `{args.profile}`."]
     lines += ["", "## DRR and reconstruction", "",
               f"Median of {args.repeats} after a warm-up.", "",
               "| what | precision | ms |", "|---|---|---:|"]
@@ -387,12 +554,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true",
                    help="cpu preset on the CPU (fp32, no training run unless asked)")
     p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4])
+    p.add_argument("--batches", nargs="+", type=int, default=[4])
     p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"),
-                   help="default: bf16 fp32 on GPU, fp32 on CPU")
-    p.add_argument("--checkpoint", nargs="+", choices=("off", "on"), default=["off", "on"],
+                   help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--checkpoint", nargs="+", choices=("off", "on"), default=["off"],
                    help="activation checkpointing settings to time")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per cell after a warm-up")
+    p.add_argument("--compile", nargs="+", choices=COMPILE_MODES,
+                   help="train.compile modes to time (default: none default on GPU, none "
+                        "on CPU; '-' leaves the config's own)")
+    p.add_argument("--memory-format", nargs="+", default=["-"],
+                   choices=("-", "auto", "contiguous", "channels_last"),
+                   help="train.memory_format settings (where the config has the field)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="write each cell's top kernels (torch.profiler table) here")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per cell after a warm-up")
     p.add_argument("--repeats", type=int, default=5, help="timed DRR / forward calls")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="whole-run time budget; heavy cells past it are skipped")
@@ -402,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-train", action="store_true", help="skip the Ray Train run")
     train.add_argument("--train", action="store_true", help="with --cpu: do the Ray Train run")
     p.add_argument("--out", type=Path,
-                   help="Markdown file (default: docs/performance.md on GPU, none with --cpu)")
+                   help="Markdown file (default: docs/performance_gpu.md on GPU, none with --cpu)")
     p.add_argument("--verbose", action="store_true", help="one line per cell on stderr")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -414,11 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device; use --cpu for the CPU smoke run")
     device = torch.device("cpu" if args.cpu else "cuda")
     args.preset = "cpu" if args.cpu else "paper"
-    args.precisions = args.precisions or (["fp32"] if args.cpu else ["bf16", "fp32"])
+    args.precisions = args.precisions or (["fp32"] if args.cpu else ["bf16"])
+    args.compile = args.compile or (["none"] if args.cpu else ["none", "default"])
     run_train = args.train if args.cpu else not args.no_train
     args.reserve_s = TRAIN_RESERVE_S if run_train else 0.0
     if args.out is None and not args.cpu:
-        args.out = ROOT / "docs" / "performance.md"
+        args.out = ROOT / "docs" / "performance_gpu.md"
 
     def log(line: str) -> None:
         if args.verbose:
@@ -429,8 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     peak_key = peak_entry(device_name) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # as a training run would
+    args.start_s = start_device(device, args)
+    log(f"device start: {args.start_s:.1f} s")
     infer = inference_rows(args, device, clock, log)
     steps = step_rows(args, device, clock, peak_key, log)
+    args.flops_s = FLOP_SECONDS[0]
     args.reserve_s = 0.0
     trained = train_row(args, clock, log) if run_train else None
     report = render(args, device_name, peak_key, steps, infer, trained)

@@ -304,6 +304,20 @@ class TrainConfig:
             every step on CPU (where nothing runs ahead, so nothing is ever stepped on a
             NaN) and every 25 steps on CUDA; a check also runs before every checkpoint, so
             a checkpoint never holds weights stepped on a NaN.
+        compile: how ``cvaa.gan.GANTrainer`` runs the generator and discriminator
+            forwards (their backward follows): ``none`` (eager), ``default``
+            (``torch.compile``: Inductor fuses the elementwise and normalisation ops, so
+            far fewer kernel launches), ``max-autotune`` (the same plus autotuned
+            convolution/GEMM choices; torch's ``max-autotune-no-cudagraphs``, so it does not
+            also capture CUDA graphs), ``cudagraphs`` (Inductor plus CUDA graphs, torch's
+            ``reduce-overhead``: one launch per graph; CUDA only, eager-equivalent
+            elsewhere) or ``auto``: ``default`` on CUDA (chosen by reasoning, not yet
+            measured: it removes most of the ~3,000 launches per step without the CUDA
+            graphs' static memory and replay constraints; ``bench/gpu_check.py`` measures
+            every mode and must confirm it), ``none`` on a CPU (where compiling the
+            cpu-preset models did not pay for its compile time, docs/performance.md).
+            Shapes are compiled static: each distinct batch size (the last, short step of
+            an epoch; a padding step) compiles once, never again.
     """
 
     epochs: int = 200
@@ -326,6 +340,7 @@ class TrainConfig:
     mlflow_wait_s: float = 300.0
     checkpoints_to_keep: int = 2
     finite_check_every: int = 0
+    compile: Literal["auto", "none", "default", "max-autotune", "cudagraphs"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -176,3 +176,82 @@ def test_the_prepared_context_is_small_at_the_cpu_preset(prepared_cpu):
     cases = [p.stat().st_size for p in Path(prepared_cpu, "cases").glob("*.npz")]
     assert len(sizes) == len(cases) > 0
     assert sum(sizes) < 4 * sum(cases)
+
+
+# ------------------------------------------------------------ rendering on the device
+
+def _phantom_context() -> ContextCT:
+    """A cpu-preset context CT (48 slices: the 32^3 crop and 8 of margin each side)."""
+    from cvaa.data.phantom import generate_phantom
+
+    hu = generate_phantom(3, implants=True, shape=(48, 32, 32), spacing_mm=8.0).volume.array
+    return ContextCT(np.clip(np.rint(hu), -32768, 32767).astype(np.int16), (8.0, 8.0, 8.0),
+                     (23.5, 15.5, 15.5), 256.0)
+
+
+def _device_randomizer(device: torch.device, **augment) -> Randomizer:
+    context = _phantom_context()
+    fixed = render_context(context, CFG.drr, RenderParams())
+    cfg = load_config("cpu-augment", overrides=[f"augment.{k}={v}"
+                                                for k, v in augment.items()])
+    return Randomizer(lambda case: (fixed, np.zeros((1, 32, 32, 32), np.float32)),
+                      lambda case: context, cfg, device=device)
+
+
+def _rendered_both_ways(randomizer: Randomizer, cases, device):
+    """The threads' path (``randomizer(case)``) and the device path (``sample`` in the
+    threads, ``render_batch`` in the step) for the same cases."""
+    threads = np.stack([randomizer(c)[0] for c in cases])               # (B, 2, P, P)
+    samples = [randomizer.sample(c) for c in cases]
+    fixed = torch.from_numpy(np.stack([s[0] for s in samples])).to(device)
+    rendered = randomizer.render_batch(fixed, tuple(s[2] for s in samples))
+    return threads, rendered, samples
+
+
+def test_the_device_path_renders_what_the_threads_render():
+    """Same draws (seeded by sample), same X-rays: rotation, shift, scatter, noise,
+    blur, window, unsharp masking; a clean sample keeps its fixed DRR."""
+    cpu = torch.device("cpu")
+    randomizer = _device_randomizer(cpu, clean_fraction=0.5, window_prob=1.0)
+    assert randomizer.loader() is randomizer                # a CPU renders in the threads
+    cases = [f"case-{i}" for i in range(6)]
+    threads, rendered, samples = _rendered_both_ways(randomizer, cases, cpu)
+    draws = [s[2] for s in samples]
+    assert any(d is None for d in draws) and any(d is not None for d in draws)
+    assert all(d is None or (d.params.photons > 0 and any(d.params.rotation_deg))
+               for d in draws)
+    assert rendered.shape == threads.shape and rendered.dtype == torch.float32
+    np.testing.assert_allclose(rendered.numpy(), threads, rtol=0, atol=1e-6)
+    for s, x in zip(samples, rendered):                     # clean rows untouched
+        if s[2] is None:
+            assert np.array_equal(x.numpy(), s[0])
+        else:
+            assert np.abs(x.numpy() - s[0]).mean() > 1e-3
+    assert randomizer.take_ms_per_sample() > 0
+
+
+def test_a_cuda_worker_streams_draws_and_the_stream_carries_them():
+    from cvaa.data.stream import CaseStream, Step
+
+    randomizer = _device_randomizer(torch.device("cuda"), clean_fraction=0.0)
+    assert randomizer.loader() == randomizer.sample         # selection only: no CUDA used
+    cpu_randomizer = _device_randomizer(torch.device("cpu"), clean_fraction=0.0)
+    stream = CaseStream(cpu_randomizer.sample, prefetch=1, threads=1)
+    (batch,) = stream.iterate([Step(("a", "b"))])
+    assert batch.xrays.shape == (2, 2, 32, 32) and len(batch.extras) == 2
+    assert [d.seed for d in batch.extras] == [cpu_randomizer.params(c)[1] for c in "ab"]
+    with pytest.raises(ValueError, match="1 draws for a batch of 2"):
+        cpu_randomizer.render_batch(batch.xrays, batch.extras[:1])
+
+
+@pytest.mark.gpu
+def test_the_gpu_renders_what_the_cpu_renders():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cuda = torch.device("cuda")
+    # Noise-free: a CUDA generator's Poisson draws are its own (reproducible) sequence.
+    randomizer = _device_randomizer(cuda, clean_fraction=0.0, photons_max=0.0,
+                                    window_prob=1.0)
+    threads, rendered, _ = _rendered_both_ways(randomizer, ["a", "b", "c"], cuda)
+    assert rendered.device.type == "cuda"
+    np.testing.assert_allclose(rendered.cpu().numpy(), threads, rtol=0, atol=2e-4)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,19 +16,24 @@ def test_gpu_check_cpu_smoke(tmp_path):
     out = tmp_path / "perf.md"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", "--models", "cvaa",
            "--batches", "1", "--checkpoint", "off", "--steps", "1", "--repeats", "1",
-           "--out", str(out)]
+           "--compile", "none", "--profile", str(tmp_path / "profiles"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# Performance check")
     for field in ("- device: cpu", "- torch ", "- date: ", "- command: `python bench/gpu_check.py"):
         assert field in text, f"header lacks {field!r}:\n{text}"
-    # | cvaa | 1 | fp32 | off | ms/step | peak GB | GFLOP/step | GFLOP/s | of peak | note |
-    row = re.search(r"^\| cvaa \| 1 \| fp32 \| off \| ([^|]+) \| [^|]+ \| ([^|]+) \|",
-                    text, re.MULTILINE)
+    assert re.search(r"one-time costs, not charged to any cell: device start [\d.]+ s", text)
+    # | cvaa | 1 | fp32 | off | compile | layout | warm-up s | ms/step | GPU busy | peak GB
+    # | GFLOP/step | GFLOP/s | of peak | note |
+    row = re.search(r"^\| cvaa \| 1 \| fp32 \| off \| none \| - \| ([^|]+) \| ([^|]+) \| "
+                    r"- \| [^|]+ \| ([^|]+) \|", text, re.MULTILINE)
     assert row, f"no cvaa batch-1 row:\n{text}"
-    step_ms, gflop = float(row.group(1)), float(row.group(2))
-    assert step_ms > 0 and gflop > 0
+    warmup_s, step_ms, gflop = (float(row.group(i)) for i in (1, 2, 3))
+    assert warmup_s > 0 and step_ms > 0 and gflop > 0
+    # --profile: the cell's top ops (CPU here: no kernels, so no GPU-busy fraction)
+    (table,) = (tmp_path / "profiles").glob("cvaa_b1_fp32_ckpt-off_none_-.txt")
+    assert "Self CPU" in table.read_text() and "aten::" in table.read_text()
     assert re.search(r"^\| DRR PA \+ lateral, 32\^3 -> 2 x 32\^2 \| fp32 \| [\d.]+ \|$", text,
                      re.MULTILINE), text
 
@@ -47,3 +54,20 @@ def test_layer_bench_times_every_layer_and_marks_the_reformulated_ones():
     assert all(float(v) > 0 for v in row.groups()[:4])
     # Every conv and norm of D is timed: 4 PatchGAN convs + 2 norms + 2 x (2 convs + 1 norm).
     assert re.search(r"^12 layer calls", proc.stdout, re.MULTILINE), proc.stdout
+
+
+def test_gpu_check_estimates_a_cell_from_its_own_costs():
+    """A cell's estimate is its compile mode's warm-up plus its own per-step time (scaled
+    by the batch), never the previous cell's total (which carried one-time costs)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    est = gpu_check.Estimator()
+    bf16 = ("bf16", "off", "-")
+    assert est.cost("cvaa", bf16, "none", 1, steps=5) is None          # nothing seen: run it
+    est.record("cvaa", bf16, "none", 1, warmup_s=3.0, step_s=0.2)
+    assert est.cost("cvaa", bf16, "none", 4, steps=5) == pytest.approx(3.0 + 6 * 0.8)
+    assert est.cost("cvaa", bf16, "default", 4, steps=5) is None       # no compile seen yet
+    est.record("x2ct", bf16, "default", 1, warmup_s=90.0, step_s=0.1)
+    # cvaa compiled: the compile warm-up seen (x2ct's) + cvaa's own eager step time
+    assert est.cost("cvaa", bf16, "default", 1, steps=5) == pytest.approx(90.0 + 6 * 0.2)

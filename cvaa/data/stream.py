@@ -83,12 +83,18 @@ def chunks(case_ids: Sequence[str], batch: int) -> list[Step]:
 
 @dataclass
 class Batch:
-    """A step's tensors: ``xrays (B, 2, P, P)``, ``ct (B, 1, D, H, W)``, float32."""
+    """A step's tensors: ``xrays (B, 2, P, P)``, ``ct (B, 1, D, H, W)``, float32.
+
+    ``extras`` holds, per case, the third item of a ``load`` that returns three (e.g.
+    :meth:`cvaa.data.augment.Randomizer.sample`'s draws, rendered on the device); empty
+    for a two-item ``load``.
+    """
 
     xrays: torch.Tensor
     ct: torch.Tensor
     case_ids: tuple[str, ...]
     weight: float
+    extras: tuple = ()
 
 
 @dataclass
@@ -105,7 +111,8 @@ class CaseStream:
 
     Args:
         load: ``case_id -> (xrays (2, P, P), ct (1, D, H, W))`` numpy arrays (e.g.
-            :meth:`cvaa.data.dataset.PreparedDataset.load`); called from the threads.
+            :meth:`cvaa.data.dataset.PreparedDataset.load`), optionally with a third item
+            per case, passed through as :attr:`Batch.extras`; called from the threads.
         prefetch: batches read ahead of the one being consumed (memory: at most
             ``prefetch + 1`` batches of decoded cases and their stacked copies).
         threads: concurrent case reads.
@@ -129,7 +136,7 @@ class CaseStream:
         self.pin_memory, self.retry_s, self.on_retry = pin_memory, retry_s, on_retry
         self.stats = StreamStats()
 
-    def _read(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, case_id: str) -> tuple:
         def waiting(exc: BaseException, attempt: int, wait: float) -> None:
             if attempt == 1:
                 self._say(f"case {case_id}: storage unreachable ({exc}); retrying for "
@@ -164,7 +171,8 @@ class CaseStream:
         ct = torch.from_numpy(np.stack([d[1] for d in done]))
         if self.pin_memory:
             xrays, ct = xrays.pin_memory(), ct.pin_memory()
-        return Batch(xrays, ct, step.case_ids, step.weight)
+        extras = tuple(d[2] for d in done) if len(done[0]) > 2 else ()
+        return Batch(xrays, ct, step.case_ids, step.weight, extras)
 
     def iterate(self, plan: Sequence[Step]) -> Iterator[Batch]:
         readers = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="cvaa-ingest")
