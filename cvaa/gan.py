@@ -18,6 +18,8 @@ from torch import nn
 
 from cvaa.config import Config, OptimConfig
 from cvaa.losses import generator_loss, lsgan_d_loss
+from cvaa.models.layout import (resolve_memory_format, tensor_to_memory_format,
+                               to_memory_format)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,6 +161,14 @@ class GANTrainer:
     def __post_init__(self) -> None:
         o = self.cfg.optim
         lr_g, lr_d = scaled_lr(o.lr_g, self.cfg), scaled_lr(o.lr_d, self.cfg)
+        # One memory layout end to end (channels-last on CUDA by default; STYLE habit 12):
+        # parameters converted here, before the optimisers hold them, and every batch at the
+        # top of the step. A DDP-wrapped model is converted by whoever wraps it, before
+        # wrapping (cvaa.loop.setup): DDP holds the parameters as they were then.
+        self.memory_format = resolve_memory_format(self.cfg.train.memory_format, self.device)
+        for module in (self.generator, self.discriminator):
+            if module is not None and unwrap(module) is module:
+                to_memory_format(module, self.memory_format)
         self.opt_g = make_optimizer(self.generator.parameters(), lr_g, o)
         self.opt_d = (make_optimizer(self.discriminator.parameters(), lr_d, o)
                       if self.discriminator is not None else None)
@@ -224,6 +234,8 @@ class GANTrainer:
                 checkpoint). An fp16 gradient overflow with a finite loss is not an error:
                 the scaler skips that update and lowers its scale.
         """
+        xrays = tensor_to_memory_format(xrays, self.memory_format)
+        target = tensor_to_memory_format(target, self.memory_format)
         amp = autocast_context(self.device, self.precision)
         out: dict[str, torch.Tensor] = {}
         if self.compile_mode == "cudagraphs":

@@ -35,6 +35,7 @@ from cvaa.data.dataset import PreparedDataset, validation_split
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
 from cvaa.models import build_discriminator, build_generator, set_output_prior
+from cvaa.models.layout import resolve_memory_format, to_memory_format
 from cvaa.scoring import evaluate_cases
 
 # The training state inside each checkpoint directory (a ``weights_only`` torch file).
@@ -120,15 +121,22 @@ def setup(cfg: Config, data: str, device: torch.device, *, rank: int = 0, world:
                           on_retry=on_retry)
     stream = CaseStream(dataset.arrays, **stream_options)     # validation: fixed DRRs
     randomizer = None
-    if cfg.augment.enabled:  # training X-rays rendered again per sample, in the threads
+    if cfg.augment.enabled:  # training X-rays rendered again per sample: on a CUDA device
+        # in the step (Randomizer.render_batch), else in the ingest threads
         dataset.context(train_ids[0])  # fails now, naming the dataset, if it has none
-        randomizer = Randomizer(dataset.arrays, dataset.context, cfg)
-    train_stream = CaseStream(randomizer, **stream_options) if randomizer else stream
+        randomizer = Randomizer(dataset.arrays, dataset.context, cfg, device=device)
+    train_stream = (CaseStream(randomizer.loader(), **stream_options) if randomizer
+                    else stream)
 
     generator = build_generator(cfg.model.generator, cfg)
     if cfg.model.output_prior:  # same cases on every rank; a resumed run loads over it
         set_output_prior(generator, training_mean_intensity(dataset, train_ids))
     discriminator = build_discriminator(cfg) if generator.uses_discriminator else None
+    # the layout the trainer steps in, set before DDP holds the parameters (cvaa.gan)
+    memory_format = resolve_memory_format(cfg.train.memory_format, device)
+    for module in (generator, discriminator):
+        if module is not None:
+            to_memory_format(module, memory_format)
     generator = wrap(generator)
     if discriminator is not None:
         discriminator = wrap(discriminator)
@@ -235,6 +243,8 @@ def _train_one_epoch(run: Run, epoch: int
             break
         # ---------------------------------------------------------------- the step
         xrays = item.xrays.to(device, non_blocking=True)
+        if item.extras:  # draws from Randomizer.sample: rendered here, on the device
+            xrays = run.randomizer.render_batch(xrays, item.extras)
         ct = item.ct.to(device, non_blocking=True)
         try:
             out = trainer.step(xrays, ct, weight=item.weight)

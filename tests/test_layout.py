@@ -125,3 +125,32 @@ def test_on_cuda_every_conv_and_norm_output_stays_channels_last():
     with torch.no_grad():
         g(tensor_to_memory_format(torch.rand(2, 2, 16, 16, device="cuda"), "channels_last"))
     assert bad == []
+
+
+def test_the_trainer_steps_in_the_configured_layout_and_tracks_the_contiguous_step():
+    """``train.memory_format=channels_last``: GANTrainer converts G and D before its
+    optimisers hold them, steps channels-last batches and computes the contiguous losses."""
+    from cvaa.gan import GANTrainer
+
+    losses = {}
+    for fmt in ("contiguous", "channels_last"):
+        cfg = load_config("cpu", overrides=[f"train.memory_format={fmt}",
+                                            "model.stem_channels=4", "model.growth=2",
+                                            "model.encoder_channels=[8,8,8]",
+                                            "model.decoder_channels=[8,8,8,8]",
+                                            "model.disc_channels=[4,8,8]"])
+        torch.manual_seed(0)
+        g, d = build_generator("cvaa", cfg), build_discriminator(cfg)
+        trainer = GANTrainer(g, d, cfg)
+        assert trainer.memory_format == fmt
+        conv3d = next(p for p in g.parameters() if p.dim() == 5 and p.shape[1] > 1)
+        assert conv3d.is_contiguous(memory_format=torch.channels_last_3d) == (
+            fmt == "channels_last")
+        torch.manual_seed(1)
+        batch = (torch.rand(2, 2, 32, 32), torch.rand(2, 1, 32, 32, 32))
+        losses[fmt] = [{k: float(v) for k, v in trainer.step(*batch).items()}
+                       for _ in range(2)]
+    for a, b in zip(losses["contiguous"], losses["channels_last"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
