@@ -64,12 +64,15 @@ class MlflowServer:
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        # The process this call stops, held apart: a start() that runs meanwhile (another
+        # thread) replaces self.proc, and its new server must not get this one's SIGKILL.
+        proc, log = self.proc, self.log
+        if proc is None or proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(grace_s)
+            proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.log.close()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()

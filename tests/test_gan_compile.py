@@ -124,10 +124,13 @@ def _check_tracks_eager(name: str, device: str = "cpu") -> None:
 
 # Cold compile + 40 steps each, measured on the 2-core VM: 3dcnn 28 s, psr 70 s, cvaa
 # 181 s, x2ct 268 s; by default only 3dcnn runs (the file stays under a minute).
-@pytest.mark.parametrize("name", [pytest.param("cvaa", marks=pytest.mark.slow),
-                                  pytest.param("x2ct", marks=pytest.mark.slow),
+HEAVY = (pytest.mark.slow, pytest.mark.heavy)  # 20-125 s of inductor compile each on 2 cores
+
+
+@pytest.mark.parametrize("name", [pytest.param("cvaa", marks=HEAVY),
+                                  pytest.param("x2ct", marks=HEAVY),
                                   "3dcnn",
-                                  pytest.param("psr", marks=pytest.mark.slow)])
+                                  pytest.param("psr", marks=HEAVY)])
 def test_compiled_step_tracks_eager(name):
     _check_tracks_eager(name)
 
@@ -141,7 +144,7 @@ def test_compiled_step_tracks_eager_on_cuda(name):
     assert _eager_and_compiled(name, "cuda")[1].opt_g.defaults["fused"] is True
 
 
-@pytest.mark.parametrize("name", ["3dcnn", pytest.param("cvaa", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["3dcnn", pytest.param("cvaa", marks=HEAVY)])
 def test_checkpoints_move_between_compiled_and_eager_trainers(name):
     eager, compiled, *_ = _eager_and_compiled(name)
     state = compiled.state_dict()
