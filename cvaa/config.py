@@ -316,8 +316,18 @@ class TrainConfig:
             graphs' static memory and replay constraints; ``bench/gpu_check.py`` measures
             every mode and must confirm it), ``none`` on a CPU (where compiling the
             cpu-preset models did not pay for its compile time, docs/performance.md).
-            Shapes are compiled static: each distinct batch size (the last, short step of
-            an epoch; a padding step) compiles once, never again.
+            Shapes are compiled static and there is one per model: a short step (an
+            epoch's last, a rank's padding step) is padded to the full per-worker batch with
+            weight-0 samples (:mod:`cvaa.data.stream`), so nothing recompiles after the
+            first steps; validation runs the eager model.
+        cuda_shaped: take every branch a CUDA run takes, on whatever device runs: channel
+            counts padded to multiples of 8, stride == kernel transposed convs as a GEMM,
+            the layout-keeping instance norm and ``channels_last`` (``memory_format:
+            auto``), fused Adam, ``compile: auto`` = ``default``, X-rays rendered in the
+            step from tables built in the ingest threads, the finiteness check every 25
+            steps (``finite_check_every: 0``). Only the kernels differ. A CPU rehearsal of
+            a GPU run: the test suite runs the GPU path's logic this way on CPU.
+            Precision still resolves against the real device (``auto``: fp32 on a CPU).
     """
 
     epochs: int = 200
@@ -341,6 +351,7 @@ class TrainConfig:
     checkpoints_to_keep: int = 2
     finite_check_every: int = 0
     compile: Literal["auto", "none", "default", "max-autotune", "cudagraphs"] = "auto"
+    cuda_shaped: bool = False
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,54 @@ def test_a_cuda_worker_streams_draws_and_the_stream_carries_them():
         cpu_randomizer.render_batch(batch.xrays, batch.extras[:1])
 
 
+def test_the_step_side_render_makes_no_tensor_from_host_values(monkeypatch):
+    """The CUDA path's render (``render_in_step``, as ``train.cuda_shaped`` takes it on a
+    CPU): the draws carry their projection tables and rotation, built in the threads, and
+    ``render_batch`` only moves them. A tensor made there from a host value (a table, an
+    affine, a window's end) would be a pageable host-to-device copy on a GPU, a wait for
+    the stream: here any such construction fails the test."""
+    cpu = torch.device("cpu")
+    randomizer = _device_randomizer(cpu, clean_fraction=0.0, window_prob=1.0)
+    step_side = Randomizer(randomizer.load_case, randomizer.load_context, randomizer.cfg,
+                           device=cpu, render_in_step=True)
+    assert step_side.loader() == step_side.sample
+    cases = ["a", "b", "c"]
+    samples = [step_side.sample(c) for c in cases]
+    assert all(s[2].plan.theta is not None and len(s[2].plan.tables) == 2 for s in samples)
+    fixed = torch.from_numpy(np.stack([s[0] for s in samples]))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a tensor made from a host value inside the step's render")
+
+    with monkeypatch.context() as m:
+        for name in ("tensor", "as_tensor", "from_numpy"):
+            m.setattr(torch, name, refused)
+        rendered = step_side.render_batch(fixed, tuple(s[2] for s in samples))
+    threads = np.stack([randomizer(c)[0] for c in cases])
+    np.testing.assert_allclose(rendered.numpy(), threads, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_the_gpu_render_never_waits_for_the_stream():
+    """On CUDA, with the draws pinned in the threads, the step's render makes no
+    synchronising call (torch's sync debug mode raises on one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cuda = torch.device("cuda")
+    randomizer = _device_randomizer(cuda, clean_fraction=0.0, window_prob=1.0)
+    samples = [randomizer.sample(c) for c in "abcd"]
+    assert all(s[2].hu.is_pinned() and s[2].plan.tables[0].row_i0.is_pinned()
+               for s in samples)
+    fixed = torch.from_numpy(np.stack([s[0] for s in samples])).to(cuda)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rendered = randomizer.render_batch(fixed, tuple(s[2] for s in samples))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rendered.shape == fixed.shape
+
+
 @pytest.mark.gpu
 def test_the_gpu_renders_what_the_cpu_renders():
     if not torch.cuda.is_available():

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from cvaa.config import AugmentConfig, Config, DRRConfig
-from cvaa.data.drr import Geometry, detector_pitch_mm, gaussian_blur, line_integrals
+from cvaa.data.drr import (Geometry, detector_pitch_mm, gaussian_blur, line_integrals,
+                           projection_tables)
 
 CONTEXT_DTYPE = np.int16
 
@@ -199,12 +200,13 @@ def rotation_matrix(degrees: tuple[float, float, float]) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float],
-                 spacing_mm: tuple[float, float, float],
-                 center_index: tuple[float, float, float]) -> torch.Tensor:
-    """``(1, 1, D, H, W)`` attenuation of the patient rotated by ``degrees`` about the
-    physical point at ``center_index``; what comes from outside the volume is air."""
-    _, _, n_d, n_h, n_w = mu.shape
+def rotation_theta(degrees: tuple[float, float, float], spacing_mm: tuple[float, float, float],
+                   center_index: tuple[float, float, float],
+                   shape_dhw: tuple[int, int, int]) -> np.ndarray:
+    """The ``(3, 4)`` affine of ``F.affine_grid`` (normalised coordinates, align_corners)
+    that turns a ``(D, H, W)`` volume by ``degrees`` about the physical point at
+    ``center_index``; host arithmetic only (:func:`rotate_about` applies it)."""
+    n_d, n_h, n_w = shape_dhw
     sx, sy, sz = spacing_mm
     # index (w, h, d) -> physical (x, y, z) about the centre: x = w*sx, y = h*sy, z = -d*sz
     to_mm = np.diag([sx, sy, -sz])
@@ -217,9 +219,24 @@ def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float],
     scale = 2.0 / np.maximum(sizes - 1, 1)
     theta_lin = np.diag(scale) @ a @ np.diag(1 / scale)
     offset = scale * (c - a @ c) + (theta_lin @ np.ones(3)) - np.ones(3)
-    theta = np.concatenate([theta_lin, offset[:, None]], axis=1)
-    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32, device=mu.device)[None],
-                         [1, 1, n_d, n_h, n_w], align_corners=True)
+    return np.concatenate([theta_lin, offset[:, None]], axis=1)
+
+
+def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float] | None,
+                 spacing_mm: tuple[float, float, float] | None = None,
+                 center_index: tuple[float, float, float] | None = None, *,
+                 theta: torch.Tensor | None = None) -> torch.Tensor:
+    """``(1, 1, D, H, W)`` attenuation of the patient rotated by ``degrees`` about the
+    physical point at ``center_index``; what comes from outside the volume is air.
+
+    ``theta``: the ``(1, 3, 4)`` affine of :func:`rotation_theta`, already on ``mu``'s
+    device (then ``degrees``, ``spacing_mm`` and ``center_index`` are not used)."""
+    _, _, n_d, n_h, n_w = mu.shape
+    if theta is None:
+        theta = torch.as_tensor(rotation_theta(degrees, spacing_mm, center_index,
+                                               (n_d, n_h, n_w)),
+                                dtype=torch.float32, device=mu.device)[None]
+    grid = F.affine_grid(theta, [1, 1, n_d, n_h, n_w], align_corners=True)
     return F.grid_sample(mu, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=True)
 
@@ -229,10 +246,10 @@ def _display(image: torch.Tensor, p: RenderParams) -> torch.Tensor:
     if p.gamma != 1.0:
         image = image.clamp(min=0.0).pow(p.gamma)
     if p.window_width > 0:
-        def sig(x):
-            return torch.sigmoid((x - p.window_center) / p.window_width)
-        lo, hi = (sig(torch.tensor(v, device=image.device)) for v in (0.0, 1.0))
-        image = (sig(image) - lo) / (hi - lo)
+        # The window's ends in host arithmetic (no tensor made from a host value).
+        lo, hi = (1.0 / (1.0 + math.exp(-(v - p.window_center) / p.window_width))
+                  for v in (0.0, 1.0))
+        image = (torch.sigmoid((image - p.window_center) / p.window_width) - lo) / (hi - lo)
     if p.unsharp_amount > 0:
         image = image + p.unsharp_amount * (image - gaussian_blur(image,
                                                                   p.unsharp_sigma_px))
@@ -253,6 +270,61 @@ def render_context(context: ContextCT, drr: DRRConfig, params: RenderParams, *,
     return image.numpy().astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class RenderPlan:
+    """What the host computes for one randomised render of a context CT: the draw, the
+    rotation's affine and both views' projection tables. Built in an ingest thread
+    (:func:`plan_render`), moved to the device with :meth:`to` (asynchronous from pinned
+    memory), rendered there by :func:`render_planned` without another host value.
+
+    Attributes:
+        params: the draw.
+        geometry: the draw's source/detector geometry.
+        theta: ``(1, 3, 4)`` rotation affine (:func:`rotation_theta`), or ``None``.
+        tables: PA and lateral tables of :func:`cvaa.data.drr.projection_tables`.
+        bone_hu: the two-material split of :func:`attenuation`.
+    """
+
+    params: RenderParams
+    geometry: Geometry
+    theta: torch.Tensor | None
+    tables: tuple
+    bone_hu: float
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RenderPlan":
+        theta = None if self.theta is None else self.theta.to(device, non_blocking=non_blocking)
+        return replace(self, theta=theta,
+                       tables=tuple(t.to(device, non_blocking) for t in self.tables))
+
+    def pin_memory(self) -> "RenderPlan":
+        theta = None if self.theta is None else self.theta.pin_memory()
+        return replace(self, theta=theta, tables=tuple(t.pin_memory() for t in self.tables))
+
+
+def plan_render(context: ContextCT, drr: DRRConfig, params: RenderParams, *,
+                bone_hu: float = 200.0) -> RenderPlan:
+    """The host part of rendering ``context`` under ``params`` (see :class:`RenderPlan`);
+    its tensors are on the CPU."""
+    shape = tuple(int(n) for n in context.hu.shape)                      # (D, H, W)
+    iso = np.asarray(context.isocenter_index, float)                     # (d, h, w)
+    theta = None
+    if any(params.rotation_deg):
+        theta = torch.as_tensor(rotation_theta(params.rotation_deg, context.spacing_mm,
+                                               tuple(iso), shape), dtype=torch.float32)[None]
+    if any(params.shift_mm):
+        sx, sy, sz = context.spacing_mm
+        dx, dy, dz = params.shift_mm
+        iso = iso + np.array([-dz / sz, dy / sy, dx / sx])               # z grows superior
+    pitch = drr.pixel_pitch_mm or detector_pitch_mm(context.fov_mm, drr.sad_mm, drr.sid_mm,
+                                                    drr.detector_pixels)
+    sad = drr.sad_mm * params.sad_scale
+    sid = max(drr.sid_mm * params.sid_scale, sad * 1.05)
+    geometry = Geometry(sad, sid, drr.detector_pixels, pitch * params.zoom, drr.step_mm)
+    tables = projection_tables(geometry, shape, context.spacing_mm,
+                               tuple(float(v) for v in iso), "cpu")
+    return RenderPlan(params, geometry, theta, tables, bone_hu)
+
+
 def render_hu(hu: torch.Tensor, context: ContextCT, drr: DRRConfig, params: RenderParams,
               *, bone_hu: float = 200.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -264,21 +336,27 @@ def render_hu(hu: torch.Tensor, context: ContextCT, drr: DRRConfig, params: Rend
         generator: the Poisson noise's generator, on ``hu``'s device (default: seeded
             with ``drr.seed``).
     """
+    plan = plan_render(context, drr, params, bone_hu=bone_hu).to(hu.device)
+    return render_planned(hu, plan, drr, generator=generator)
+
+
+def render_planned(hu: torch.Tensor, plan: RenderPlan, drr: DRRConfig, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`render_hu` from a :class:`RenderPlan` already on ``hu``'s device: device
+    work only (no tensor is made from a host value, so nothing waits for the stream).
+
+    Args:
+        hu: ``(D, H, W)`` HU on the device.
+        plan: :func:`plan_render` of the same context, moved with :meth:`RenderPlan.to`.
+        drr: the detector and physics (``photons`` of the fixed DRR, ``log_scale``).
+        generator: the Poisson noise's generator, on ``hu``'s device.
+    """
+    params = plan.params
     mu = attenuation(hu[None, None], drr.mu_water_per_mm, params.mu_scale,
-                     params.bone_scale, bone_hu)                          # (1, 1, D, H, W)
-    iso = np.asarray(context.isocenter_index, float)                     # (d, h, w)
-    if any(params.rotation_deg):
-        mu = rotate_about(mu, params.rotation_deg, context.spacing_mm, tuple(iso))
-    if any(params.shift_mm):
-        sx, sy, sz = context.spacing_mm
-        dx, dy, dz = params.shift_mm
-        iso = iso + np.array([-dz / sz, dy / sy, dx / sx])               # z grows superior
-    pitch = drr.pixel_pitch_mm or detector_pitch_mm(context.fov_mm, drr.sad_mm, drr.sid_mm,
-                                                    drr.detector_pixels)
-    sad = drr.sad_mm * params.sad_scale
-    sid = max(drr.sid_mm * params.sid_scale, sad * 1.05)
-    geometry = Geometry(sad, sid, drr.detector_pixels, pitch * params.zoom, drr.step_mm)
-    line = line_integrals(mu, geometry, context.spacing_mm, tuple(float(v) for v in iso))
+                     params.bone_scale, plan.bone_hu)                     # (1, 1, D, H, W)
+    if plan.theta is not None:
+        mu = rotate_about(mu, None, theta=plan.theta)
+    line = line_integrals(mu, plan.geometry, None, tables=plan.tables)
     identity = params.is_identity()  # the fixed DRR's own noise and blur, if it has any
     noise = drr.photons if identity else params.photons
     blur = drr.blur_sigma_px if identity else params.blur_px
@@ -310,21 +388,25 @@ def renders_on_device(device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class Draw:
-    """One sample's randomisation, drawn and read in the ingest threads, to be rendered on
-    the device (:meth:`Randomizer.render_batch`).
+    """One sample's randomisation, drawn, read and planned in the ingest threads, to be
+    rendered on the device (:meth:`Randomizer.render_batch`).
 
     Attributes:
-        params: the draw (never the identity: those keep the fixed DRR).
         seed: :func:`sample_seed` of the sample; seeds its Poisson noise.
-        context: the case's context CT (its geometry; ``hu`` as read).
-        hu: ``(D, H, W)`` int16 HU of ``context`` as a tensor (pinned for a CUDA worker,
-            so its copy to the device is asynchronous).
+        hu: ``(D, H, W)`` int16 HU of the case's context CT as a tensor.
+        plan: the host part of the render (:func:`plan_render`): the draw's parameters,
+            geometry, rotation and projection tables (never the identity: those keep the
+            fixed DRR). ``hu`` and ``plan`` are pinned for a CUDA worker, so their copies
+            to the device are asynchronous.
     """
 
-    params: RenderParams
     seed: int
-    context: ContextCT
     hu: torch.Tensor
+    plan: RenderPlan
+
+    @property
+    def params(self) -> RenderParams:
+        return self.plan.params
 
 
 class Randomizer:
@@ -338,9 +420,11 @@ class Randomizer:
 
         device: the training step's device. On CUDA (:func:`renders_on_device`) the
             stream's ``load`` is :meth:`sample` (the threads read the CT, draw the
-            parameters and read the context) and the step renders the batch with
-            :meth:`render_batch`; elsewhere it is the instance itself, which renders in
-            the threads. :meth:`loader` picks.
+            parameters, read the context and build the render's tables) and the step
+            renders the batch with :meth:`render_batch`; elsewhere it is the instance
+            itself, which renders in the threads. :meth:`loader` picks.
+        render_in_step: force the choice (``True``: the CUDA path on any device, for
+            ``train.cuda_shaped``); ``None``: :func:`renders_on_device`.
 
     Set :attr:`epoch` before each epoch (the stream is drained between epochs); the draw
     of a sample is a function of ``(augment.seed, epoch, case id)`` on either path, and so
@@ -350,9 +434,11 @@ class Randomizer:
 
     def __init__(self, load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
                  load_context: Callable[[str], ContextCT], cfg: Config,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, render_in_step: bool | None = None):
         self.load_case, self.load_context, self.cfg = load_case, load_context, cfg
         self.device = device or torch.device("cpu")
+        self.render_in_step = (renders_on_device(self.device) if render_in_step is None
+                               else render_in_step)
         self.epoch = 0
         self._lock = threading.Lock()
         self._seconds, self._rendered = 0.0, 0
@@ -387,12 +473,13 @@ class Randomizer:
     def loader(self) -> Callable[[str], tuple]:
         """The training stream's ``load``: :meth:`sample` when the device renders,
         else this instance (renders in the ingest threads)."""
-        return self.sample if renders_on_device(self.device) else self
+        return self.sample if self.render_in_step else self
 
     def sample(self, case_id: str) -> tuple[np.ndarray, np.ndarray, Draw | None]:
-        """``(fixed xrays (2, P, P), ct (1, D, H, W), draw)``: the draw and the context
-        read (the slow part of the I/O) happen here, in an ingest thread; ``None`` for a
-        sample that keeps the fixed DRR."""
+        """``(fixed xrays (2, P, P), ct (1, D, H, W), draw)``: the draw, the context read
+        (the slow part of the I/O) and the render's host work (rotation affine, projection
+        tables) happen here, in an ingest thread; ``None`` for a sample that keeps the
+        fixed DRR."""
         xrays, ct = self.load_case(case_id)
         params, seed = self.params(case_id)
         if params.is_identity():
@@ -400,12 +487,14 @@ class Randomizer:
         tick = time.perf_counter()
         context = self.load_context(case_id)
         hu = torch.from_numpy(np.ascontiguousarray(context.hu))
+        plan = plan_render(context, replace(self.cfg.drr, photons=0.0), params,
+                           bone_hu=self.cfg.augment.bone_hu)
         if self.device.type == "cuda":
-            hu = hu.pin_memory()
-        with self._lock:   # the read only: the render is part of the step's time
+            hu, plan = hu.pin_memory(), plan.pin_memory()
+        with self._lock:   # the read and the tables: the render is part of the step's time
             self._seconds += time.perf_counter() - tick
             self._rendered += 1
-        return xrays, ct, Draw(params, seed, context, hu)
+        return xrays, ct, Draw(seed, hu, plan)
 
     def render_batch(self, xrays: torch.Tensor, draws: tuple[Draw | None, ...]
                      ) -> torch.Tensor:
@@ -417,20 +506,22 @@ class Randomizer:
 
         Returns:
             ``(B, 2, P, P)`` float32 on the device; equal (on a CPU) to what the threads'
-            path renders for the same draws. Nothing is read back to the host.
+            path renders for the same draws. Nothing is read back to the host and no tensor
+            is made from a host value: the draws' pinned tensors are copied asynchronously.
         """
         if len(draws) != xrays.shape[0]:
             raise ValueError(f"{len(draws)} draws for a batch of {xrays.shape[0]}")
         if not any(draws):
             return xrays
         drr = replace(self.cfg.drr, photons=0.0)
+        device = xrays.device
         rows = []
         for row, draw in zip(xrays, draws):
             if draw is None:
                 rows.append(row)
                 continue
-            generator = torch.Generator(device=xrays.device).manual_seed(draw.seed)
-            hu = draw.hu.to(xrays.device, non_blocking=True)
-            rows.append(render_hu(hu, draw.context, drr, draw.params,
-                                  bone_hu=self.cfg.augment.bone_hu, generator=generator))
+            generator = torch.Generator(device=device).manual_seed(draw.seed)
+            hu = draw.hu.to(device, non_blocking=True)
+            plan = draw.plan.to(device, non_blocking=True)
+            rows.append(render_planned(hu, plan, drr, generator=generator))
         return torch.stack(rows)

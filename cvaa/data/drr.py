@@ -145,6 +145,19 @@ class _Tables(NamedTuple):
     consecutive: bool        # ... and they are consecutive slices
     main_start: int          # the first plane's slice (host int: no device sync)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "_Tables":
+        """The tables on ``device`` (asynchronous from pinned memory with
+        ``non_blocking``); the host flags stay host values."""
+        return self._replace(**{k: getattr(self, k).to(device, non_blocking=non_blocking)
+                                for k in _TABLE_TENSORS})
+
+    def pin_memory(self) -> "_Tables":
+        """The tables in page-locked host memory (needs a CUDA build with a device)."""
+        return self._replace(**{k: getattr(self, k).pin_memory() for k in _TABLE_TENSORS})
+
+
+_TABLE_TENSORS = ("main_i0", "main_w", "row_i0", "row_w", "col_i0", "col_w", "length_mm")
+
 
 def _linear(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower neighbour and weight of fractional ``index`` in an axis of ``n`` voxels padded
@@ -267,9 +280,31 @@ def _project(mu_padded: torch.Tensor, t: _Tables, chunk: int) -> torch.Tensor:
     return total.transpose(1, 2) * t.length_mm                            # (B, Pr, Pc)
 
 
+def projection_tables(geometry: Geometry, shape_dhw: tuple[int, int, int],
+                      spacing_mm: float | tuple[float, float, float],
+                      isocenter_index: tuple[float, float, float] | None = None,
+                      device: torch.device | str = "cpu") -> tuple[_Tables, ...]:
+    """The sampling tables of both views (PA, lateral) for :func:`line_integrals`, built
+    on the host (numpy) and placed on ``device``; cached per geometry.
+
+    A training step that renders on a GPU builds them in its ingest threads on the CPU,
+    pins them and copies them with ``non_blocking`` (``_Tables.to``): building them on the
+    device would be ~14 pageable host-to-device copies, each a wait for the stream.
+    """
+    shape = tuple(int(n) for n in shape_dhw)
+    spacing = _spacing_xyz(spacing_mm)
+    iso = (tuple((n - 1) / 2 for n in shape) if isocenter_index is None
+           else tuple(float(v) for v in isocenter_index))
+    if len(iso) != 3:
+        raise ValueError(f"isocenter_index must be (d, h, w), got {isocenter_index}")
+    return tuple(_tables_cached(view, geometry, shape, spacing, iso, str(device))
+                 for view in VIEWS)
+
+
 def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
-                   spacing_mm: float | tuple[float, float, float],
-                   isocenter_index: tuple[float, float, float] | None = None) -> torch.Tensor:
+                   spacing_mm: float | tuple[float, float, float] | None,
+                   isocenter_index: tuple[float, float, float] | None = None,
+                   tables: tuple[_Tables, ...] | None = None) -> torch.Tensor:
     """Perspective line integrals of attenuation, PA and lateral.
 
     Args:
@@ -280,23 +315,23 @@ def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
             :attr:`Volume.spacing_mm`.
         isocenter_index: fractional array index ``(d, h, w)`` of the isocentre; default the
             array centre.
+        tables: :func:`projection_tables` of this geometry, spacing and isocentre, already
+            on ``mu_per_mm``'s device (then ``spacing_mm`` and ``isocenter_index`` are not
+            read; ``None``: built or taken from the cache here).
 
     Returns:
         ``(B, 2, P, P)`` dimensionless line integrals; channel 0 PA, 1 lateral.
     """
     if mu_per_mm.dim() != 5 or mu_per_mm.shape[1] != 1:
         raise ValueError(f"mu_per_mm must be (B, 1, D, H, W), got {tuple(mu_per_mm.shape)}")
-    shape = tuple(int(n) for n in mu_per_mm.shape[2:])
-    spacing = _spacing_xyz(spacing_mm)
-    iso = (tuple((n - 1) / 2 for n in shape) if isocenter_index is None
-           else tuple(float(v) for v in isocenter_index))
-    if len(iso) != 3:
-        raise ValueError(f"isocenter_index must be (d, h, w), got {isocenter_index}")
     mu = mu_per_mm[:, 0].float()                                          # (B, D, H, W)
-    device = str(mu.device)
+    if tables is None:
+        if spacing_mm is None:
+            raise ValueError("spacing_mm is required unless tables are given")
+        tables = projection_tables(geometry, tuple(mu.shape[1:]), spacing_mm,
+                                   isocenter_index, mu.device)
     out = []
-    for view in VIEWS:
-        tables = _tables_cached(view, geometry, shape, spacing, iso, device)
+    for view, t in zip(VIEWS, tables):
         # Contiguous (main, row, col) layout, padded with one voxel of air on every side,
         # so every later selection copies whole rows.
         if view == "pa":
@@ -313,10 +348,10 @@ def line_integrals(mu_per_mm: torch.Tensor, geometry: Geometry,
             # at 128^3. Multi-threaded, every op ends in a barrier that costs a scheduler
             # slice when the cores are shared, so fewer, larger ops (all planes) win: 2x
             # on a loaded 2-core machine.
-            chunk = 32 if torch.get_num_threads() == 1 else tables.row_i0.shape[0]
-            image = torch.cat([_project(v, tables, chunk=chunk) for v in padded.split(1)])
+            chunk = 32 if torch.get_num_threads() == 1 else t.row_i0.shape[0]
+            image = torch.cat([_project(v, t, chunk=chunk) for v in padded.split(1)])
         else:
-            image = _project(padded, tables, chunk=tables.row_i0.shape[0])
+            image = _project(padded, t, chunk=t.row_i0.shape[0])
         out.append(image)
     return torch.stack(out, dim=1)                                        # (B, 2, P, P)
 
@@ -475,6 +510,6 @@ def _as_batch(volume_hu, spacing_mm, isocenter_index, isocenter_mm):
 
 __all__ = [
     "VIEWS", "Geometry", "detector_pitch_mm", "geometry_from_config", "detector_coords_mm",
-    "hu_to_mu", "plane_positions", "line_integrals", "gaussian_blur",
+    "hu_to_mu", "plane_positions", "projection_tables", "line_integrals", "gaussian_blur",
     "noisy_line_integrals", "render_drr", "render_prepared",
 ]
