@@ -45,9 +45,11 @@ printing the report (and writing it only with ``--out``): CI runs it so the scri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import re
 import shlex
@@ -152,7 +154,8 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def count_step_flops(name: str, cfg, batch: int, device: torch.device) -> int:
-    """FLOPs of one D+G step (forward + backward), fp32, no checkpointing."""
+    """FLOPs of one D+G step (forward + backward), fp32, no checkpointing, of the unpadded
+    model (the plain convolutions, whatever the device's formulation)."""
     cfg = cfg.override({"train.precision": "fp32", "model.checkpoint": False})
     if "compile" in train_fields():   # count the model's ops, not a compilation
         cfg = cfg.override({"train.compile": "none"})
@@ -160,6 +163,13 @@ def count_step_flops(name: str, cfg, batch: int, device: torch.device) -> int:
         # FFT convolutions are not counted by FlopCounterMode; count the direct ones.
         cfg = cfg.override({"model.cpu_conv": "direct"})
     trainer = build_trainer(name, cfg, device)
+    # The model's own FLOPs: the plain layers, not the channels that the tensor-core
+    # formulation pads with zeros on CUDA (those would inflate TFLOP/s).
+    from cvaa.gan import unwrap
+    from cvaa.models.blocks import set_cuda_shaped
+    for module in (trainer.generator, trainer.discriminator):
+        if module is not None:
+            set_cuda_shaped(unwrap(module), False)
     x, y = random_batch(cfg, batch, device)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -250,13 +260,36 @@ def start_device(device: torch.device, args) -> float:
     return time.perf_counter() - t0
 
 
+class CellTimeout(Exception):
+    """A cell ran past the time left in the budget (raised by :func:`deadline`)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise :class:`CellTimeout` in this (main) thread after ``seconds``: a compilation
+    that takes longer than the budget has left ends the cell, not the run."""
+    def on_alarm(signum, frame):
+        raise CellTimeout(f"stopped after {seconds:.0f} s (time budget)")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class Estimator:
     """A cell's cost from measured parts: warm-up (per compile mode; per generator when
     seen) + steps x per-step time (per generator and settings, scaled by the batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compile_guess_s: float = 0.0) -> None:
         self.warmup: dict[tuple, float] = {}
         self.step: dict[tuple, tuple[float, int]] = {}
+        # A compile mode's warm-up before one was measured: the first compiled cell is
+        # charged this guess (not 0), so it is skipped when the budget cannot hold it.
+        self.compile_guess_s = compile_guess_s
 
     def record(self, name: str, settings: tuple, compile_mode: str, batch: int,
                warmup_s: float, step_s: float | None) -> None:
@@ -270,43 +303,54 @@ class Estimator:
              steps: int) -> float | None:
         """Seconds, or None when nothing comparable was measured yet (run it to learn)."""
         warm = self.warmup.get((name, compile_mode), self.warmup.get(("*", compile_mode)))
+        if warm is None and compile_mode not in ("-", "none"):
+            warm = self.compile_guess_s
         per = self.step.get((name, settings))
         if per is None:   # the same generator with other settings (e.g. another mode)
             seen = [v for k, v in self.step.items() if k[0] == name]
             per = max(seen) if seen else None
+        if per is None and warm:
+            return warm   # at least the warm-up; its steps are not known yet
         if warm is None or per is None:
             return None
         # warm-up + timed steps + the profiled step
         return warm + (steps + 1) * per[0] * max(batch / per[1], 1.0)
 
 
-def step_rows(args, device, clock, peak_key, log) -> list[dict]:
-    """One row per (model, batch, precision, checkpointing, compile, memory format)."""
+def step_rows(args, device, clock, peak_key, log, report) -> list[dict]:
+    """One row per (model, batch, compile, precision, checkpointing, memory format, cuDNN
+    benchmark), in that order of priority: a model's cells in the compile mode training
+    uses come first, so a short budget still measures them. Each row reaches the report
+    as soon as it is measured (or skipped)."""
     fields = train_fields()
-    rows = []
-    estimate = Estimator()
+    rows = report.steps
+    estimate = Estimator(args.compile_guess_s)
     for name in args.models:
         for batch in args.batches:
             flops: int | str | None = None
-            for precision in args.precisions:
-                for ckpt in args.checkpoint:
-                    for mode in args.compile:
+            for mode in args.compile:
+                for precision in args.precisions:
+                    for ckpt in args.checkpoint:
                         for layout in args.memory_format:
-                            row = {"model": name, "batch": batch, "precision": precision,
-                                   "checkpoint": ckpt, "compile": mode, "layout": layout,
-                                   "status": ""}
-                            rows.append(row)
-                            flops = step_cell(args, device, clock, peak_key, log, row,
-                                              fields, estimate, flops)
+                            for bench in args.cudnn_benchmark:
+                                row = {"model": name, "batch": batch, "precision": precision,
+                                       "checkpoint": ckpt, "compile": mode, "layout": layout,
+                                       "cudnn_benchmark": bench, "status": ""}
+                                rows.append(row)
+                                flops = step_cell(args, device, clock, peak_key, log, row,
+                                                  fields, estimate, flops)
+                                report.cell("step", row)
     return rows
 
 
 def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
     """Fills ``row``; returns the (model, batch)'s FLOPs, counted on its first cell."""
     name, batch, precision, ckpt = row["model"], row["batch"], row["precision"], row["checkpoint"]
-    mode, layout = row["compile"], row["layout"]
+    mode, layout, bench = row["compile"], row["layout"], row["cudnn_benchmark"]
     overrides = [f"train.precision={precision}",
                  f"model.checkpoint={'true' if ckpt == 'on' else 'false'}"]
+    if bench != "-":
+        overrides.append(f"train.cudnn_benchmark={'true' if bench == 'on' else 'false'}")
     missing = [f"train.{k}" for k, v in (("compile", mode), ("memory_format", layout))
                if v != "-" and k not in fields]
     if missing:
@@ -320,7 +364,7 @@ def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
     if cfg is None:
         row["status"] = f"n/a: {error}"
         return flops
-    settings = (precision, ckpt, layout)
+    settings = (precision, ckpt, layout, bench)
     cost = estimate.cost(name, settings, mode, batch, args.steps)
     if not clock.fits(cost or 0.0, reserve_s=args.reserve_s):
         row["status"] = (f"skipped (time budget: ~{cost:.0f} s needed, "
@@ -341,9 +385,12 @@ def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
             FLOP_SECONDS[0] += time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            # as training sets it (cvaa.loop.setup)
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         trainer = build_trainer(name, cfg, device)
         x, y = random_batch(cfg, batch, device)
-        row["warmup_s"] = warm_up(trainer, x, y, device)
+        with deadline(clock.budget_s - clock.elapsed()):
+            row["warmup_s"] = warm_up(trainer, x, y, device)
         times = time_steps(trainer, x, y, args.steps, device, clock)
         row["step_s"] = statistics.median(times)
         if len(times) < args.steps:
@@ -356,6 +403,8 @@ def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
             path = args.profile / f"{name}_b{batch}_{precision}_ckpt-{ckpt}_{mode}_{layout}.txt"
             write_profile(prof, path, device)
             row["profile"] = str(path)
+    except CellTimeout as exc:
+        row["status"] = f"warm-up {exc}: compilation longer than the budget left"
     except RuntimeError as exc:
         if not is_oom(exc):
             raise
@@ -365,13 +414,17 @@ def step_cell(args, device, clock, peak_key, log, row, fields, estimate, flops):
     finally:
         trainer = x = y = prof = None
         free(device)
-    estimate.record(name, settings, mode, batch, row.get("warmup_s", 0.0), row.get("step_s"))
+        if mode not in ("-", "none"):
+            torch._dynamo.reset()   # the cell's compiled code and its caches go with it
+    if "warmup_s" in row:
+        estimate.record(name, settings, mode, batch, row["warmup_s"], row.get("step_s"))
     row["flops"] = flops
     if "step_s" in row and isinstance(flops, int):
         row["tflops"] = flops / row["step_s"] / 1e12
         if peak_key:
             row["frac"] = row["tflops"] / PEAK_TFLOPS[peak_key][precision]
-    log(f"{name} b{batch} {precision} ckpt {ckpt} compile {mode} layout {layout}: "
+    log(f"{name} b{batch} {precision} ckpt {ckpt} compile {mode} layout {layout} "
+        f"cudnn.benchmark {bench}: "
         + (f"warm-up {row['warmup_s']:.1f} s, {row['step_s'] * 1e3:.1f} ms/step"
            if "step_s" in row else row["status"]))
     return flops
@@ -390,7 +443,46 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times) * 1e3
 
 
-def inference_rows(args, device, clock, log) -> list[dict]:
+class Report:
+    """The report on disk, current after every row: each measured (or skipped) row is
+    appended to ``gpu_check.jsonl`` and the Markdown rewritten whole (a temporary file
+    renamed over it), so a run cut off at any point leaves what it had measured."""
+
+    def __init__(self, args, device_name: str, peak_key: str | None) -> None:
+        self.args, self.device_name, self.peak_key = args, device_name, peak_key
+        self.steps: list[dict] = []
+        self.infer: list[dict] = []
+        self.train: dict | None = None
+        self.start = time.perf_counter()
+        self.jsonl = args.out.parent / "gpu_check.jsonl" if args.out else None
+        if self.jsonl:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl.write_text(json.dumps({"kind": "run", "command": args.command,
+                                              "device": device_name, "commit": args.commit,
+                                              "torch": torch.__version__,
+                                              "cuda": torch.version.cuda}) + "\n")
+
+    def cell(self, kind: str, row: dict) -> None:
+        if self.jsonl:
+            entry = {"kind": kind, "elapsed_s": round(time.perf_counter() - self.start, 1),
+                     **{k: v for k, v in row.items() if k != "profile"}}
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+        self.write()
+
+    def text(self) -> str:
+        self.args.flops_s = FLOP_SECONDS[0]
+        return render(self.args, self.device_name, self.peak_key, self.steps, self.infer,
+                      self.train)
+
+    def write(self) -> None:
+        if self.args.out:
+            tmp = self.args.out.with_suffix(".partial")
+            tmp.write_text(self.text())
+            os.replace(tmp, self.args.out)
+
+
+def inference_rows(args, device, clock, log, report: Report) -> list[dict]:
     """DRR (PA + lateral of a phantom) once, and one generator forward per model/precision."""
     from cvaa.data.drr import render_drr
     from cvaa.data.phantom import generate_phantom
@@ -399,7 +491,7 @@ def inference_rows(args, device, clock, log) -> list[dict]:
 
     cfg = load_config(args.preset, overrides=args.set)
     size, spacing = cfg.preprocess.size, cfg.preprocess.spacing_mm
-    rows = []
+    rows = report.infer
     phantom = generate_phantom(0, implants=True, shape=(size,) * 3, spacing_mm=spacing)
     hu = torch.from_numpy(phantom.volume.array.copy()).float()[None, None].to(device)
     ms = median_ms(lambda: render_drr(hu, cfg.drr, spacing_mm=spacing), args.repeats, device)
@@ -407,12 +499,14 @@ def inference_rows(args, device, clock, log) -> list[dict]:
     rows.append({"what": f"DRR PA + lateral, {size}^3 -> 2 x {p}^2", "precision": "fp32",
                  "ms": ms})
     log(f"DRR: {ms:.1f} ms")
+    report.cell("inference", rows[-1])
     for name in args.models:
         for precision in args.precisions:
             row = {"what": f"reconstruction forward {name}, batch 1", "precision": precision}
             rows.append(row)
             if not clock.fits(reserve_s=args.reserve_s):
                 row["status"] = "skipped (time budget)"
+                report.cell("inference", row)
                 continue
             mcfg = load_config(args.preset, overrides=[f"model.generator={name}", *args.set])
             torch.manual_seed(0)
@@ -432,6 +526,7 @@ def inference_rows(args, device, clock, log) -> list[dict]:
             g = None
             free(device)
             log(f"forward {name} {precision}: {row.get('ms', float('nan')):.1f} ms")
+            report.cell("inference", row)
     return rows
 
 
@@ -484,8 +579,10 @@ def render(args, device_name, peak_key, steps, infer, train) -> str:
         "# Performance check",
         "",
         f"- device: {device_name}; peak used: {peak_note}",
+        f"- commit: {args.commit}",
         f"- torch {torch.__version__}"
-        + (f", CUDA {torch.version.cuda}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+        + (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+           f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
            f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
            if gpu else f", {torch.get_num_threads()} threads"),
         f"- date: {now}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
@@ -501,21 +598,23 @@ def render(args, device_name, peak_key, steps, infer, train) -> str:
         "warm-up s: the cell's first two steps (compilation for a compile mode, cuDNN's "
         "algorithm search). GPU busy: CUDA kernel time of one profiled step / the median "
         "step's wall time (below 100% the GPU waits for the host to launch work). "
-        "compile: `train.compile`; layout: `train.memory_format` (`-`: the config's "
-        "default; n/a where this checkout lacks the field). GFLOP/step: forward + backward "
-        "of D and G counted once per model and batch in fp32 without checkpointing "
+        "compile: `train.compile`; layout: `train.memory_format`; cudnn.benchmark: "
+        "`train.cudnn_benchmark` (`-`: the config's default, what training uses; n/a where "
+        "this checkout lacks the field). GFLOP/step: forward + backward of D and G of the "
+        "unpadded model, counted once per model and batch in fp32 without checkpointing "
         f"(recomputation not counted); {unit} = that / step time.",
         "",
-        f"| model | batch | precision | checkpoint | compile | layout | warm-up s | ms/step "
+        f"| model | batch | precision | checkpoint | compile | layout | cudnn.benchmark "
+        f"| warm-up s | ms/step "
         f"| GPU busy | peak GB ({'max allocated' if gpu else 'process RSS so far'}) "
         f"| GFLOP/step | {unit} | of peak | note |",
-        "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in steps:
         flops = r.get("flops")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {r['checkpoint']} | "
-            f"{r['compile']} | {r['layout']} | "
+            f"{r['compile']} | {r['layout']} | {r.get('cudnn_benchmark', '-')} | "
             + (f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-") + " | "
             + (f"{r['step_s'] * 1e3:.1f}" if "step_s" in r else (r["status"] or "-")) + " | "
             + (f"{100 * r['busy']:.0f}%" if "busy" in r else "-") + " | "
@@ -553,15 +652,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true",
                    help="cpu preset on the CPU (fp32, no training run unless asked)")
-    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS,
+                   help="default: cvaa x2ct on GPU (CVAA-GAN and X2CT-GAN), all on CPU")
     p.add_argument("--batches", nargs="+", type=int, default=[4])
     p.add_argument("--precisions", nargs="+", choices=("bf16", "fp32"),
-                   help="default: bf16 on GPU, fp32 on CPU")
+                   help="default: bf16 fp32 on GPU, fp32 on CPU")
     p.add_argument("--checkpoint", nargs="+", choices=("off", "on"), default=["off"],
                    help="activation checkpointing settings to time")
     p.add_argument("--compile", nargs="+", choices=COMPILE_MODES,
-                   help="train.compile modes to time (default: none default on GPU, none "
-                        "on CPU; '-' leaves the config's own)")
+                   help="train.compile modes to time, in this order (default: default "
+                        "none on GPU, none on CPU; '-' leaves the config's own)")
+    p.add_argument("--compile-guess-s", type=float, default=120.0,
+                   help="warm-up charged to a compile mode's first cell before one was "
+                        "measured (a cell that would not fit is skipped, and says so)")
+    p.add_argument("--cudnn-benchmark", nargs="+", default=["-"], choices=("-", "off", "on"),
+                   help="train.cudnn_benchmark settings to time ('-': the config's, as "
+                        "training runs)")
     p.add_argument("--memory-format", nargs="+", default=["-"],
                    choices=("-", "auto", "contiguous", "channels_last"),
                    help="train.memory_format settings (where the config has the field)")
@@ -576,8 +682,15 @@ def main(argv: list[str] | None = None) -> int:
     train = p.add_mutually_exclusive_group()
     train.add_argument("--no-train", action="store_true", help="skip the Ray Train run")
     train.add_argument("--train", action="store_true", help="with --cpu: do the Ray Train run")
-    p.add_argument("--out", type=Path,
-                   help="Markdown file (default: docs/performance_gpu.md on GPU, none with --cpu)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path,
+                     help="Markdown file (default: docs/performance_gpu.md on GPU, none with "
+                          "--cpu); gpu_check.jsonl beside it gets each row as it is measured")
+    out.add_argument("--out-dir", type=Path,
+                     help="folder for performance_gpu.md and gpu_check.jsonl (a GPU "
+                          "machine's output folder)")
+    p.add_argument("--commit", default=None,
+                   help="the code's commit for the report (default: $CVAA_COMMIT, else git)")
     p.add_argument("--verbose", action="store_true", help="one line per cell on stderr")
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -589,12 +702,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device; use --cpu for the CPU smoke run")
     device = torch.device("cpu" if args.cpu else "cuda")
     args.preset = "cpu" if args.cpu else "paper"
-    args.precisions = args.precisions or (["fp32"] if args.cpu else ["bf16"])
-    args.compile = args.compile or (["none"] if args.cpu else ["none", "default"])
+    args.models = args.models or (list(ALL_MODELS) if args.cpu else ["cvaa", "x2ct"])
+    args.precisions = args.precisions or (["fp32"] if args.cpu else ["bf16", "fp32"])
+    args.compile = args.compile or (["none"] if args.cpu else ["default", "none"])
     run_train = args.train if args.cpu else not args.no_train
     args.reserve_s = TRAIN_RESERVE_S if run_train else 0.0
+    if args.out_dir is not None:
+        args.out = args.out_dir / "performance_gpu.md"
     if args.out is None and not args.cpu:
         args.out = ROOT / "docs" / "performance_gpu.md"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.commit = args.commit or code_commit()
+    args.start_s = args.flops_s = 0.0
 
     def log(line: str) -> None:
         if args.verbose:
@@ -603,22 +723,35 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(args.budget_s)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_key = peak_entry(device_name) if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True      # as a training run would
+    report = Report(args, device_name, peak_key)
     args.start_s = start_device(device, args)
     log(f"device start: {args.start_s:.1f} s")
-    infer = inference_rows(args, device, clock, log)
-    steps = step_rows(args, device, clock, peak_key, log)
-    args.flops_s = FLOP_SECONDS[0]
+    inference_rows(args, device, clock, log, report)
+    step_rows(args, device, clock, peak_key, log, report)
     args.reserve_s = 0.0
-    trained = train_row(args, clock, log) if run_train else None
-    report = render(args, device_name, peak_key, steps, infer, trained)
-    print(report, end="")
+    if run_train:
+        report.train = train_row(args, clock, log)
+        report.cell("train", report.train)
+    report.write()
+    print(report.text(), end="")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
         print(f"\nwritten to {args.out} in {clock.elapsed():.0f} s", file=sys.stderr)
     return 0
+
+
+def code_commit() -> str:
+    """The commit this code is: ``$CVAA_COMMIT`` (a copy without ``.git``), else git's
+    HEAD (with ``+changes`` when the tree differs from it), else ``unknown``."""
+    if os.environ.get("CVAA_COMMIT"):
+        return os.environ["CVAA_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git here; set CVAA_COMMIT)"
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ MODELS = cpu_report.MODELS
 # command. The paper's 200 epochs (~9.6k steps, ~1.7 GPU-hours per model) do not fit a
 # lease; see the report's "Protocol" section.
 DEFAULT_STEPS = 480
+# The real CTs of a developer's checkout (absent on a bare GPU machine).
+SHARED_DATA = ROOT.parent / "shared" / "data"
 # Seconds of --budget-s kept for evaluating a model after its training stops.
 EVAL_RESERVE_S = 60.0
 
@@ -358,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(ROOT / "runs" / "table1-paper"),
                    help="prepared data and checkpoints (outside docs/)")
     p.add_argument("--docs", default=str(ROOT / "docs"))
-    p.add_argument("--real", default=str(ROOT.parent / "shared" / "data"),
-                   help="real CTs to evaluate on as the second table ('none': skip)")
+    p.add_argument("--real", default=None,
+                   help="real CTs to evaluate on as the second table ('none': skip; "
+                        f"default: {SHARED_DATA} where it exists, else none)")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                    help="processes that draw and prepare the cases")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
@@ -370,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="run finished (seed, model)s again")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    if args.real is None:   # a bare GPU machine has no ../shared
+        args.real = str(SHARED_DATA) if (SHARED_DATA / "ct").is_dir() else "none"
+        if args.real == "none":
+            log(f"[table1-paper] no real CTs at {SHARED_DATA}: the real-CT table is left out "
+                "(--real DIR to give some)")
+    elif args.real != "none" and not Path(args.real).exists():
+        p.error(f"--real {args.real}: no such folder ('none' to leave the real CTs out)")
 
     started = time.perf_counter()
     docs = Path(args.docs)

@@ -328,6 +328,10 @@ class TrainConfig:
             steps (``finite_check_every: 0``). Only the kernels differ. A CPU rehearsal of
             a GPU run: the test suite runs the GPU path's logic this way on CPU.
             Precision still resolves against the real device (``auto``: fp32 on a CPU).
+        cudnn_benchmark: let cuDNN time its convolution algorithms on the first call of
+            each shape and keep the fastest (``torch.backends.cudnn.benchmark``; CUDA only).
+            Off until ``bench/gpu_check.py`` (which times the same setting training uses,
+            and both with ``--cudnn-benchmark off on``) shows it pays on a GPU.
     """
 
     epochs: int = 200
@@ -352,6 +356,7 @@ class TrainConfig:
     finite_check_every: int = 0
     compile: Literal["auto", "none", "default", "max-autotune", "cudagraphs"] = "auto"
     cuda_shaped: bool = False
+    cudnn_benchmark: bool = False
 
 
 @dataclass(frozen=True)

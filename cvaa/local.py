@@ -51,8 +51,9 @@ def train_local(cfg: Config, data: str, out_dir: str | Path, *,
         device: default CUDA when there is one, else the CPU.
         callbacks: ``on_epoch_start(epoch, trainer)`` objects (:func:`cvaa.loop.train_epochs`).
         budget_s: stop cleanly, after a checkpoint, once another epoch as long as the
-            longest so far would end after ``budget_s`` seconds from the call
-            (``status`` ``budget``; the next call resumes).
+            longest so far (compilation not counted: only a process's first epoch pays
+            it) would end after ``budget_s`` seconds from the call (``status``
+            ``budget``; the next call resumes).
         log: the console (one line per epoch); ``None``: silent.
 
     Returns:
@@ -94,7 +95,10 @@ def train_local(cfg: Config, data: str, out_dir: str | Path, *,
                      history=dict(end.history))
         for old in _checkpoint_dirs(out)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
-        seconds.append(float(end.metrics["epoch_seconds"]))
+        # The epoch's cost without its compilation (a first epoch's compiled steps), so
+        # the budget plans on the step time every later epoch pays.
+        seconds.append(float(end.metrics["epoch_seconds"])
+                       - float(end.metrics.get("compile_seconds", 0.0)))
         recent = seconds[-5:]
         eta = (cfg.train.epochs - end.epoch - 1) * sum(recent) / len(recent)
         say(format_epoch(end.metrics, cfg.train.epochs, eta))

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from cvaa.config import Config
-from cvaa.data.augment import Randomizer
+from cvaa.data.augment import Randomizer, renders_on_device
 from cvaa.data.dataset import PreparedDataset, validation_split
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
-from cvaa.gan import GANTrainer, NonFiniteLossError, per_worker_batch, unwrap
+from cvaa.gan import (GANTrainer, NonFiniteLossError, branch_device, compiled_graphs,
+                      per_worker_batch, unwrap)
 from cvaa.models import build_discriminator, build_generator, set_output_prior
 from cvaa.models.layout import resolve_memory_format, to_memory_format
 from cvaa.scoring import evaluate_cases
@@ -109,6 +110,8 @@ def setup(cfg: Config, data: str, device: torch.device, *, rank: int = 0, world:
         on_retry: told (one line) when a case read waits out a storage outage.
     """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     wrap = wrap or (lambda module: module.to(device))
     # Streamed, never cached: each epoch this rank reads its share of a seeded permutation
     # (every case once over the ranks), prefetched in threads (cvaa.data.stream).
@@ -120,20 +123,24 @@ def setup(cfg: Config, data: str, device: torch.device, *, rank: int = 0, world:
                           pin_memory=device.type == "cuda", retry_s=cfg.train.storage_retry_s,
                           on_retry=on_retry)
     stream = CaseStream(dataset.arrays, **stream_options)     # validation: fixed DRRs
+    branches = branch_device(cfg, device)   # CUDA's code paths on a GPU or when cuda_shaped
     randomizer = None
     if cfg.augment.enabled:  # training X-rays rendered again per sample: on a CUDA device
         # in the step (Randomizer.render_batch), else in the ingest threads
         dataset.context(train_ids[0])  # fails now, naming the dataset, if it has none
-        randomizer = Randomizer(dataset.arrays, dataset.context, cfg, device=device)
-    train_stream = (CaseStream(randomizer.loader(), **stream_options) if randomizer
-                    else stream)
+        randomizer = Randomizer(dataset.arrays, dataset.context, cfg, device=device,
+                                render_in_step=renders_on_device(branches))
+    # Training batches all have the full per-rank size (short ones padded with weight-0
+    # samples): a compiled step sees one shape and never compiles again.
+    train_stream = CaseStream(randomizer.loader() if randomizer else dataset.arrays,
+                              pad_to=per_worker_batch(cfg), **stream_options)
 
     generator = build_generator(cfg.model.generator, cfg)
     if cfg.model.output_prior:  # same cases on every rank; a resumed run loads over it
         set_output_prior(generator, training_mean_intensity(dataset, train_ids))
     discriminator = build_discriminator(cfg) if generator.uses_discriminator else None
     # the layout the trainer steps in, set before DDP holds the parameters (cvaa.gan)
-    memory_format = resolve_memory_format(cfg.train.memory_format, device)
+    memory_format = resolve_memory_format(cfg.train.memory_format, branches)
     for module in (generator, discriminator):
         if module is not None:
             to_memory_format(module, memory_format)
@@ -190,7 +197,8 @@ def train_epochs(run: Run, *, on_epoch_end: Callable[[EpochEnd], dict[str, Any] 
             callback.on_epoch_start(epoch, trainer)
         trainer.set_epoch(epoch)
         tick = time.perf_counter()
-        sums, steps, cases, wait, nonfinite = _train_one_epoch(run, epoch)
+        graphs = compiled_graphs()
+        sums, steps, cases, wait, compile_s, nonfinite = _train_one_epoch(run, epoch)
         train_seconds = time.perf_counter() - tick
         if nonfinite:
             # Stop (every rank: the finiteness checks agree across ranks); no retries, a
@@ -207,6 +215,12 @@ def train_epochs(run: Run, *, on_epoch_end: Callable[[EpochEnd], dict[str, Any] 
             metrics["augment_ms_per_sample"] = mean_over_ranks(
                 run.randomizer.take_ms_per_sample(), dist, device)
         metrics.update(validate(run))
+        # Graphs torch.compile built this epoch (training and validation), over the ranks:
+        # the first epoch of a process compiles; any later count is a recompilation.
+        metrics["compiled_graphs"] = sum_over_ranks(compiled_graphs() - graphs, dist, device)
+        # Wall time of the steps that compiled: what a time budget must not take for the
+        # cost of every epoch (cvaa.local.train_local plans on epoch_seconds minus this).
+        metrics["compile_seconds"] = max_over_ranks(compile_s, dist, device)
         metrics.update(epoch=epoch + 1, lr_g=trainer.opt_g.param_groups[0]["lr"],
                        epoch_seconds=time.perf_counter() - tick, nonfinite=0.0)
         if state is not None and epoch == start_epoch:  # the console says so
@@ -224,12 +238,13 @@ def train_epochs(run: Run, *, on_epoch_end: Callable[[EpochEnd], dict[str, Any] 
 
 
 def _train_one_epoch(run: Run, epoch: int
-                     ) -> tuple[dict[str, torch.Tensor], int, int, float, str]:
+                     ) -> tuple[dict[str, torch.Tensor], int, int, float, float, str]:
     """One pass over this rank's share of the epoch: ``(loss sums on the device, steps,
-    cases, seconds waiting for data, "" or where a loss went non-finite)``."""
+    cases, seconds waiting for data, seconds of the steps that compiled, "" or where a loss
+    went non-finite)``."""
     cfg, trainer, device = run.cfg, run.trainer, run.device
     sums: dict[str, torch.Tensor] = {}
-    steps, cases, wait, nonfinite = 0, 0, 0.0, ""
+    steps, cases, wait, compile_s, nonfinite = 0, 0, 0.0, 0.0, ""
     plan = epoch_plan(run.train_ids, seed=cfg.train.seed, epoch=epoch, rank=run.rank,
                       world=run.world, batch=per_worker_batch(cfg))
     if run.randomizer:
@@ -246,12 +261,17 @@ def _train_one_epoch(run: Run, epoch: int
         if item.extras:  # draws from Randomizer.sample: rendered here, on the device
             xrays = run.randomizer.render_batch(xrays, item.extras)
         ct = item.ct.to(device, non_blocking=True)
+        weight = (item.weight if item.sample_weight is None
+                  else item.sample_weight.to(device, non_blocking=True))
+        graphs, started = compiled_graphs(), time.perf_counter()
         try:
-            out = trainer.step(xrays, ct, weight=item.weight)
+            out = trainer.step(xrays, ct, weight=weight)
         except NonFiniteLossError as exc:
             nonfinite = f"epoch {epoch + 1}, step {steps + 1}: {exc}"
             batches.close()
             break
+        if compiled_graphs() != graphs:  # a host-side count: no wait for the device
+            compile_s += time.perf_counter() - started
         # ---------------------------------------------------------------- end of step
         if item.weight > 0:  # a padding step (weight 0) is not one of the epoch's
             for k, v in out.items():  # summed on the device, read once an epoch
@@ -263,11 +283,16 @@ def _train_one_epoch(run: Run, epoch: int
             trainer.check_finite()
         except NonFiniteLossError as exc:
             nonfinite = f"epoch {epoch + 1}, by step {steps}: {exc}"
-    return sums, steps, cases, wait, nonfinite
+    return sums, steps, cases, wait, compile_s, nonfinite
 
 
 def validate(run: Run) -> dict[str, float]:
-    """Mean validation metrics over all ranks' shards, keyed ``val/<metric>``."""
+    """Mean validation metrics over all ranks' shards, keyed ``val/<metric>``.
+
+    Runs the eager generator (the module the compiled step wraps, not the compiled
+    callable): a validation pass is a few batches an epoch, each of a size the shard
+    decides, and compiling it would cost a compilation per distinct size for no gain.
+    """
     batch = per_worker_batch(run.cfg)
     items = ((x, c) for b in run.val_stream.iterate(chunks(run.val_ids, batch))
              for x, c in zip(b.xrays, b.ct))
@@ -289,6 +314,14 @@ def mean_over_ranks(value: float, distributed: bool, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return float(t.item()) / torch.distributed.get_world_size()
+
+
+def max_over_ranks(value: float, distributed: bool, device) -> float:
+    if not distributed:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
 
 
 def sum_over_ranks(value: float, distributed: bool, device) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -13,20 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    out = tmp_path / "perf.md"
+    out_dir = tmp_path / "OUT"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", "--models", "cvaa",
            "--batches", "1", "--checkpoint", "off", "--steps", "1", "--repeats", "1",
-           "--compile", "none", "--profile", str(tmp_path / "profiles"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+           "--compile", "none", "--profile", str(tmp_path / "profiles"),
+           "--out-dir", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "CVAA_COMMIT": "abc123def456"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
+    text = (out_dir / "performance_gpu.md").read_text()
     assert text.startswith("# Performance check")
-    for field in ("- device: cpu", "- torch ", "- date: ", "- command: `python bench/gpu_check.py"):
+    for field in ("- device: cpu", "- commit: abc123def456", "- torch ", "- date: ",
+                  "- command: `python bench/gpu_check.py"):
         assert field in text, f"header lacks {field!r}:\n{text}"
     assert re.search(r"one-time costs, not charged to any cell: device start [\d.]+ s", text)
-    # | cvaa | 1 | fp32 | off | compile | layout | warm-up s | ms/step | GPU busy | peak GB
-    # | GFLOP/step | GFLOP/s | of peak | note |
-    row = re.search(r"^\| cvaa \| 1 \| fp32 \| off \| none \| - \| ([^|]+) \| ([^|]+) \| "
+    # Each row reached the folder as it was measured: the run line, DRR, the forward, the
+    # step cell, in that order.
+    rows = [json.loads(line) for line in (out_dir / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["run", "inference", "inference", "step"], rows
+    assert rows[0]["commit"] == "abc123def456" and rows[-1]["step_s"] > 0
+    assert rows[-1]["elapsed_s"] >= rows[1]["elapsed_s"]
+    # | cvaa | 1 | fp32 | off | compile | layout | cudnn.benchmark | warm-up s | ms/step
+    # | GPU busy | peak GB | GFLOP/step | GFLOP/s | of peak | note |
+    row = re.search(r"^\| cvaa \| 1 \| fp32 \| off \| none \| - \| - \| ([^|]+) \| ([^|]+) \| "
                     r"- \| [^|]+ \| ([^|]+) \|", text, re.MULTILINE)
     assert row, f"no cvaa batch-1 row:\n{text}"
     warmup_s, step_ms, gflop = (float(row.group(i)) for i in (1, 2, 3))
@@ -62,12 +73,32 @@ def test_gpu_check_estimates_a_cell_from_its_own_costs():
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
 
-    est = gpu_check.Estimator()
-    bf16 = ("bf16", "off", "-")
+    est = gpu_check.Estimator(compile_guess_s=120.0)
+    bf16 = ("bf16", "off", "-", "-")
     assert est.cost("cvaa", bf16, "none", 1, steps=5) is None          # nothing seen: run it
+    # a compile mode never measured is charged the guess, not nothing
+    assert est.cost("cvaa", bf16, "default", 1, steps=5) == pytest.approx(120.0)
     est.record("cvaa", bf16, "none", 1, warmup_s=3.0, step_s=0.2)
     assert est.cost("cvaa", bf16, "none", 4, steps=5) == pytest.approx(3.0 + 6 * 0.8)
-    assert est.cost("cvaa", bf16, "default", 4, steps=5) is None       # no compile seen yet
+    assert est.cost("cvaa", bf16, "default", 4, steps=5) == pytest.approx(120.0 + 6 * 0.8)
     est.record("x2ct", bf16, "default", 1, warmup_s=90.0, step_s=0.1)
     # cvaa compiled: the compile warm-up seen (x2ct's) + cvaa's own eager step time
     assert est.cost("cvaa", bf16, "default", 1, steps=5) == pytest.approx(90.0 + 6 * 0.2)
+    est.record("cvaa", bf16, "default", 1, warmup_s=150.0, step_s=0.1)
+    assert est.cost("cvaa", bf16, "default", 4, steps=5) == pytest.approx(150.0 + 6 * 0.4)
+
+
+def test_gpu_check_ends_a_cell_whose_warm_up_outlasts_the_budget():
+    """A compilation longer than the budget left ends its cell (``CellTimeout``), not
+    the run: the command always returns with what it measured."""
+    import time as clock
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    start = clock.perf_counter()
+    with pytest.raises(gpu_check.CellTimeout, match="time budget"):
+        with gpu_check.deadline(1.0):
+            clock.sleep(30)
+    assert clock.perf_counter() - start < 10
+    with gpu_check.deadline(5.0):     # a cell inside its time: nothing raised
+        pass

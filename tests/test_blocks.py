@@ -23,9 +23,14 @@ def _grads(out: torch.Tensor, tensors, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _close(a, b, tol=1e-5):
+    """Equal up to float32 rounding of sums as large as the tensor's largest value: a 7^3
+    conv over 16 channels sums 5,488 products, so an output near 0 among outputs near 70
+    differs by ~1e-5 between two summation orders (oneDNN picks its algorithm by thread
+    count and load), while a wrong formulation differs by O(1)."""
     for x, y in zip(a, b):
         assert x.shape == y.shape
-        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+        scale = max(1.0, float(y.abs().max()))
+        torch.testing.assert_close(x, y, atol=tol * scale, rtol=tol)
 
 
 # [C_in, C_out, kernel, stride, padding, spatial dims, bias]: the layers behind the H200

@@ -175,3 +175,87 @@ def test_the_step_returns_device_tensors_and_checks_finiteness_every_k_steps():
     # CPU default: every step is checked, before anything is stepped.
     assert GANTrainer(build_generator("3dcnn", load_config("cpu", overrides=NARROW)), None,
                       load_config("cpu", overrides=NARROW)).check_every == 1
+
+
+# --------------------------------------------------------------------------- resuming
+
+def _shaped_trainer(name: str, *extra: str) -> GANTrainer:
+    cfg = load_config("cpu", overrides=[f"model.generator={name}", *NARROW, *extra])
+    torch.manual_seed(0)
+    g = build_generator(name, cfg)
+    d = build_discriminator(cfg) if g.uses_discriminator else None
+    return GANTrainer(g, d, cfg)
+
+
+# A GPU run's trainer on the CPU, eager (its layout, Adam and layers are the subject here).
+CUDA_SHAPED = ("train.cuda_shaped=true", "train.compile=none", "train.finite_check_every=1")
+
+
+def _steps(trainer: GANTrainer, batches) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in trainer.step(*b).items()} for b in batches]
+
+
+@pytest.mark.parametrize("source,target", [((), CUDA_SHAPED), (CUDA_SHAPED, ())],
+                         ids=["contiguous-foreach-into-cuda-shaped", "and-back"])
+def test_resume_across_layouts_and_optimisers_continues_the_same_run(source, target):
+    """A checkpoint written by a contiguous, foreach-Adam trainer (a CPU run, an older
+    checkpoint) resumes in a CUDA-shaped one (channels-last, fused Adam, padded convs, GEMM
+    transposed conv, layout-keeping norm), and the other way: the next 5 steps give the
+    losses of the run that was never interrupted. Adam's moments must be re-laid in the
+    parameters' layout: loaded as saved, the fused step pairs differently strided
+    elements and the losses part at the first step."""
+    batches = _batches(8)
+    writer = _shaped_trainer("cvaa", *source)
+    _steps(writer, batches[:3])
+    state = copy.deepcopy(writer.state_dict())
+    uninterrupted = _steps(writer, batches[3:])
+    resumed_trainer = _shaped_trainer("cvaa", *target)
+    resumed_trainer.load_state_dict(state)
+    fmt = torch.channels_last_3d if target else torch.contiguous_format
+    moments = [s["exp_avg"] for p, s in resumed_trainer.opt_g.state.items() if p.dim() == 5]
+    assert moments and all(m.is_contiguous(memory_format=fmt) for m in moments)
+    resumed = _steps(resumed_trainer, batches[3:])
+    for step, (a, b) in enumerate(zip(uninterrupted, resumed)):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (step, key, a[key], b[key])
+
+
+def test_a_nan_gradient_with_finite_losses_is_caught_before_the_step():
+    """An overflow in a backward: every loss finite, a gradient NaN. Checked every step (a
+    CPU run), nothing is stepped; checked every 3 steps, the check says so."""
+    trainer = _shaped_trainer("cvaa")
+    xrays, ct = _batches(1)[0]
+    trainer.step(xrays, ct)
+    before = _params(trainer)
+    poisoned = next(trainer.generator.parameters())
+    hook = poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.raises(NonFiniteLossError, match="G gradient norm is nan on this rank"):
+        trainer.step(xrays, ct)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
+    hook.remove()
+    deferred = _shaped_trainer("cvaa", "train.finite_check_every=3")
+    deferred.step(xrays, ct)
+    deferred.generator.parameters().__next__().register_hook(
+        lambda grad: torch.full_like(grad, float("nan")))
+    out = deferred.step(xrays, ct)
+    assert all(torch.isfinite(v) for v in out.values())        # the losses were finite
+    with pytest.raises(NonFiniteLossError, match="G gradient norm is nan"):
+        deferred.check_finite()
+
+
+def test_a_padded_batch_has_the_loss_of_the_short_batch():
+    """A short batch padded to the full size with weight-0 samples (one compiled shape)
+    trains exactly as the short batch: same losses, same updates."""
+    xrays, ct = _batches(1)[0]
+    short = _shaped_trainer("cvaa")
+    padded = _shaped_trainer("cvaa")
+    a = {k: float(v) for k, v in short.step(xrays[:1], ct[:1]).items()}
+    filler = torch.rand_like(xrays[:1]), torch.rand_like(ct[:1])
+    b = {k: float(v) for k, v in padded.step(torch.cat([xrays[:1], filler[0]]),
+                                             torch.cat([ct[:1], filler[1]]),
+                                             weight=torch.tensor([1.0, 0.0])).items()}
+    assert all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a)
+    for p, q in zip(_params(short), _params(padded)):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(2,\) tensor"):
+        padded.step(xrays, ct, weight=torch.ones(3))

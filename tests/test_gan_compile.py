@@ -44,8 +44,14 @@ RTOL = 1e-5
 MIN_COSINE = 0.99
 
 
+# What a CUDA run takes, on the CPU (train.cuda_shaped): channel padding to multiples of
+# 8, the GEMM transposed conv, the layout-keeping norm, channels-last, fused Adam. The
+# finiteness check reads every step (as on a CPU) so that both trainers step alike.
+CUDA_SHAPED = ("train.cuda_shaped=true", "train.finite_check_every=1")
+
+
 def _trainer(name: str, compile: str, device: str = "cpu", precision: str = "fp32",
-             extra: tuple[str, ...] = ()) -> GANTrainer:
+             extra: tuple[str, ...] = CUDA_SHAPED) -> GANTrainer:
     cfg = load_config("cpu", overrides=[f"model.generator={name}", f"train.compile={compile}",
                                         f"train.precision={precision}", *SMALL, *extra])
     torch.manual_seed(0)
@@ -110,6 +116,9 @@ def _max_rel(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
 def _check_tracks_eager(name: str, device: str = "cpu") -> None:
     _, trainer, ref, got, cosines, graphs = _eager_and_compiled(name, device)
     assert trainer.compile_mode == "default"
+    # every CUDA branch but the kernels (on a CPU through train.cuda_shaped)
+    assert trainer.memory_format == "channels_last" and trainer.opt_g.defaults["fused"]
+    assert all(m.cuda_shaped for m in trainer.generator.modules() if hasattr(m, "cuda_shaped"))
     assert ref[0].keys() == got[0].keys() and ("loss_d" in ref[0]) == (name in ("cvaa", "x2ct"))
     print(f"{name} on {device}: max relative loss difference over {STEPS} steps "
           f"{_max_rel(ref, got):.2e}, 1 - min update cosine {1 - min(cosines):.2e}")
@@ -194,5 +203,10 @@ def test_resolve_compile_and_the_optimiser():
     # On a CPU, torch's default (foreach), not the CUDA-only fused kernel.
     opt = make_optimizer(torch.nn.Linear(2, 2).parameters(), 1e-3, load_config("cpu").optim)
     assert opt.defaults["fused"] is None
-    trainer = _trainer("3dcnn", "auto")
+    trainer = _trainer("3dcnn", "auto", extra=())
     assert trainer.compile_mode == "none" and trainer._generator is trainer.generator
+    # train.cuda_shaped: CUDA's choices on a CPU (compile, fused Adam, layout, check)
+    shaped = _trainer("3dcnn", "auto", extra=("train.cuda_shaped=true",))
+    assert shaped.compile_mode == "default" and shaped.opt_g.defaults["fused"] is True
+    assert shaped.memory_format == "channels_last" and shaped.check_every == 25
+    assert shaped.precision == "fp32"           # precision follows the real device

@@ -116,3 +116,31 @@ def test_a_spent_budget_stops_after_a_checkpoint_and_the_next_call_goes_on(prepa
     rest = train_local(cfg, prepared_tiny, tmp_path, device="cpu", log=None)
     assert rest["status"] == "completed" and rest["epoch"] == 3
     assert rest["history"]["resumed_at_epoch"] == [2.0]
+
+
+class _NanGradientAtEpoch:
+    """From ``epoch`` (0-based) on, the generator's first gradient is NaN in every
+    backward while every loss stays finite (an overflow inside a backward)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_start(self, epoch: int, trainer) -> None:
+        if epoch == self.epoch:
+            next(trainer.generator.parameters()).register_hook(
+                lambda grad: torch.full_like(grad, float("nan")))
+
+
+def test_no_checkpoint_holds_a_weight_stepped_on_a_nan_gradient(prepared_tiny, tmp_path):
+    """CUDA-shaped (the check reads every 25 steps, so the NaN-gradient step is taken):
+    the check before the epoch's checkpoint stops the run, and the last checkpoint is the
+    finite one before it. The epoch's one step is a short batch padded to 4."""
+    cfg = load_config("cpu", overrides=[*TINY, "train.epochs=3", "model.generator=3dcnn",
+                                        "train.cuda_shaped=true", "train.compile=none"])
+    result = train_local(cfg, prepared_tiny, tmp_path, device="cpu", log=None,
+                         callbacks=[_NanGradientAtEpoch(1)])
+    assert result["status"] == "nonfinite" and "G gradient norm is nan" in result["message"]
+    assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_0001"]
+    state, _, _ = latest_state(tmp_path)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["generator"].values())

@@ -1,5 +1,6 @@
 """jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
 
+import math
 import re
 import time
 from pathlib import Path
@@ -185,32 +186,57 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
             torch.testing.assert_close(model(x), trained(x))
 
 
+# The GPU path's logic on CPU workers (train.cuda_shaped): compiled (train.compile auto =
+# default), channels-last, fused Adam, padded convs, GEMM transposed conv, layout-keeping
+# norm, X-rays rendered in the step; narrow widths to keep Inductor's compile short.
+CUDA_SHAPED_DDP = ["train.cuda_shaped=true", "augment.enabled=true", "train.batch_size=4",
+                   "model.stem_channels=4", "model.growth=2", "model.encoder_channels=[8,8,8]",
+                   "model.decoder_channels=[8,8,4,4]", "model.disc_channels=[4,8,8]",
+                   "model.disc_expand_channels=2"]
+
+
 @pytest.mark.ray
-def test_worker_failure_resumes_from_checkpoint(tmp_path, prepared_cpu):
-    """SIGKILL the worker process while it trains epoch 2: Ray Train restarts the worker
-    group, which resumes from the epoch-1 checkpoint in the same MLflow run."""
+def test_compiled_cuda_shaped_ddp_survives_a_killed_worker_without_recompiling(
+        tmp_path, prepared_cpu):
+    """Two DDP ranks (gloo) through Ray Train, every CUDA branch but the kernels, compiled;
+    SIGKILL a worker while it trains epoch 3: Ray Train restarts the worker group, which
+    resumes from the epoch-2 checkpoint in the same MLflow run. Each process compiles in
+    its first epoch (training steps, the short last batch padded to the full size, and
+    validation) and never again: dynamo's count of new graphs is 0 in every later epoch."""
+    from cvaa.data.dataset import PreparedDataset, validation_split
+
     marker = tmp_path / "killed"
-    job = _job(tmp_path, prepared_cpu, ["train.epochs=3", "train.max_failures=2"],
+    job = _job(tmp_path, prepared_cpu, ["train.epochs=4", "train.max_failures=2",
+                                        "train.num_workers=2", *CUDA_SHAPED_DDP],
                run_name="killed-run")
+    train_ids, _ = validation_split(PreparedDataset(prepared_cpu), job.cfg.train.val_fraction,
+                                    job.cfg.train.seed)
+    assert len(train_ids) % job.cfg.train.batch_size, "no short batch to pad"
     lines = []
     with tracking.open_run(job.mlflow_uri, job.run_name) as run:
-        result = train(job, run, callbacks=[faults.KillWorkerAfterEpoch(1, str(marker))],
+        result = train(job, run, callbacks=[faults.KillWorkerAfterEpoch(2, str(marker))],
                        log=lines.append)
     assert marker.exists(), "the failure was not injected"
-    assert result.epochs == 3
+    assert result.epochs == 4
     # The console says what happened, between the epoch lines
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == [
-        "1/3", "2/3", "3/3"]
+        "1/4", "2/4", "3/4", "4/4"]
     failure = next(i for i, line in enumerate(lines) if line.startswith("worker failure 1"))
     assert "train.max_failures=2" in lines[failure] and "restarting" in lines[failure]
-    assert lines[failure + 1] == ("resumed from the checkpoint of epoch 1: the epoch count "
+    assert lines[failure + 1] == ("resumed from the checkpoint of epoch 2: the epoch count "
                                   "continues")
-    # Resumed at epoch 2 from the epoch-1 checkpoint, not restarted at epoch 1.
-    assert result.history["resumed_at_epoch"] == [2.0]
-    assert len(result.history["loss_g"]) == 3
+    # Resumed at epoch 3 from the epoch-2 checkpoint, not restarted at epoch 1.
+    history = result.history
+    assert history["resumed_at_epoch"] == [3.0]
+    assert len(history["loss_g"]) == 4
+    assert all(math.isfinite(v) for k in ("loss_g", "loss_d", "val/psnr") for v in history[k])
+    assert history["epoch_cases"] == [len(train_ids)] * 4   # padding samples not counted
+    compiled = history["compiled_graphs"]
+    assert compiled[0] > 0 and compiled[2] > 0, compiled    # each process compiled ...
+    assert compiled[1] == 0 and compiled[3] == 0, compiled  # ... once
     client = mlflow.MlflowClient(job.mlflow_uri)
     assert client.get_run(run.run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.run_id, "loss_g")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss_g")] == [1, 2, 3, 4]
 
 
 @pytest.mark.ray

@@ -17,6 +17,12 @@ order, and every rank knows every other rank's share without talking to it:
   every step's gradient all-reduce; a weight-0 step takes part without adding to the
   gradient sum, and is not counted in the epoch's losses.
 
+With ``pad_to`` (training) every batch the stream yields has the full per-rank batch
+size: a short step (an epoch's last, a padding step) is filled with copies of its first
+case at sample weight 0 (:attr:`Batch.sample_weight`). A compiled step (``torch.compile``,
+static shapes) then sees one shape all run long instead of compiling again for every
+distinct batch size.
+
 Plain numpy/torch (no Ray): :mod:`cvaa.distributed.worker` feeds it the prepared dataset.
 
 Example:
@@ -85,9 +91,11 @@ def chunks(case_ids: Sequence[str], batch: int) -> list[Step]:
 class Batch:
     """A step's tensors: ``xrays (B, 2, P, P)``, ``ct (B, 1, D, H, W)``, float32.
 
-    ``extras`` holds, per case, the third item of a ``load`` that returns three (e.g.
+    ``extras`` holds, per sample, the third item of a ``load`` that returns three (e.g.
     :meth:`cvaa.data.augment.Randomizer.sample`'s draws, rendered on the device); empty
-    for a two-item ``load``.
+    for a two-item ``load``. ``sample_weight`` ``(B,)`` is the step's ``weight`` for each
+    of its cases and 0 for the copies that pad it to the stream's ``pad_to`` (their
+    extras are ``None``); ``case_ids`` are the step's own cases only.
     """
 
     xrays: torch.Tensor
@@ -95,6 +103,7 @@ class Batch:
     case_ids: tuple[str, ...]
     weight: float
     extras: tuple = ()
+    sample_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,6 +131,8 @@ class CaseStream:
             before it fails; other errors fail at once.
         on_retry: called with a one-line message when a read starts waiting out an
             outage, and when it recovers (``None``: silent).
+        pad_to: fill every shorter batch to this many samples with weight-0 copies of
+            its first case (0: batches as planned).
 
     Iterating :meth:`iterate` yields :class:`Batch` es in the plan's order. A case that
     cannot be read raises its error (with the case id) at its turn in the order.
@@ -129,10 +140,13 @@ class CaseStream:
 
     def __init__(self, load: Callable[[str], tuple[np.ndarray, np.ndarray]], *,
                  prefetch: int = 4, threads: int = 2, pin_memory: bool = False,
-                 retry_s: float = 0.0, on_retry: Callable[[str], None] | None = None):
+                 retry_s: float = 0.0, on_retry: Callable[[str], None] | None = None,
+                 pad_to: int = 0):
         if prefetch < 1 or threads < 1:
             raise ValueError(f"prefetch ({prefetch}) and threads ({threads}) must be >= 1")
-        self.load, self.prefetch, self.threads = load, prefetch, threads
+        if pad_to < 0:
+            raise ValueError(f"pad_to must be >= 0, got {pad_to}")
+        self.load, self.prefetch, self.threads, self.pad_to = load, prefetch, threads, pad_to
         self.pin_memory, self.retry_s, self.on_retry = pin_memory, retry_s, on_retry
         self.stats = StreamStats()
 
@@ -167,12 +181,22 @@ class CaseStream:
         """Wait for a step's cases and stack them (in the assembler thread, so the
         consumer only ever waits for data that is genuinely late)."""
         done = [job.result() for job in jobs]
+        if len(done) > self.pad_to > 0:
+            raise ValueError(f"a step of {len(done)} cases is larger than pad_to="
+                             f"{self.pad_to}")
+        weights = [step.weight] * len(done)
+        pad = max(0, self.pad_to - len(done))
+        if pad:   # copies of the first case, not rendered again (extras None), weight 0
+            done = done + [tuple(done[0][:2]) + (None,) * (len(done[0]) - 2)] * pad
+            weights += [0.0] * pad
         xrays = torch.from_numpy(np.stack([d[0] for d in done]))
         ct = torch.from_numpy(np.stack([d[1] for d in done]))
+        sample_weight = torch.tensor(weights, dtype=torch.float32)
         if self.pin_memory:
             xrays, ct = xrays.pin_memory(), ct.pin_memory()
+            sample_weight = sample_weight.pin_memory()
         extras = tuple(d[2] for d in done) if len(done[0]) > 2 else ()
-        return Batch(xrays, ct, step.case_ids, step.weight, extras)
+        return Batch(xrays, ct, step.case_ids, step.weight, extras, sample_weight)
 
     def iterate(self, plan: Sequence[Step]) -> Iterator[Batch]:
         readers = futures.ThreadPoolExecutor(self.threads, thread_name_prefix="cvaa-ingest")

@@ -48,6 +48,38 @@ def tensor_core_multiple(device: torch.device) -> int:
     return TENSOR_CORE_CHANNELS if device.type == "cuda" else 1
 
 
+class _DeviceBranches:
+    """Mixin: the layers whose formulation depends on the device. :func:`set_cuda_shaped`
+    marks them: ``True`` takes the CUDA formulation on every device (a CPU rehearsal of a
+    GPU run, ``train.cuda_shaped``), ``False`` the plain one everywhere (what the model
+    computes, unpadded: FLOP counts); unmarked (``None``), the input's device decides."""
+
+    cuda_shaped: bool | None = None
+
+    def _multiple(self, x: torch.Tensor) -> int:
+        if self.cuda_shaped is None:
+            return tensor_core_multiple(x.device)
+        return TENSOR_CORE_CHANNELS if self.cuda_shaped else 1
+
+
+def set_cuda_shaped(module: nn.Module, flag: bool | None = True) -> nn.Module:
+    """Make every device-dependent layer of ``module`` take its CUDA formulation on any
+    device (``True``: channel padding to multiples of 8, the GEMM transposed conv, no CPU
+    FFT conv), the plain layers on any device (``False``), or let the input's device decide
+    again (``None``). Parameters, state_dict keys and results are unchanged. Returns
+    ``module``.
+
+    Example:
+        >>> m = set_cuda_shaped(ConvTranspose3d(4, 2, 2, stride=2))
+        >>> m.cuda_shaped
+        True
+    """
+    for sub in module.modules():
+        if isinstance(sub, _DeviceBranches):
+            sub.cuda_shaped = flag
+    return module
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -98,14 +130,14 @@ def conv_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out[:, :c_out] if extra_out and slice_output else out
 
 
-class _TensorCoreConv:
+class _TensorCoreConv(_DeviceBranches):
     """Mixin for ``nn.Conv2d``/``nn.Conv3d``: on CUDA, channel counts are padded to
     multiples of 8 at call time (:func:`conv_padded`); parameters, state_dict keys and
     results are those of the plain conv."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-        multiple = tensor_core_multiple(input.device)
+        multiple = self._multiple(input)
         if multiple == 1 or self.padding_mode != "zeros" or self.groups != 1 \
                 or isinstance(self.padding, str) or self.dilation != (1,) * len(self.dilation):
             return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
@@ -179,14 +211,14 @@ def transposed_conv_no_overlap(x: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-class _NoOverlapTransposedConv:
+class _NoOverlapTransposedConv(_DeviceBranches):
     """Mixin for ``nn.ConvTranspose2d``/``3d``: on CUDA, kernel == stride (no padding,
     dilation or groups) runs as :func:`transposed_conv_no_overlap`; same parameters and
     keys. On a CPU oneDNN's transposed conv is the faster one (8 -> 8 channels,
     4x8x16^3 -> 32^3, forward + backward, 1 thread: 83 ms against 180 ms), so it stays."""
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if (tensor_core_multiple(input.device) > 1
+        if (self._multiple(input) > 1
                 and output_size is None and self.kernel_size == self.stride and self.groups == 1
                 and not any(self.padding) and not any(self.output_padding)
                 and all(d == 1 for d in self.dilation) and self.padding_mode == "zeros"):
@@ -455,7 +487,7 @@ def choose_cpu_conv(mode: CpuConv, input_shape: Sequence[int], weight_shape: Seq
     return "fft" if fft_conv_bytes(input_shape, weight_shape, backward) <= budget else "direct"
 
 
-class ConcatConv(nn.Module):
+class ConcatConv(_DeviceBranches, nn.Module):
     """A convolution over the channel concatenation of several inputs, without the concat.
 
     ``ConcatConv(dims, (c1, c2), out)(x1, x2) == ConvNd(c1 + c2, out)(cat([x1, x2], 1))``
@@ -519,7 +551,7 @@ class ConcatConv(nn.Module):
             return conv(xs[0])
         # On CUDA each part's channels are padded to tensor-core multiples (conv_padded);
         # the padded output channels are zero in every part and sliced off once.
-        multiple = tensor_core_multiple(xs[0].device)
+        multiple = self._multiple(xs[0])
         out = None
         for x, w in zip(xs, conv.weight.split(self.splits, dim=1)):
             part = conv_padded(x, w, conv.bias if out is None else None, conv.stride,
@@ -532,8 +564,11 @@ class ConcatConv(nn.Module):
     def _use_fft(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` convolves ``x`` (the first input) through :func:`fft_conv3d`:
         large odd 3D kernels, stride 1, same padding, on a CPU, and ``cpu_conv`` (with
-        ``auto``: the memory now available) picks the FFT."""
+        ``auto``: the memory now available) picks the FFT; never once
+        :func:`set_cuda_shaped` has chosen a formulation."""
         conv = self.conv
+        if self.cuda_shaped is not None:
+            return False
         if not (x.device.type == "cpu" and isinstance(conv, nn.Conv3d)
                 and min(conv.kernel_size) >= self.FFT_MIN_KERNEL
                 and all(k % 2 for k in conv.kernel_size) and conv.stride == (1, 1, 1)
@@ -711,7 +746,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["TENSOR_CORE_CHANNELS", "tensor_core_multiple", "conv_padded", "Conv2d", "Conv3d",
+__all__ = ["TENSOR_CORE_CHANNELS", "tensor_core_multiple", "set_cuda_shaped", "conv_padded", "Conv2d", "Conv3d",
            "transposed_conv_no_overlap", "ConvTranspose2d", "ConvTranspose3d", "InstanceNorm",
            "fast_fft_size", "fft_conv3d", "fft_conv_bytes", "available_memory_bytes",
            "choose_cpu_conv", "CpuConv", "CPU_CONV_MODES", "ConcatConv", "ConvNormAct", "UpConv",
