@@ -44,6 +44,10 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from cvaa.config import load_config  # noqa: E402
 
 RESULTS = "ddp_check.jsonl"
+# The cpu preset's generator is under 1 MB: one gradient bucket, and compile under DDP
+# would never split a graph. Twice its widths (~3.5 MB) span several 1 MB buckets.
+CHECK_WIDTHS = ("model.stem_channels=16", "model.growth=8", "model.encoder_channels=[32,48,64]",
+                "model.decoder_channels=[64,32,16,16]")
 
 
 def free_port() -> int:
@@ -68,7 +72,8 @@ def rank_main(rank: int, world: int, options: dict) -> None:
         def wrap(module: torch.nn.Module) -> torch.nn.Module:
             return DistributedDataParallel(module.to(device),
                                            device_ids=[device.index or 0]
-                                           if device.type == "cuda" else None)
+                                           if device.type == "cuda" else None,
+                                           bucket_cap_mb=options["bucket_cap_mb"])
 
         run = setup(cfg, options["data"], device, rank=rank, world=world, wrap=wrap)
         results = Path(options["out"]) / RESULTS
@@ -130,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides (e.g. train.compile=default)")
+    p.add_argument("--bucket-cap-mb", type=float, default=1.0,
+                   help="DDP gradient bucket size (default 1 MB, the least torch.compile's "
+                        "DDP optimizer takes): with --preset cpu's wider check widths (~3.5 "
+                        "MB of generator) several buckets, so compile splits the graph at "
+                        "their boundaries, as it does for the paper preset's ~150 MB at "
+                        "DDP's default 25 MB")
     p.add_argument("--timeout-s", type=float, default=600.0,
                    help="a collective that waits longer fails (a rank died)")
     args = p.parse_args(argv)
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = [f"data.n_phantoms={args.n}", f"train.epochs={args.epochs}",
                  f"train.num_workers={args.ranks}", f"train.batch_size={2 * args.ranks}",
-                 "train.io_threads=1", "train.prefetch_batches=1", *args.set]
+                 "train.io_threads=1", "train.prefetch_batches=1",
+                 *(CHECK_WIDTHS if args.preset == "cpu" else ()), *args.set]
     cfg = load_config(args.preset, overrides=overrides)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cvaa-ddp-check-"))
     data = str(workdir / f"prepared-{args.preset}-{args.n}")
@@ -156,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     options = {"port": free_port(), "device": args.device, "preset": args.preset,
                "overrides": overrides, "data": data, "out": str(args.out),
-               "timeout_s": args.timeout_s}
+               "timeout_s": args.timeout_s, "bucket_cap_mb": args.bucket_cap_mb}
     error = ""
     try:
         mp.spawn(rank_main, args=(args.ranks, options), nprocs=args.ranks, join=True)
-    except Exception as exc:   # a rank failed: its traceback is above; say it in one line
+    except Exception as exc:   # a rank failed: its traceback, then one line
+        print(f"[ddp_check] a rank failed:\n{exc}", file=sys.stderr, flush=True)
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ok, summary = verdict(rows, args.epochs)

@@ -141,6 +141,32 @@ def test_closing_the_iterator_early_stops_the_threads():
     assert len(started) == n < len(IDS)
 
 
+def test_a_padded_stream_yields_one_batch_shape_with_weight_zero_fillers():
+    """pad_to: every batch has the full size (one compiled shape); the fillers are
+    copies of the step's first case at weight 0 with no draw to render, and the step's
+    own cases alone are its case ids. A rank's padding step is all weight 0."""
+    ids = [f"c-{i:03d}" for i in range(5)]
+    plan = epoch_plan(ids, seed=0, epoch=0, rank=1, world=2, batch=2)
+    assert [len(s.case_ids) for s in plan] == [2, 1] and plan[-1].weight == 0.0
+
+    def with_draws(case_id):
+        return (*_arrays(case_id), f"draw-{case_id}")
+
+    got = list(CaseStream(with_draws, prefetch=1, threads=2, pad_to=3).iterate(plan))
+    assert [b.xrays.shape[0] for b in got] == [3, 3]
+    assert [b.case_ids for b in got] == [s.case_ids for s in plan]
+    assert got[0].sample_weight.tolist() == [1.0, 1.0, 0.0]
+    assert got[1].sample_weight.tolist() == [0.0, 0.0, 0.0]     # the padding step
+    first = int(got[0].case_ids[0][-3:])
+    assert [int(v) for v in got[0].ct[:, 0, 0, 0, 0]][2] == first
+    assert got[0].extras == (f"draw-{got[0].case_ids[0]}", f"draw-{got[0].case_ids[1]}", None)
+    with pytest.raises(ValueError, match="pad_to"):
+        CaseStream(_arrays, pad_to=-1)
+    # without pad_to, the batches are as planned
+    plain = list(CaseStream(_arrays, prefetch=1, threads=1).iterate(plan))
+    assert [b.xrays.shape[0] for b in plain] == [2, 1]
+
+
 def test_a_weight_zero_step_leaves_g_and_d_untouched():
     cfg = load_config("cpu")
     torch.manual_seed(0)
