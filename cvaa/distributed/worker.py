@@ -106,7 +106,7 @@ class _PersistAndReport:
         cfg = run.cfg
         figure_due = end.last or (epoch + 1) % max(cfg.train.figure_every, 1) == 0
         name = checkpoint_name(epoch + 1, len(end.history.get("checkpoint_fallback_at", [])))
-        persisted, failure = None, ""
+        persisted, failure, stop = None, "", "storage"
         with tempfile.TemporaryDirectory(prefix="cvaa-ckpt-") as tmp:
             if run.rank == 0:
                 torch.save(end.state(), Path(tmp) / CHECKPOINT_FILE)
@@ -138,10 +138,14 @@ class _PersistAndReport:
                         metrics["mlflow_pending"] = float(self.mlflow_pending)
                 elif not failure:  # a reachable server has the epoch before it is reported
                     tracker.settle(MLFLOW_EPOCH_SETTLE_S)
+                # A server that refuses the credentials stops the run (an outage does
+                # not): every later epoch would go unlogged, and no restart fixes it.
+                if not failure and tracker.refused():
+                    stop, failure = "refused", tracker.refused()
                 metrics["mlflow_queued"] = float(tracker.queued())
             if not all_ok(not failure, run.distributed, run.device):
                 if run.rank == 0:
-                    return {"status": "storage", "message": failure}
+                    return {"status": stop, "message": failure}
                 return {"status": "storage", "message": "rank 0 could not write the "
                         "checkpoint"}
             ray.train.report(metrics, checkpoint=persisted, checkpoint_dir_name=name,
@@ -197,6 +201,10 @@ class _RankZeroTracker:
 
     def queued(self) -> int:
         return self.run.pending() if self.active else 0
+
+    def refused(self) -> str:
+        """The tracking server's refusal of rank 0's credentials ("" if none)."""
+        return self.run.refused if self.active else ""
 
     def keep_pending(self, checkpoint_dir: Path) -> int:
         """Copy what MLflow has not received yet into the checkpoint (Ray storage)."""
