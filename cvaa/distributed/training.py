@@ -120,6 +120,8 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
 
     Raises:
         NonFiniteLossError: a loss went NaN/inf (the last good checkpoint is kept).
+        TrackingAuthError: the MLflow server refused rank 0's credentials (the run stops
+            at the end of that epoch, its checkpoint written).
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
     cfg, t = job.cfg, job.cfg.train

@@ -79,7 +79,8 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     exit path: FINISHED when the block ends, KILLED on ``KeyboardInterrupt`` or
     :class:`RunKilled`, FAILED on any other exception, which is re-raised, except
     :class:`TrackingUnavailableError` (the store cannot be told: the run stays RUNNING for
-    the resubmitted job to resume). A child run
+    the resubmitted job to resume). A server's refusal (HTTP 401 / 403) is raised as
+    :class:`TrackingAuthError`, naming the variables to set. A child run
     is the exception to the last rule: it is closed FINISHED by itself, but when it raises
     it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
     the trial or the trial failed; see ``cvaa.distributed.sweep``).
@@ -203,7 +204,8 @@ def auth_refusal(exc: BaseException, tracking_uri: str) -> TrackingAuthError | N
     if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return None
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    account = f"account {user!r}" if user else "no MLFLOW_TRACKING_USERNAME set"
+    account = (f"account {user!r}" if user else "the MLFLOW_TRACKING_TOKEN given"
+               if os.environ.get("MLFLOW_TRACKING_TOKEN") else "no credentials set")
     if code == "UNAUTHENTICATED":
         return TrackingAuthError(
             f"{tracking_uri} refused the credentials (HTTP 401, {account}): set "
@@ -252,7 +254,6 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
                     else tracking_uri)
         if not root.is_dir():
             raise TrackingUnavailableError(f"{tracking_uri}: no MLflow file store at {root}")
-
 
 
 def _check_credentials(tracking_uri: str) -> None:
