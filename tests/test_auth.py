@@ -202,6 +202,41 @@ def test_wrong_credentials_stop_a_job_in_one_line(auth_server, tmp_path):
 # ------------------------------------------------------------------------------- Ray
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nodes_without_the_credentials_stop_the_run_after_its_first_epoch(
+        auth_server, prepared_cpu, tmp_path, monkeypatch):
+    """The driver has the training account, the nodes do not (the session's Ray workers
+    were started without it, as nodes whose cluster.env lacks it): rank 0's first log is
+    refused; every rank stops after that epoch with its checkpoint written; one readable
+    error, no worker restart, the MLflow run left to resume."""
+    from cvaa.config import load_config
+    from cvaa.distributed.training import TrainJob, run_training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", TRAINER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", TRAINER_PW)
+    cfg = load_config("cpu", overrides=["train.batch_size=2", "train.cpus_per_worker=1",
+                                        "train.epochs=3"])
+    job = TrainJob(cfg=cfg, data=prepared_cpu, run_name="nodes-without-credentials",
+                   storage=str(tmp_path / "ray"), mlflow_uri=auth_server.uri,
+                   register_name=NAME, preset="cpu")
+    lines: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingAuthError) as raised:
+        run_training(job, log=lines.append)
+    message = str(raised.value)
+    print(f"stopped after {time.monotonic() - start:.0f} s: {message}")
+    assert "HTTP 401" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert "\n" not in message and "epoch_0001" in message       # one line, where to resume
+    assert not any("worker failure" in line for line in lines), lines   # no restart loop
+    checkpoints = sorted(p.name for p in (tmp_path / "ray").rglob("epoch_*") if p.is_dir())
+    assert checkpoints == ["epoch_0001"], checkpoints
+    client = mlflow.MlflowClient(auth_server.uri)
+    [run] = client.search_runs([auth_server.experiment_id],
+                               "tags.`mlflow.runName` = 'nodes-without-credentials'")
+    assert run.info.status == "RUNNING"       # resumable under the same --run-name
+
+
 def _ray_init(port: int, env: dict[str, str]) -> subprocess.Popen:
     """``ray.init(address=...)`` in a fresh process: it prints CONNECTED or REFUSED."""
     code = ("import ray, sys\n"

@@ -164,8 +164,9 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
                            f"{job.storage}; last complete checkpoint: {kept})")
     if outcome.get("status") == "refused":
         raise tracking.TrackingAuthError(
-            f"training stopped: {outcome.get('message')} (last checkpoint: {kept}; the "
-            f"same command with --run-name {job.run_name} resumes from it)")
+            f"training stopped, rank 0's MLflow log was refused on its node: "
+            f"{outcome.get('message')} (last checkpoint: {kept}; the same command with "
+            f"--run-name {job.run_name} resumes from it)")
     if outcome.get("status") == "corrupt":
         raise CorruptCheckpointError(f"training stopped: {outcome.get('message')}")
     if result.checkpoint is None:

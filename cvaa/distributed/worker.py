@@ -106,7 +106,7 @@ class _PersistAndReport:
         cfg = run.cfg
         figure_due = end.last or (epoch + 1) % max(cfg.train.figure_every, 1) == 0
         name = checkpoint_name(epoch + 1, len(end.history.get("checkpoint_fallback_at", [])))
-        persisted, failure, stop = None, "", "storage"
+        persisted, failure = None, ""
         with tempfile.TemporaryDirectory(prefix="cvaa-ckpt-") as tmp:
             if run.rank == 0:
                 torch.save(end.state(), Path(tmp) / CHECKPOINT_FILE)
@@ -138,18 +138,20 @@ class _PersistAndReport:
                         metrics["mlflow_pending"] = float(self.mlflow_pending)
                 elif not failure:  # a reachable server has the epoch before it is reported
                     tracker.settle(MLFLOW_EPOCH_SETTLE_S)
-                # A server that refuses the credentials stops the run (an outage does
-                # not): every later epoch would go unlogged, and no restart fixes it.
-                if not failure and tracker.refused():
-                    stop, failure = "refused", tracker.refused()
                 metrics["mlflow_queued"] = float(tracker.queued())
             if not all_ok(not failure, run.distributed, run.device):
                 if run.rank == 0:
-                    return {"status": stop, "message": failure}
+                    return {"status": "storage", "message": failure}
                 return {"status": "storage", "message": "rank 0 could not write the "
                         "checkpoint"}
             ray.train.report(metrics, checkpoint=persisted, checkpoint_dir_name=name,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        # A server that refuses rank 0's credentials stops every rank, the epoch's checkpoint
+        # reported (an outage does not: it is waited out): each later epoch would go
+        # unlogged, and no restart fixes credentials.
+        refused = tracker.refused()
+        if not all_ok(not refused, run.distributed, run.device):
+            return {"status": "refused", "message": refused}
         return None
 
 
