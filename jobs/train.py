@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 
     start = time.perf_counter()
+    mlflow_uri = args.mlflow_uri or tracking.default_tracking_uri()
+    try:  # before anything starts: wrong credentials stop the job here, in one line
+        tracking.check_server(mlflow_uri)
+    except tracking.TrackingUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     init_ray(args.address, verbose=args.verbose)
     data = args.data
     if data is None:
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or f"{cfg.model.generator}-{time.strftime('%Y%m%d-%H%M%S')}"
     job = TrainJob(cfg=cfg, data=data, run_name=run_name,
                    storage=args.storage or default_storage(),
-                   mlflow_uri=args.mlflow_uri or tracking.default_tracking_uri(),
+                   mlflow_uri=mlflow_uri,
                    register_name=args.register_name, alias=args.alias, preset=args.preset)
     t, o = cfg.train, cfg.optim
     print(f"[train] {cfg.model.generator}, preset {args.preset}, {t.epochs} epochs, "

@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     from cvaa.distributed.sweep import SweepError, tune_sweep
 
     start = time.perf_counter()
+    try:  # before anything starts: wrong credentials stop the job here, in one line
+        tracking.check_server(job.mlflow_uri)
+    except tracking.TrackingUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     init_ray(args.address, verbose=args.verbose)
     if not args.data:
         home = Path(default_storage()).parent
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except tracking.TrackingUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print()
     print(f"Sweep {run_name} over {args.space}: {len(out['leaderboard'])} trials in "
           f"{out['wall_seconds']:.0f} s (whole job {time.perf_counter() - start:.0f} s)")

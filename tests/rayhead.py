@@ -36,21 +36,31 @@ def stop_group(proc, grace_s: float = 30) -> None:
             continue
 
 
-def ray_env() -> dict[str, str]:
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment for a Ray command (the venv's ``ray`` first), plus ``extra``."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
     env.pop("RAY_ADDRESS", None)
     return env
 
 
 @contextmanager
-def local_head(num_cpus: int = 2) -> Iterator[str]:
-    """A head with a dashboard; yields the dashboard address for ``ray job submit``."""
+def local_head(num_cpus: int = 2, env: dict[str, str] | None = None,
+               port: int | None = None, temp_dir: str | None = None) -> Iterator[str]:
+    """A head with a dashboard; yields the dashboard address for ``ray job submit``.
+
+    ``env``: added to the head's environment and the readiness probe's, as a cluster's
+    nodes and users set them (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN_PATH``: a head
+    with token authentication). ``port``: its GCS port (``ray.init(address=
+    "127.0.0.1:PORT")``; default: a free one). ``temp_dir``: its session files and logs
+    (kept; default: a new directory, removed at the end).
+    """
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = ray_env()
-    port, dash = free_port(), free_port()
-    short_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix sockets: <108 bytes
+    env = ray_env(env)
+    port, dash = port or free_port(), free_port()
+    # unix sockets: paths < 108 bytes
+    short_tmp = temp_dir or tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}",
          f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -77,12 +87,15 @@ def local_head(num_cpus: int = 2) -> Iterator[str]:
         yield address
     finally:
         stop_group(head)
-        shutil.rmtree(short_tmp, ignore_errors=True)
+        if temp_dir is None:
+            shutil.rmtree(short_tmp, ignore_errors=True)
 
 
 def submit(address: str, args: list[str], *, working_dir: str, wait: bool = True,
-           submission_id: str | None = None, timeout: float = 600):
-    """``ray job submit`` (retried while the job agent is still coming up)."""
+           submission_id: str | None = None, timeout: float = 600,
+           env: dict[str, str] | None = None):
+    """``ray job submit`` (retried while the job agent is still coming up); ``env`` is
+    added to its environment (the token of an authenticated head)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", working_dir]
     if submission_id:
@@ -91,7 +104,7 @@ def submit(address: str, args: list[str], *, working_dir: str, wait: bool = True
         cmd.append("--no-wait")
     cmd += ["--", *args]
     for _ in range(20):   # the job agent comes up a little after the dashboard
-        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True,
+        proc = subprocess.run(cmd, env=ray_env(env), capture_output=True, text=True,
                               timeout=timeout)
         if "No available agent" not in proc.stderr:
             return proc

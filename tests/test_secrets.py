@@ -13,12 +13,9 @@ import pytest
 from cvaa.config import load_config
 from cvaa.data import store
 from cvaa.distributed.training import TrainJob, run_training
+from secretscan import leaks, read_all
 
 TOKEN = "mlflow-token-PLANTED-5c1e9a7b"
-
-
-def _files(root: Path):
-    return [p for p in root.rglob("*") if p.is_file()]
 
 
 @pytest.mark.ray
@@ -57,15 +54,9 @@ def test_no_secret_reaches_mlflow_the_console_or_the_ray_logs(
     model = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/secret-scan/{version.version}",
         dst_path=str(tmp_path / "model"), tracking_uri=uri))
-    blobs = {f"artifact {p.relative_to(tmp_path)}": p.read_bytes()
-             for p in _files(artifacts) + _files(model)}
-    blobs.update({f"ray log {p.name}": p.read_bytes()
-                  for p in _files(ray_session_dir / "logs")})
-    blobs.update({f"checkpoint {p.relative_to(tmp_path)}": p.read_bytes()
-                  for p in _files(tmp_path / "ray")})
+    blobs = {**read_all("artifact", artifacts, tmp_path), **read_all("artifact", model, tmp_path),
+             **read_all("ray log", ray_session_dir / "logs"),
+             **read_all("checkpoint", tmp_path / "ray", tmp_path)}
     assert any(k.startswith("ray log") for k in blobs) and len(blobs) > 10
-    leaks = [f"{where}: {secret}" for secret in secrets
-             for where, text in texts.items() if secret in text]
-    leaks += [f"{where}: {secret}" for secret in secrets
-              for where, data in blobs.items() if secret.encode() in data]
-    assert not leaks, leaks
+    found = leaks(secrets, texts, blobs)
+    assert not found, found

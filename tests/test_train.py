@@ -278,21 +278,9 @@ def test_a_nan_on_one_rank_stops_both_ranks_together(tmp_path, prepared_cpu):
     assert mlflow.MlflowClient(job.mlflow_uri).get_run(run.run_id).info.status == "FAILED"
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tmp_path, prepared_cpu):
-    """`ray start --head` + `ray job submit --working-dir . -- python jobs/train.py`."""
-    from rayhead import local_head, submit
-
-    with local_head() as address:
-        proc = submit(address, [
-            "python", "jobs/train.py", "--data", prepared_cpu, "--epochs", "1",
-            "--run-name", "submitted", "--storage", str(tmp_path / "ray"), "--mlflow-uri",
-            f"sqlite:///{tmp_path}/mlflow.db", "--register-name", "submitted",
-            "--set", "train.cpus_per_worker=0.5"], working_dir=str(ROOT))
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-        assert "registered model: models:/submitted@candidate" in proc.stdout
-        assert "succeeded" in proc.stdout
+# `ray start --head` + `ray job submit --working-dir . -- python jobs/train.py`: in
+# tests/test_auth.py, against a head with token authentication (the way cluster.yaml starts
+# one).
 
 
 # --------------------------------------------------------------------------- cluster.yaml

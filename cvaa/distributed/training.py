@@ -120,6 +120,8 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
 
     Raises:
         NonFiniteLossError: a loss went NaN/inf (the last good checkpoint is kept).
+        TrackingAuthError: the MLflow server refused rank 0's credentials (the run stops
+            at the end of that epoch, its checkpoint written).
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
     cfg, t = job.cfg, job.cfg.train
@@ -160,6 +162,11 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
     if outcome.get("status") == "storage":
         raise StorageError(f"training stopped: {outcome.get('message')} (storage "
                            f"{job.storage}; last complete checkpoint: {kept})")
+    if outcome.get("status") == "refused":
+        raise tracking.TrackingAuthError(
+            f"training stopped, rank 0's MLflow log was refused on its node: "
+            f"{outcome.get('message')} (last checkpoint: {kept}; the same command with "
+            f"--run-name {job.run_name} resumes from it)")
     if outcome.get("status") == "corrupt":
         raise CorruptCheckpointError(f"training stopped: {outcome.get('message')}")
     if result.checkpoint is None:
@@ -192,6 +199,8 @@ def _send_kept_entries(job: TrainJob, run: tracking.RunLogger, checkpoint, pendi
     where = f"{checkpoint.path}/{PENDING_DIR}"
     try:
         tracking.check_tracking_uri(job.mlflow_uri)
+    except tracking.TrackingAuthError:
+        raise
     except tracking.TrackingUnavailableError as exc:
         raise tracking.TrackingUnavailableError(
             f"training finished (checkpoint {checkpoint.path}), but MLflow at "
@@ -345,8 +354,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str,
     "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
     """
     dataset = PreparedDataset(job.data)  # fails early, with the URI, if there is none
-    if job.mlflow_uri.startswith(("http://", "https://")):  # a local store is created
-        tracking.check_tracking_uri(job.mlflow_uri)  # fails fast, naming the URI
+    tracking.check_server(job.mlflow_uri)  # fails fast, naming the URI
     tags = {"cvaa.model": job.cfg.model.generator, "cvaa.data": job.data}
     with tracking.open_run(job.mlflow_uri, job.run_name, experiment=job.experiment,
                            tags=tags, resume=True, log=log) as run:
@@ -356,6 +364,8 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str,
         except Exception as exc:  # an outage after training: no traceback, a way on
             try:
                 tracking.check_tracking_uri(job.mlflow_uri)
+            except tracking.TrackingAuthError:
+                raise  # it answers, and refuses: the message says what to set
             except tracking.TrackingUnavailableError:
                 raise tracking.TrackingUnavailableError(
                     f"training finished (checkpoint {result.checkpoint.path}), but MLflow "

@@ -146,6 +146,12 @@ class _PersistAndReport:
                         "checkpoint"}
             ray.train.report(metrics, checkpoint=persisted, checkpoint_dir_name=name,
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        # A server that refuses rank 0's credentials stops every rank, the epoch's checkpoint
+        # reported (an outage does not: it is waited out): each later epoch would go
+        # unlogged, and no restart fixes credentials.
+        refused = tracker.refused()
+        if not all_ok(not refused, run.distributed, run.device):
+            return {"status": "refused", "message": refused}
         return None
 
 
@@ -197,6 +203,10 @@ class _RankZeroTracker:
 
     def queued(self) -> int:
         return self.run.pending() if self.active else 0
+
+    def refused(self) -> str:
+        """The tracking server's refusal of rank 0's credentials ("" if none)."""
+        return self.run.refused if self.active else ""
 
     def keep_pending(self, checkpoint_dir: Path) -> int:
         """Copy what MLflow has not received yet into the checkpoint (Ray storage)."""

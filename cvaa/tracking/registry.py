@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from cvaa.tracking.runs import check_tracking_uri
+from cvaa.tracking.runs import auth_refusal, check_tracking_uri
 
 # The model definition MLflow logs as code (it is run as a file, never imported from cvaa).
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -195,7 +195,8 @@ def _model_version(client, model_uri: str):
         name, _, number = ref.rpartition("/")
         return client.get_model_version(name, number)
     except MlflowException as exc:
-        raise ModelLookupError(f"{model_uri}: no such registered version") from exc
+        refused = auth_refusal(exc, client.tracking_uri)
+        raise refused or ModelLookupError(f"{model_uri}: no such registered version") from exc
 
 
 def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str) -> str:
@@ -288,8 +289,8 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
         try:
             registered = client.get_registered_model(name)
         except MlflowException as exc:
-            raise ModelLookupError(f"{model_uri}: no registered model {name!r} in "
-                                   f"{tracking_uri}") from exc
+            raise auth_refusal(exc, tracking_uri) or ModelLookupError(
+                f"{model_uri}: no registered model {name!r} in {tracking_uri}") from exc
         aliases = dict(registered.aliases or {})
         if at:
             if alias not in aliases:
@@ -301,8 +302,9 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
             try:
                 version = str(client.get_model_version(name, number).version)
             except MlflowException as exc:
-                raise ModelLookupError(f"{model_uri}: registered model {name!r} has no "
-                                       f"version {number!r}") from exc
+                raise auth_refusal(exc, tracking_uri) or ModelLookupError(
+                    f"{model_uri}: registered model {name!r} has no version {number!r}"
+                ) from exc
             label = f"{name} v{version}"
         else:
             raise ModelLookupError(f"{model_uri}: name an alias or a version "
@@ -310,7 +312,8 @@ def load_model(model_uri: str, tracking_uri: str) -> LoadedModel:
     try:
         info = mlflow.models.get_model_info(model_uri)
     except MlflowException as exc:
-        raise ModelLookupError(f"{model_uri}: cannot read the model ({exc.message})") from exc
+        raise auth_refusal(exc, tracking_uri) or ModelLookupError(
+            f"{model_uri}: cannot read the model ({exc.message})") from exc
     metadata = info.metadata or {}
     if "cvaa_config" not in metadata:
         raise ModelLookupError(f"{model_uri}: no 'cvaa_config' in the model's metadata; log "

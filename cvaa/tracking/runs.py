@@ -79,7 +79,8 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     exit path: FINISHED when the block ends, KILLED on ``KeyboardInterrupt`` or
     :class:`RunKilled`, FAILED on any other exception, which is re-raised, except
     :class:`TrackingUnavailableError` (the store cannot be told: the run stays RUNNING for
-    the resubmitted job to resume). A child run
+    the resubmitted job to resume). A server's refusal (HTTP 401 / 403) is raised as
+    :class:`TrackingAuthError`, naming the variables to set. A child run
     is the exception to the last rule: it is closed FINISHED by itself, but when it raises
     it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
     the trial or the trial failed; see ``cvaa.distributed.sweep``).
@@ -90,18 +91,21 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     """
     import mlflow
 
-    experiment_id = setup(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri)
-    run_id = find_run(tracking_uri, experiment_id, name, tags) if resume else None
-    if run_id is None:
-        run_tags = dict(tags or {})
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
-        verb = "started"
-    else:
-        client.update_run(run_id, status="RUNNING")
-        verb = "resumed"
+    try:
+        experiment_id = setup(tracking_uri, experiment)
+        client = mlflow.MlflowClient(tracking_uri)
+        run_id = find_run(tracking_uri, experiment_id, name, tags) if resume else None
+        if run_id is None:
+            run_tags = dict(tags or {})
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+            verb = "started"
+        else:
+            client.update_run(run_id, status="RUNNING")
+            verb = "resumed"
+    except Exception as exc:
+        raise auth_refusal(exc, tracking_uri) or exc
     if log:
         log(f"MLflow run {name} {verb} ({run_id} at {tracking_uri})")
     logger = RunLogger(tracking_uri, run_id)
@@ -112,10 +116,10 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
         raise
     except TrackingUnavailableError:
         raise  # it cannot be told; the run stays RUNNING and the next resume takes it
-    except BaseException:
+    except BaseException as exc:
         if not parent_run_id:
             logger.set_terminated("FAILED")
-        raise
+        raise auth_refusal(exc, tracking_uri) or exc
     logger.set_terminated("FINISHED")
 
 
@@ -174,6 +178,54 @@ class TrackingUnavailableError(ConnectionError):
     store that does not exist (looking a model up must not create an empty one)."""
 
 
+# The variables MLflow's client takes its credentials from (basic auth, or a bearer token).
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                        "(or MLFLOW_TRACKING_TOKEN)")
+
+
+class TrackingAuthError(TrackingUnavailableError):
+    """The tracking server refused the request (HTTP 401: no or wrong credentials; 403: the
+    account lacks the permission). Retrying cannot help: the message names what to set."""
+
+
+def auth_refusal(exc: BaseException, tracking_uri: str) -> TrackingAuthError | None:
+    """The :class:`TrackingAuthError` to raise when ``exc`` is MLflow's 401 / 403 answer,
+    else ``None``.
+
+    Example:
+        >>> try:
+        ...     client.create_run(experiment_id)
+        ... except MlflowException as exc:
+        ...     raise auth_refusal(exc, uri) or exc
+    """
+    import re
+
+    code = getattr(exc, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    account = (f"account {user!r}" if user else "the MLFLOW_TRACKING_TOKEN given"
+               if os.environ.get("MLFLOW_TRACKING_TOKEN") else "no credentials set")
+    if code == "UNAUTHENTICATED":
+        return TrackingAuthError(
+            f"{tracking_uri} refused the credentials (HTTP 401, {account}): set "
+            f"{CREDENTIAL_VARIABLES} to an account of that server")
+    endpoint = re.search(r"endpoint (\S+)", str(exc))
+    what = f" for {endpoint.group(1)}" if endpoint else ""
+    return TrackingAuthError(
+        f"{tracking_uri} refused the request{what} (HTTP 403, {account} lacks the "
+        f"permission): ask the server's admin for it, or set {CREDENTIAL_VARIABLES} to an "
+        f"account that has it")
+
+
+def check_server(tracking_uri: str) -> None:
+    """:func:`check_tracking_uri` for a tracking server (a local store is created on first
+    use). Jobs call it before they start anything: a server that does not answer or that
+    refuses the credentials stops them at once, in one line."""
+    if tracking_uri.startswith(("http://", "https://")):
+        check_tracking_uri(tracking_uri)
+
+
 def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, naming the URI, when the store behind ``tracking_uri`` is not there.
 
@@ -195,6 +247,7 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailableError(f"{tracking_uri}: tracking server unreachable "
                                            f"({reason})") from exc
+        _check_credentials(tracking_uri)
     elif tracking_uri.startswith("file:") or ("://" not in tracking_uri
                                               and not tracking_uri.startswith("databricks")):
         root = Path(tracking_uri[len("file://"):] if tracking_uri.startswith("file://")
@@ -202,3 +255,17 @@ def check_tracking_uri(tracking_uri: str, timeout_s: float = 10.0) -> None:
         if not root.is_dir():
             raise TrackingUnavailableError(f"{tracking_uri}: no MLflow file store at {root}")
 
+
+def _check_credentials(tracking_uri: str) -> None:
+    """One authenticated request (the one every job makes first: find the experiment), so
+    that missing or wrong credentials stop a job before it starts anything."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        refused = auth_refusal(exc, tracking_uri)
+        if refused is not None:
+            raise refused from None
+        raise

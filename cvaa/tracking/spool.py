@@ -14,7 +14,10 @@ way and ``max_failures`` would end a multi-day run over a metrics server. With a
   restart or a server that never comes back loses nothing (copies of checkpoints are left
   out of a dump: the Ray storage holds the checkpoints themselves); :func:`replay` sends such a
   directory later (``python jobs/replay_log.py DIR --mlflow-uri URI``);
-- :meth:`SpooledRun.flush` waits, bounded, for the spool to drain.
+- :meth:`SpooledRun.flush` waits, bounded, for the spool to drain;
+- a server that refuses the credentials (HTTP 401 / 403) is not an outage: the spool stops
+  sending at once, says so in one line naming the variables to set, and keeps its entries
+  (:attr:`SpooledRun.refused`; rank 0 stops the training with that message).
 
 Only the MLflow client is used (through :class:`cvaa.tracking.RunLogger`).
 """
@@ -29,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from cvaa.tracking.runs import auth_refusal
 
 PENDING = "pending.jsonl"
 
@@ -63,6 +68,7 @@ class SpooledRun:
         self._held: set[int] = set()   # id() of the entries logged while holding
         self.failures = 0
         self.last_error = ""
+        self.refused = ""   # the server's refusal (401 / 403): nothing more is sent
         self._logger = None
         self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="cvaa-mlflow-spool",
@@ -111,8 +117,8 @@ class SpooledRun:
 
     @property
     def failing(self) -> bool:
-        """Whether the last send failed (the server is unreachable now)."""
-        return self._failing_since is not None
+        """Whether the last send failed (the server is unreachable, or refused)."""
+        return self._failing_since is not None or bool(self.refused)
 
     def settle(self, timeout_s: float) -> bool:
         """:meth:`flush` while the server answers; return at once while it does not (so an
@@ -128,12 +134,13 @@ class SpooledRun:
         return True
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until everything is sent (True) or ``timeout_s`` passes (False)."""
+        """Wait until everything is sent (True) or ``timeout_s`` passes, or the server
+        refuses the credentials (False)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self._entries:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.refused:
                     return False
                 self._cond.wait(min(left, 0.5))
         return True
@@ -209,6 +216,13 @@ class SpooledRun:
             except Exception as exc:  # any failure: the server, the network, the store
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                refused = auth_refusal(exc, self.tracking_uri)
+                if refused is not None:  # waiting cannot help; the entries stay queued
+                    with self._cond:
+                        self.refused = str(refused)
+                        self._cond.notify_all()
+                    self._state(f"MLflow stopped logging: {refused}")
+                    return
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                     self._state(f"MLflow unreachable ({self.last_error}); training goes on, "
@@ -284,6 +298,9 @@ def replay(directory: str | os.PathLike, tracking_uri: str, run_id: str | None =
         run_id = json.loads(meta_path.read_text())["run_id"]
     run = RunLogger(tracking_uri, run_id)
     for entry in entries:
-        send(run, entry, directory)
+        try:
+            send(run, entry, directory)
+        except Exception as exc:
+            raise auth_refusal(exc, tracking_uri) or exc
     log(f"replayed {len(entries)} entries into run {run_id} at {tracking_uri}")
     return len(entries)
