@@ -102,3 +102,24 @@ def test_gpu_check_ends_a_cell_whose_warm_up_outlasts_the_budget():
     assert clock.perf_counter() - start < 10
     with gpu_check.deadline(5.0):     # a cell inside its time: nothing raised
         pass
+
+
+def test_the_gpu_command_always_returns_and_says_what_each_stage_did(tmp_path):
+    """scripts/gpu_run.sh on a machine without a GPU: the GPU tests skip, gpu_check and
+    ddp_check cannot run; it still returns, with a line per stage in OUT/gpu_run.log and
+    the count of stages that did not pass as its exit status."""
+    out = tmp_path / "OUT"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_run.sh"), str(out),
+                           str(tmp_path / "no-wheels")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable,
+                               "CVAA_COMMIT": "abc123", "TMPDIR": str(tmp_path)})
+    log = (out / "gpu_run.log").read_text()
+    assert "[gpu_run] commit abc123" in log
+    assert "install wheels: no wheels in" in log
+    assert "[gpu_run] GPU tests: passed" in log                  # every one skips here
+    assert "[gpu_run] gpu_check: failed (exit 2)" in log        # no CUDA device
+    assert "[gpu_run] ddp_check: failed (exit 2)" in log
+    assert re.search(r"\[gpu_run\] done in \d+ s; 2 stage\(s\) did not pass", log), log
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert (out / "gpu_tests.xml").exists()
