@@ -21,10 +21,10 @@ CHOSEN = 2
 
 
 def phantom_volume(seed: int = 0) -> Volume:
-    """A 36-slice phantom, 24x24 at 2 mm in-plane, slices 1.25 mm apart (anisotropic, as
-    a thin-slice CT series is)."""
-    ph = generate_phantom(seed, shape=(36, 24, 24), spacing_mm=2.0).volume
-    return Volume(ph.array, (2.0, 2.0, 1.25), ph.origin_mm, ph.direction)
+    """A 36-slice phantom, 24x24 pixels of 8 mm (body and air around it), slices 1.25 mm
+    apart (anisotropic, as a thin-slice CT series is)."""
+    ph = generate_phantom(seed, shape=(36, 24, 24), spacing_mm=8.0).volume
+    return Volume(ph.array, (8.0, 8.0, 1.25), ph.origin_mm, ph.direction)
 
 
 def mixed_study(patient: str = "PAT1", seed: int = 0) -> list:

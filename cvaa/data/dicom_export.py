@@ -103,7 +103,7 @@ def slice_datasets(volume: Volume, study: StudyTags, series: SeriesTags, *,
     out = []
     for n, k in enumerate(range(0, volume.shape[step_axis], every)):
         pixels = np.take(volume.array, k, axis=step_axis)      # (rows, cols)
-        sop = uid(series.series_uid, k)
+        sop = uid(series.series_uid, plane, k)
         ds = _dataset(study, series, sop, series.sop_class)
         position = np.array(volume.origin_mm) + axis_dir[step_axis] * spacing_dhw[
             step_axis] * k

@@ -172,6 +172,8 @@ def _read_header(uri: str, source) -> dict[str, Any]:
     if end >= size and not (header["modality"] and header["series_uid"]):
         return _problem(uri, size, "truncated", f"truncated: the header ends at byte {size} "
                                                 "before Modality / SeriesInstanceUID")
+    if not header["modality"]:  # no DICOM object goes without one: foreign or damaged bytes
+        return _problem(uri, size, "corrupt", "corrupt DICOM header: no Modality")
     problem = _pixel_problem(ds, meta, head, end, size, source)
     if problem and header["modality"] == "CT" and not sop_class.startswith(
             SECONDARY_CAPTURE_SOP):
