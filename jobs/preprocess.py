@@ -85,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidVolumeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not inputs:
+    if not inputs and not (archive and archive.not_used):
         print(f"error: no CT volumes found under {source}", file=sys.stderr)
         return 2
+    if not inputs:  # DICOM files, none usable: the manifest still says why, file by file
+        print(f"error: no usable CT series under {source}; the reasons are under "
+              f"not_used in {args.output}/manifest.json", file=sys.stderr)
     manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source,
                             pseudonymous=key is not None, archive=archive)
     return 0 if manifest["prepared"] else 1

@@ -460,15 +460,14 @@ def _split_acquisitions(s: Series) -> list[Series]:
 
 # --------------------------------------------------------------------------- selection
 
-def slice_spacing_problem(z_mm: Iterable[float], uris: list[str] | None = None
-                          ) -> tuple[str, str] | None:
+def slice_spacing_problem(z_mm: Iterable[float]) -> tuple[str, str] | None:
     """``(kind, reason)`` when sorted slice positions have duplicates, gaps or uneven
     spacing, else None. ``kind`` is ``duplicate_positions``, ``gap`` or ``uneven_spacing``;
     slices are counted from 1 in position order.
 
     Example:
-        >>> slice_spacing_problem([0, 2, 4, 8, 10])
-        ('gap', 'gap at slice 4: 1 missing slice(s) between positions 4.00 and 8.00 mm (spacing 2.00 mm)')
+        >>> slice_spacing_problem([0, 2, 4, 8, 10])[1]
+        'gap at slice 4: 1 missing slice(s) between positions 4.00 and 8.00 mm (spacing 2.00 mm)'
     """
     z = np.sort(np.asarray(list(z_mm), float))
     gaps = np.diff(z)
