@@ -54,8 +54,9 @@ def mixed_study(patient: str = "PAT1", seed: int = 0) -> list:
 
 
 def write_broken_study(root: Path) -> dict[str, str]:
-    """A second study (PAT2) whose axial series loses files to damage, plus foreign files:
-    returns what each damaged path is (``{"truncated": path, ...}``)."""
+    """A second study (PAT2) whose axial series loses files to damage, a series split over
+    two folders with one image exported twice, and foreign files: returns what each
+    damaged path is (``{"truncated": path, ...}``)."""
     vol = phantom_volume(1)
     study = StudyTags("PAT2", uid("study", "PAT2"))
     good = slice_datasets(vol, study, SeriesTags(uid("series", "PAT2", 2), 2, "Axial"))
@@ -70,6 +71,9 @@ def write_broken_study(root: Path) -> dict[str, str]:
                          suffix=".dcm")
     write_export(split[:18], root / "PAT2" / "split_a", layout="flat")
     write_export(split[18:], root / "PAT2" / "split_b", layout="flat")
+    # One image of the split series exported twice, under another name (sorted after).
+    write_export(split[3:4], root / "PAT2" / "split_c" / "copies", layout="flat",
+                 suffix=".dcm")
     by_uid = {Path(f).stem: f for f in files}
     axial = [by_uid[ds.SOPInstanceUID] for ds in good]
     out = {"truncated": axial[10], "cut_header": axial[20], "no_pixels": axial[30]}
@@ -85,5 +89,7 @@ def write_broken_study(root: Path) -> dict[str, str]:
     (root / "PAT2" / "empty").write_bytes(b"")
     out["not_dicom"] = str(root / "PAT2" / "README.txt")
     out["empty"] = str(root / "PAT2" / "empty")
+    out["duplicate"] = str(root / "PAT2" / "split_c" / "copies" /
+                           f"{split[3].SOPInstanceUID}.dcm")
     return out
 

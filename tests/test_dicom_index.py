@@ -165,12 +165,15 @@ def test_bad_files_never_stop_the_run_and_each_has_a_typed_reason(study, tmp_pat
     assert sorted((c.series.patient_id, c.series.description) for c in sel.cases) == [
         ("PAT1", "Abdomen 1.25 B30f"), ("PAT2", "Split")]
     split = next(c for c in sel.cases if c.series.description == "Split")
+    assert Path(bad["duplicate"]).parent.name == "copies"        # the copy, not the original
+    assert sum(n["kind"] == "duplicate" for n in sel.not_used) == 1
     assert len(split.series.folders) == 2 and len(split.files) == 36
     files = {n["uri"]: n for n in sel.not_used if n["level"] == "file"}
     assert files[bad["truncated"]]["kind"] == "truncated"
     assert "PixelData needs bytes" in files[bad["truncated"]]["reason"]
     assert files[bad["cut_header"]]["kind"] == "truncated"
     assert files[bad["no_pixels"]]["kind"] == "no_pixels"
+    assert files[bad["duplicate"]]["reason"].startswith("the same image (SOPInstanceUID) as ")
     assert files[bad["not_dicom"]]["kind"] == files[bad["empty"]]["kind"] == "not_dicom"
     kinds = _kinds(sel)
     assert kinds["Axial"] == "gap" and kinds["Mixed"] == "mixed_sizes"
@@ -251,3 +254,15 @@ def test_gap_names_the_missing_slice():
 ])
 def test_orientation_name(orientation, name):
     assert orientation_name(orientation) == name
+
+
+def test_header_order_does_not_change_the_selection(headers):
+    """Ray workers return headers in any order: the same cases and reasons."""
+    import random
+
+    reference = _select(headers["nested"])
+    shuffled = list(headers["nested"])
+    random.Random(0).shuffle(shuffled)
+    other = _select(shuffled)
+    assert [c.files for c in other.cases] == [c.files for c in reference.cases]
+    assert sorted(map(str, other.not_used)) == sorted(map(str, reference.not_used))

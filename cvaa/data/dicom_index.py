@@ -331,6 +331,7 @@ class Series:
     orientation: tuple[float, ...] | None
     files: list[tuple[str, float | None, int | None, int | None, int | None]] = field(
         default_factory=list)
+    sop_uids: dict[str, str] = field(default_factory=dict, repr=False)  # SOP UID -> file
 
     @property
     def name(self) -> str:
@@ -404,6 +405,17 @@ class SeriesIndex:
                 description=h["series_description"], kernel=h["kernel"],
                 contrast=h["contrast"],
                 orientation=tuple(h["orientation"]) if h["orientation"] else None)
+        first = series.sop_uids.get(h["sop_uid"]) if h["sop_uid"] else None
+        if first is not None:  # the same image exported twice (two folders, two names):
+            # keep the first path in sorted order, whatever order the headers came in
+            keep, drop = sorted((first, h["uri"]))
+            self.bad_files.append({"level": "file", "uri": drop, "kind": "duplicate",
+                                   "reason": f"the same image (SOPInstanceUID) as {keep}"})
+            if keep == first:
+                return
+            series.files = [f for f in series.files if f[0] != first]
+        if h["sop_uid"]:
+            series.sop_uids[h["sop_uid"]] = h["uri"]
         z = None
         if h["position"] is not None and series.orientation is not None:
             o = series.orientation
@@ -452,7 +464,7 @@ def _split_acquisitions(s: Series) -> list[Series]:
         zs = [f[1] for f in files if f[1] is not None]
         if len(set(np.round(zs, 2))) != len(zs):  # acquisitions do not explain the repeats
             return [s]
-        part = Series(**{**s.__dict__, "files": files})
+        part = Series(**{**s.__dict__, "files": files, "sop_uids": {}})
         part.part = "/".join(p for p in (s.part, f"acquisition {acq}") if p)
         parts.append(part)
     return parts
