@@ -90,9 +90,10 @@ class Progress:
         self.done = self.rejected = 0
         self.start = self.last = time.perf_counter()
 
-    def add(self, rejected: bool = False) -> None:
-        """One more case done (``rejected`` or not); a line if the last is old enough."""
-        self.done += 1
+    def add(self, rejected: bool = False, count: int = 1) -> None:
+        """``count`` more cases done (``rejected`` or not); a line if the last is old
+        enough."""
+        self.done += count
         self.rejected += rejected
         if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
             self._line()
@@ -297,11 +298,10 @@ def index_dicom(uris: list[str], *, workers: int | None = None,
         ds = _map_in_tasks([{"uri": u} for u in uris], _header_batch, {}, workers=workers,
                            per_task=per_task, max_retries=TASK_RETRIES)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for text in batch["header"]:
-                header = json.loads(text)
-                seen.add(header["uri"])
-                progress.add()
-                yield header
+            headers = [json.loads(text) for text in batch["header"]]
+            seen.update(h["uri"] for h in headers)
+            progress.add(count=len(headers))
+            yield from headers
     progress.finish()
     if len(seen) < len(uris):
         for u in uris:
