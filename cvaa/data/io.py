@@ -394,10 +394,18 @@ class S3Source:
     reading DICOM headers without the pixel data. The first read also learns the size."""
 
     def __init__(self, uri: str, first_bytes: int = 64 * 1024):
+        from botocore.exceptions import ClientError
+
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
-        response = s3_client().get_object(Bucket=self.bucket, Key=self.key,
-                                          Range=f"bytes=0-{first_bytes - 1}")
+        try:
+            response = s3_client().get_object(Bucket=self.bucket, Key=self.key,
+                                              Range=f"bytes=0-{first_bytes - 1}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                raise
+            self._head, self.size = b"", 0  # an empty object has no byte 0
+            return
         self._head = response["Body"].read()
         self.size = int(response.get("ContentRange", "/").rsplit("/", 1)[-1] or
                         len(self._head))
