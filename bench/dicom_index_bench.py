@@ -13,10 +13,11 @@ coronal reformat (24) and a dose SR: 266 files, one case. Prints:
   per wall second and per CPU second (the rate of a worker with a core to itself), over
   the synthetic files and over the real series in ../shared/data/dicom_series;
 * whole discovery (listing, headers on ``--workers`` Ray Data workers, grouping,
-  selection) of a subset (``--subset`` studies) and of the whole export, with the files/s
-  per worker and the driver's Python memory (tracemalloc: what is held after discovery,
-  i.e. the index and its result, and the peak), per file at both counts: equal bytes per
-  file at both counts means memory grows with the index only;
+  selection) of the whole export: seconds and files/s per worker;
+* the driver's Python memory (tracemalloc, in separate runs since tracing slows it)
+  during discovery of a subset (``--subset`` studies) and of the whole export: what is
+  held after (the result) and the peak (listing + index + transient), per file at both
+  counts: peak = constant + bytes/file x files means memory grows with the index only;
 * the header reader's peak memory over 1,000 and over 5,000 files (flat: nothing kept).
 """
 
@@ -100,16 +101,18 @@ def reader_peak(files: list[str]) -> int:
     return peak
 
 
-def discover(source: Path, workers: int) -> tuple[float, int, int, int, int]:
-    """Whole discovery on Ray: ``(seconds, files, cases, held bytes, peak bytes)``."""
+def discover(source: Path, workers: int, *, trace: bool) -> tuple[float, int, int, int, int]:
+    """Whole discovery on Ray: ``(seconds, files, cases, held bytes, peak bytes)``; the
+    bytes (tracemalloc in this driver process, which slows it) only with ``trace``."""
     from cvaa.distributed.pipeline import discover_inputs
 
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     start = time.perf_counter()
     found = discover_inputs(str(source), load_config("paper"), None, workers=workers,
                             log=lambda *_: None)
     seconds = time.perf_counter() - start
-    held, peak = tracemalloc.get_traced_memory()
+    held, peak = tracemalloc.get_traced_memory() if trace else (0, 0)
     tracemalloc.stop()
     assert found.summary["cases"] == found.summary["studies"], found.summary
     return seconds, found.summary["files"], found.summary["cases"], held, peak
@@ -150,14 +153,16 @@ def main() -> int:
                   f"{reader_peak(listed[:n]) / 1e6:.2f} MB", flush=True)
 
         init_ray(num_cpus=args.workers)
-        discover(small, args.workers)  # warm-up: Ray workers and their imports
+        discover(small, args.workers, trace=False)  # warm-up: Ray workers, their imports
+        seconds, n, cases, _, _ = discover(tmp / "export", args.workers, trace=False)
+        print(f"discovery of {n} files ({cases} cases), {args.workers} workers: "
+              f"{seconds:.1f} s = {n / seconds:.0f} files/s = "
+              f"{n / seconds / args.workers:.0f} files/s per worker", flush=True)
         for source in (small, tmp / "export"):
-            seconds, n, cases, held, peak = discover(source, args.workers)
-            print(f"discovery of {n} files ({cases} cases), {args.workers} workers: "
-                  f"{seconds:.1f} s = {n / seconds:.0f} files/s = "
-                  f"{n / seconds / args.workers:.0f} files/s per worker; driver memory "
-                  f"held {held / 1e6:.1f} MB ({held / n:.0f} B/file), peak "
-                  f"{peak / 1e6:.1f} MB ({peak / n:.0f} B/file)", flush=True)
+            seconds, n, cases, held, peak = discover(source, args.workers, trace=True)
+            print(f"traced discovery of {n} files: driver memory held after "
+                  f"{held / 1e6:.1f} MB ({held / n:.0f} B/file), peak {peak / 1e6:.1f} MB "
+                  f"({peak / n:.0f} B/file)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

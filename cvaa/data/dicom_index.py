@@ -301,11 +301,18 @@ def _floats(v: dict[str, list], keyword: str, n: int) -> list[float] | None:
 def orientation_name(orientation: list[float] | tuple[float, ...]) -> str:
     """``axial``, ``coronal``, ``sagittal`` or ``oblique`` from ImageOrientationPatient:
     the patient axis the slice normal is within ~25 degrees of (cos 25 = 0.9)."""
-    normal = np.cross(orientation[:3], orientation[3:])
-    axis = int(np.argmax(np.abs(normal)))
+    normal = slice_normal(orientation)
+    axis = max(range(3), key=lambda i: abs(normal[i]))
     if abs(normal[axis]) < 0.9:
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
+
+
+def slice_normal(orientation: list[float] | tuple[float, ...]) -> tuple[float, float, float]:
+    """Row direction x column direction of ImageOrientationPatient (plain floats: this runs
+    once per file, where numpy's per-call overhead would dominate)."""
+    r0, r1, r2, c0, c1, c2 = orientation
+    return (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)
 
 
 @dataclass
@@ -418,8 +425,8 @@ class SeriesIndex:
             series.sop_uids[h["sop_uid"]] = h["uri"]
         z = None
         if h["position"] is not None and series.orientation is not None:
-            o = series.orientation
-            z = float(np.dot(h["position"], np.cross(o[:3], o[3:])))
+            n, p = slice_normal(series.orientation), h["position"]
+            z = p[0] * n[0] + p[1] * n[1] + p[2] * n[2]
         series.files.append((h["uri"], z, h["acquisition"], h["rows"], h["columns"]))
 
     def series(self) -> list[Series]:
