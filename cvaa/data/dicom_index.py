@@ -56,7 +56,8 @@ SECONDARY_CAPTURE_SOP = "1.2.840.10008.5.1.4.1.1.7"     # and its .1-.4 variants
 LOCALIZER_TYPES = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM"}
 PROJECTION_TYPES = {"MIP", "MINIP", "PROJECTION IMAGE", "VOLUME_RENDER", "VR", "SSD"}
 # Transfer syntaxes whose pixel data is native (a known byte count), all others encapsulated.
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+BIG_ENDIAN, DEFLATED = "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", BIG_ENDIAN}
 NO_CONTRAST = {"", "NONE", "NO", "N", "0", "NO CONTRAST", "WITHOUT"}
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -205,9 +206,11 @@ def _pixel_problem(v: dict[str, list], meta, head: bytes, end: int, size: int,
     rows, cols = _number(v, "Rows"), _number(v, "Columns")
     if not rows or not cols:
         return "no_pixels", "no pixel data (no Rows/Columns: no image pixel module)"
+    syntax = _meta(meta, "TransferSyntaxUID")
+    if syntax in (BIG_ENDIAN, DEFLATED):  # rare: bytes after the header not checked here
+        return None
     if end + 8 > size or head[end:end + 4] != _PIXEL_DATA_TAG:
         return "no_pixels", "no pixel data (the file ends without a PixelData element)"
-    syntax = _meta(meta, "TransferSyntaxUID")
     explicit = head[end + 4:end + 6] in (b"OB", b"OW")
     length = int.from_bytes(head[end + 8:end + 12] if explicit else head[end + 4:end + 8],
                             "little")
