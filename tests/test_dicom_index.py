@@ -266,3 +266,16 @@ def test_header_order_does_not_change_the_selection(headers):
     other = _select(shuffled)
     assert [c.files for c in other.cases] == [c.files for c in reference.cases]
     assert sorted(map(str, other.not_used)) == sorted(map(str, reference.not_used))
+
+
+@pytest.mark.parametrize("folders,uri", [
+    (["/x/y/2"], "/x/y/2#K"),
+    (["/x/y/2", "/x/z"], "/x#K"),
+    (["s3://b/pacs/ST/2", "s3://b/pacs/ST/20"], "s3://b/pacs/ST#K"),   # not ".../ST/2"
+])
+def test_series_uri_is_the_common_folder(folders, uri):
+    from cvaa.data.dicom_index import Series
+
+    files = [(f"{folder}/IM1", 0.0, 1, 8, 8) for folder in folders]
+    series = Series("study", "K", "", "p", "CT", "", (), 1, "", "", "", None, files=files)
+    assert series.uri == uri

@@ -359,12 +359,13 @@ class Series:
     @property
     def uri(self) -> str:
         """``<folder>#<SeriesInstanceUID>[/<part>]``: a case's source in the manifest."""
-        folders = self.folders
-        if all(not f.startswith("s3://") for f in folders):
-            folder = os.path.commonpath(folders)
-        else:
-            folder = os.path.commonprefix(folders).rstrip("/")
-        return f"{folder}#{self.series_key}" + (f"/{self.part}" if self.part else "")
+        parts = [f.split("/") for f in self.folders]   # local paths and s3:// alike
+        common = []
+        for names in zip(*parts):
+            if len(set(names)) > 1:
+                break
+            common.append(names[0])
+        return f"{'/'.join(common)}#{self.series_key}" + (f"/{self.part}" if self.part else "")
 
 
 # Header fields that define a group beyond its UIDs.
