@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -72,6 +73,43 @@ class PreprocessConfig:
     clip_hu: tuple[float, float] = (-1000.0, 4096.0)
     pad_hu: float = -1000.0
     context_margin_mm: float = 64.0
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """Which series of a DICOM export become cases (see ``cvaa.data.dicom_index`` and
+    docs/guide/dicom.md). A series qualifies when it is CT, not a localizer, secondary
+    capture or projection, has ``min_slices`` or more slices of one size and one
+    orientation, and evenly spaced slice positions without gaps; of a study's qualifying
+    series one is chosen by these preferences, in this order.
+
+    Args:
+        keep: ``one`` series per study (the best by the preferences) or ``all`` qualifying
+            series, each its own case (cases of one patient stay on one side of the split).
+        orientation: ``axial`` qualifies axial series only (slice normal within ~25 degrees
+            of the body axis); ``any`` also coronal and sagittal reformats.
+        min_slices: fewer slices than this do not qualify (a 16-voxel axis is the least
+            ``read_ct`` accepts).
+        max_slice_spacing_mm: series with slices at most this far apart are preferred;
+            ``0`` means the preprocessing grid's ``preprocess.spacing_mm``.
+        prefer_kernel: ``soft`` tissue over sharp (bone, lung) reconstruction kernels,
+            ``sharp`` the other way round, or ``any``.
+        sharp_kernel_pattern: regular expression (case-insensitive, searched in
+            ConvolutionKernel) that marks a kernel as sharp; the default covers Siemens
+            B/Br/I/Hr >= 50, GE BONE/LUNG/EDGE/DETAIL, Philips D/E/L/Y*, Canon FC30+ and
+            FC5x-FC8x.
+        prefer_contrast: ``without`` (non-contrast first, where ContrastBolusAgent is
+            tagged), ``with``, or ``any``.
+    """
+
+    keep: Literal["one", "all"] = "one"
+    orientation: Literal["axial", "any"] = "axial"
+    min_slices: int = 16
+    max_slice_spacing_mm: float = 0.0
+    prefer_kernel: Literal["soft", "sharp", "any"] = "soft"
+    sharp_kernel_pattern: str = (r"bone|lung|edge|detail|sharp|^(b|br|i|ir|hr|q|qr)[5-9]\d"
+                                 r"|^(d|e|l|y[a-z]?)$|^fc(3\d|[5-8]\d)")
+    prefer_contrast: Literal["without", "with", "any"] = "without"
 
 
 @dataclass(frozen=True)
@@ -371,6 +409,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (tuples become lists), ready for YAML/JSON/MLflow."""
@@ -425,6 +464,15 @@ class Config:
         if t.storage_retry_s < 0 or t.mlflow_wait_s < 0:
             raise ConfigError(f"{source}: train.storage_retry_s={t.storage_retry_s} and "
                               f"train.mlflow_wait_s={t.mlflow_wait_s} must be >= 0")
+        dicom = self.dicom
+        if dicom.min_slices < 2 or dicom.max_slice_spacing_mm < 0:
+            raise ConfigError(f"{source}: dicom.min_slices={dicom.min_slices} must be >= 2 and "
+                              f"dicom.max_slice_spacing_mm={dicom.max_slice_spacing_mm} >= 0")
+        try:
+            re.compile(dicom.sharp_kernel_pattern)
+        except re.error as exc:
+            raise ConfigError(f"{source}: dicom.sharp_kernel_pattern is not a regular "
+                              f"expression ({exc})") from exc
         if self.optim.reference_batch < 1:
             raise ConfigError(f"{source}: optim.reference_batch must be >= 1, got "
                               f"{self.optim.reference_batch}")
@@ -649,5 +697,6 @@ def _to_builtin(obj: Any) -> Any:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "PreprocessConfig", "DRRConfig", "ModelConfig",
-    "LossConfig", "OptimConfig", "TrainConfig", "PRESETS", "load_config", "parse_value",
+    "LossConfig", "OptimConfig", "TrainConfig", "DicomConfig", "PRESETS", "load_config",
+    "parse_value",
 ]

@@ -266,7 +266,7 @@ def prepare_inputs(source: str, cfg: Config, output: str, *, processes: int | No
     SimpleITK to read them. A dataset already there with this config is kept."""
     from cvaa.data.dataset import list_inputs
 
-    inputs = list_inputs(source)
+    inputs = list_inputs(source, cfg=cfg)  # DICOM series chosen by cfg.dicom
     have = _existing(output, cfg, len(inputs))
     if have is not None:
         log(f"[prepare] {output}: {len(have['prepared'])} CTs prepared already")

@@ -9,6 +9,10 @@ Under ``ray job submit`` (or with ``--address``) it runs on that cluster; otherw
 starts a local Ray. A few CTs per Ray task: read -> orient -> resample -> DRR -> crop ->
 clip -> normalise -> write. Every input ends up prepared or rejected (with its reason) in
 ``OUTPUT/manifest.json``; a re-run with the same config skips the cases already done.
+A directory or prefix may be a hospital's DICOM export as it comes: the series are found
+from the file headers (on the Ray workers) and the CT of each study chosen by the
+``dicom.*`` config (docs/guide/dicom.md); every file and series not used is listed under
+``not_used`` in the manifest with its reason.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cvaa.data.dataset import dataset_key, list_inputs
     from cvaa.distributed.cluster import init_ray
-    from cvaa.distributed.pipeline import default_phantom_dir, ensure_phantoms, run_pipeline
+    from cvaa.distributed.pipeline import (default_phantom_dir, discover_inputs,
+                                           ensure_phantoms, run_pipeline)
 
     init_ray(args.address, verbose=args.verbose)
     source = args.input
@@ -71,15 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         keep_names = True
     try:
         key = None if keep_names else dataset_key(args.output, args.pseudonym_key)
-        inputs = list_inputs(source, key)
+        archive = None
+        if source.lower().endswith((".csv", ".json")):
+            inputs = list_inputs(source, key)
+        else:  # a directory or prefix: volume files, and DICOM series from their headers
+            archive = discover_inputs(source, cfg, key, workers=args.workers)
+            inputs = archive.inputs
     except (InvalidVolumeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not inputs:
+    if not inputs and not (archive and archive.not_used):
         print(f"error: no CT volumes found under {source}", file=sys.stderr)
         return 2
+    if not inputs:  # DICOM files, none usable: the manifest still says why, file by file
+        print(f"error: no usable CT series under {source}; the reasons are under "
+              f"not_used in {args.output}/manifest.json", file=sys.stderr)
     manifest = run_pipeline(inputs, cfg, args.output, workers=args.workers, source=source,
-                            pseudonymous=key is not None)
+                            pseudonymous=key is not None, archive=archive)
     return 0 if manifest["prepared"] else 1
 
 

@@ -30,13 +30,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from cvaa.config import Config
 from cvaa.data import store
-from cvaa.data.io import InvalidVolumeError, find_volumes, is_s3, read_ct
+from cvaa.data.io import (VOLUME_SUFFIXES, InvalidVolumeError, VolumeNotFoundError, is_s3,
+                          read_ct, read_dicom_files)
 
 MANIFEST = "manifest.json"
 # The sections of the config that decide a prepared case's content.
@@ -50,6 +51,7 @@ class CaseInput:
     uri: str
     patient_id: str
     case_id: str
+    files: tuple[str, ...] = ()   # a DICOM series' files in slice order (``uri`` names it)
 
 
 # The prepared dataset's pseudonym key (hex), written once beside its manifest.
@@ -106,39 +108,99 @@ def config_hash(cfg: Config) -> str:
 
 # --------------------------------------------------------------------------- inputs
 
-def list_inputs(source: str, key: bytes | None = None) -> list[CaseInput]:
+def list_inputs(source: str, key: bytes | None = None, *,
+                cfg: Config | None = None) -> list[CaseInput]:
     """The CTs named by ``source``: a directory, an ``s3://`` prefix, or a manifest file
     (``.csv`` with a ``uri`` column and an optional ``patient_id`` column; ``.json`` with a
     list of URIs or of ``{"uri": ..., "patient_id": ...}``, optionally under ``"cases"``).
 
-    Without a patient id, each CT is its own patient. Relative paths in a manifest are
-    relative to the manifest's directory. With a pseudonym ``key`` (the default of
-    ``jobs/preprocess.py``) case and patient ids are :func:`pseudonym` s of the URI and the
-    patient id; without one they are readable (:func:`case_id_for`, the given patient id).
+    Under a directory or prefix, volume files count by suffix and every other file is read
+    as a possible DICOM file: the series chosen by ``cfg.dicom`` (default rule without
+    ``cfg``) become cases (:func:`archive_inputs`, which also says why the rest is not
+    used). Without a patient id, each CT is its own patient (a DICOM series: its
+    PatientID). Relative paths in a manifest are relative to the manifest's directory.
+    With a pseudonym ``key`` (the default of ``jobs/preprocess.py``) case and patient ids
+    are :func:`pseudonym` s of the URI and the patient id; without one they are readable
+    (:func:`case_id_for`, the given patient id).
     """
     lower = source.lower()
-    if lower.endswith((".csv", ".json")):
-        rows = _manifest_rows(source)
-    else:
-        rows = [{"uri": uri} for uri in find_volumes(source)]
+    if not lower.endswith((".csv", ".json")):
+        return archive_inputs(source, key, cfg or Config()).inputs
+    rows = _manifest_rows(source)
     base = source.rsplit("/", 1)[0] if is_s3(source) else str(Path(source).parent)
     out, seen = [], set()
     for row in rows:
         uri = str(row["uri"]).strip()
-        if lower.endswith((".csv", ".json")) and not is_s3(uri) and not Path(uri).is_absolute():
+        if not is_s3(uri) and not Path(uri).is_absolute():
             uri = store.join(base, uri)
         if uri in seen:
             continue
         seen.add(uri)
-        given_patient = str(row.get("patient_id") or "").strip()
-        if key is None:
-            case_id = case_id_for(uri)
-            patient = given_patient or case_id
-        else:
-            case_id = pseudonym(key, "case", uri)
-            patient = pseudonym(key, "patient", given_patient or uri)
-        out.append(CaseInput(uri, patient, case_id))
+        out.append(_case_input(uri, str(row.get("patient_id") or "").strip(), key))
     return out
+
+
+def _case_input(uri: str, given_patient: str, key: bytes | None,
+                files: tuple[str, ...] = ()) -> CaseInput:
+    if key is None:
+        case_id = case_id_for(uri)
+        return CaseInput(uri, given_patient or case_id, case_id, files)
+    return CaseInput(uri, pseudonym(key, "patient", given_patient or uri),
+                     pseudonym(key, "case", uri), files)
+
+
+@dataclass
+class ArchiveInputs:
+    """What :func:`archive_inputs` found: the ``inputs``, every DICOM file and series not
+    used with its reason (``not_used``), and the DICOM ``summary`` and ``series`` (one
+    entry per DICOM case: its series, folders and slice spacing)."""
+
+    inputs: list[CaseInput]
+    not_used: list[dict[str, Any]]
+    summary: dict[str, Any]
+    series: list[dict[str, Any]]
+
+    def manifest_section(self) -> dict[str, Any]:
+        return {"summary": self.summary, "cases": self.series}
+
+
+def archive_inputs(source: str, key: bytes | None, cfg: Config,
+                   read_headers: Callable[[list[str]], Iterable[dict[str, Any]]] | None = None
+                   ) -> ArchiveInputs:
+    """The cases under a directory or ``s3://`` prefix: every volume file (by suffix), and
+    the DICOM series that ``cfg.dicom`` chooses among all other files, read from their
+    headers by ``read_headers`` (default: one after the other in this process; the Ray
+    pipeline passes its parallel reader).
+
+    Example:
+        >>> found = archive_inputs("/pacs/export", None, load_config("paper"))
+        >>> [c.uri for c in found.inputs], [n["reason"] for n in found.not_used][:2]
+        (['/pacs/export/PAT1/ST1#1.2.840...'], ['localizer (ORIGINAL/PRIMARY/LOCALIZER)', ...])
+    """
+    from cvaa.data.dicom_index import index_headers, select_series
+    from cvaa.data.dicom_index import read_headers as serial
+
+    start = time.perf_counter()
+    if not is_s3(source) and not Path(source).is_dir():
+        raise VolumeNotFoundError(source, "input directory does not exist")
+    volumes, others = [], []
+    for uri in store.list_files(source):
+        (volumes if uri.lower().endswith(VOLUME_SUFFIXES) else others).append(uri)
+    index = index_headers((read_headers or serial)(others))
+    selection = select_series(index, cfg.dicom, cfg.preprocess.spacing_mm)
+    inputs = [_case_input(uri, "", key) for uri in volumes]
+    series = []
+    for c in selection.cases:
+        item = _case_input(c.series.uri, c.series.patient_id, key, c.files)
+        inputs.append(item)
+        series.append({"case_id": item.case_id, "series": c.series.name,
+                       "uri": c.series.uri, "files": len(c.files),
+                       "folders": len(c.series.folders),
+                       "slice_spacing_mm": round(c.spacing_mm, 4),
+                       "kernel": c.series.kernel, "contrast": c.series.contrast})
+    summary = {**selection.summary(), "volume_files": len(volumes),
+               "seconds": round(time.perf_counter() - start, 2)}
+    return ArchiveInputs(inputs, selection.not_used, summary, series)
 
 
 def _manifest_rows(source: str) -> list[dict[str, Any]]:
@@ -190,8 +252,10 @@ def process_case(item: CaseInput, cfg: Config, output: str, volume=None) -> dict
     record: dict[str, Any] = {"case_id": item.case_id, "patient_id": item.patient_id,
                               "source_uri": item.uri, "config_hash": config_hash(cfg)}
     try:
-        prep = prepare_ct(volume if volume is not None else read_ct(item.uri),
-                          cfg.preprocess)
+        if volume is None:
+            volume = (read_dicom_files(item.files, item.uri) if item.files else
+                      read_ct(item.uri))
+        prep = prepare_ct(volume, cfg.preprocess)
         generator = None
         if cfg.drr.photons > 0:  # per-case noise, reproducible from the case id and seed
             import torch

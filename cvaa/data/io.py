@@ -333,10 +333,16 @@ def _read_dicom_series(path: Path, uri: str) -> sitk.Image:
         raise InvalidVolumeError(uri, f"{len(series)} DICOM series in one directory "
                                       f"({counts}); give one series per directory")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
-    _check_size(3, (MIN_AXIS_VOXELS, MIN_AXIS_VOXELS, len(files)), uri)
+    _check_size(3, (MIN_AXIS_VOXELS, MIN_AXIS_VOXELS, len(files)), uri)  # before the headers
     _check_slice_positions(files, uri)
+    return _read_slices(files, uri)
+
+
+def _read_slices(files, uri: str) -> sitk.Image:
+    """The slices ``files`` (local paths, in order) as one float32 image, size-checked."""
+    _check_size(3, (MIN_AXIS_VOXELS, MIN_AXIS_VOXELS, len(files)), uri)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames([str(f) for f in files])
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
@@ -345,6 +351,77 @@ def _read_dicom_series(path: Path, uri: str) -> sitk.Image:
                                       f"({_first_line(exc)})") from exc
     _check_size(3, image.GetSize(), uri)
     return image
+
+
+def read_dicom_files(files: list[str] | tuple[str, ...], uri: str, *,
+                     check_hu: bool = True) -> Volume:
+    """Read one DICOM series given as its files in slice order (local or ``s3://``), as
+    ``cvaa.data.dicom_index.select_series`` chose and checked them; ``uri`` names it in
+    errors. The same checks as :func:`read_ct` apply to the volume.
+
+    Example:
+        >>> case = select_series(index, DicomConfig(), 2.0).cases[0]
+        >>> read_dicom_files(case.files, case.series.uri).shape
+        (36, 24, 24)
+    """
+    with _local_files(files) as paths:
+        image = _read_slices(paths, uri)
+    volume = Volume.from_sitk(image, source=uri)
+    check_volume(volume, check_hu=check_hu)
+    return volume
+
+
+@contextmanager
+def _local_files(uris: list[str] | tuple[str, ...]) -> Iterator[list[Path]]:
+    """Local paths of ``uris``: themselves, or S3 objects downloaded to a temporary folder."""
+    if not any(is_s3(u) for u in uris):
+        yield [Path(u) for u in uris]
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="cvaa-s3-"))
+    try:
+        client, paths = s3_client(), []
+        for n, u in enumerate(uris):
+            bucket, key = split_s3(u)
+            paths.append(tmp / f"{n:06d}")
+            client.download_file(bucket, key, str(paths[-1]))
+        yield paths
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class S3Source:
+    """Random access to one S3 object by ranged GETs (``size``, ``read(offset, n)``), for
+    reading DICOM headers without the pixel data. The first read also learns the size."""
+
+    def __init__(self, uri: str, first_bytes: int = 64 * 1024):
+        from botocore.exceptions import ClientError
+
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        try:
+            response = s3_client().get_object(Bucket=self.bucket, Key=self.key,
+                                              Range=f"bytes=0-{first_bytes - 1}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                raise
+            self._head, self.size = b"", 0  # an empty object has no byte 0
+            return
+        self._head = response["Body"].read()
+        self.size = int(response.get("ContentRange", "/").rsplit("/", 1)[-1] or
+                        len(self._head))
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0:
+            offset = max(0, self.size + offset)
+        if offset + n <= len(self._head):
+            return self._head[offset:offset + n]
+        last = min(self.size, offset + n) - 1
+        response = s3_client().get_object(Bucket=self.bucket, Key=self.key,
+                                          Range=f"bytes={offset}-{last}")
+        return response["Body"].read()
+
+    def close(self) -> None:
+        pass
 
 
 def _check_slice_positions(files: tuple[str, ...] | list[str], uri: str) -> None:
@@ -367,23 +444,11 @@ def _check_slice_positions(files: tuple[str, ...] | list[str], uri: str) -> None
             normal = np.cross(o[:3], o[3:])
         p = np.array([float(v) for v in r.GetMetaData(_IMAGE_POSITION).split("\\")])
         positions.append(float(p @ normal))
-    z = np.sort(np.array(positions))
-    gaps = np.diff(z)
-    if (gaps <= 1e-3).any():
-        raise InvalidVolumeError(uri, "DICOM series has duplicate slice positions")
-    step = float(np.median(gaps))
-    tol = max(0.01 * step, 1e-2)
-    for idx, g in enumerate(gaps):
-        if abs(g - step) <= tol:
-            continue
-        ratio = g / step
-        if abs(ratio - round(ratio)) <= 0.05 and round(ratio) >= 2:
-            raise InvalidVolumeError(
-                uri, f"DICOM series has {round(ratio) - 1} missing slice(s) between "
-                     f"positions {z[idx]:.2f} and {z[idx + 1]:.2f} mm (spacing {step:.2f} mm)")
-        raise InvalidVolumeError(
-            uri, f"DICOM series has inconsistent slice spacing: {g:.2f} mm between "
-                 f"positions {z[idx]:.2f} and {z[idx + 1]:.2f} mm, {step:.2f} mm elsewhere")
+    from cvaa.data.dicom_index import slice_spacing_problem
+
+    problem = slice_spacing_problem(positions)
+    if problem:
+        raise InvalidVolumeError(uri, f"DICOM series: {problem[1]}")
 
 
 def _first_line(exc: BaseException) -> str:
