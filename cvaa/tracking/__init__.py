@@ -6,12 +6,16 @@ metrics, the GAN step) never imports it.
 """
 
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, attach_calibration,
-                                    load_generator, load_model, log_generator)
+                                    load_generator, load_model, log_calibration_run,
+                                    log_generator)
 from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavailableError,
                                 check_tracking_uri, default_tracking_uri,
-                                find_run, open_run, setup)
+                                find_run, open_run, setup, source_tags,
+                                system_metrics)
 
 __all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger", "attach_calibration",
            "TrackingUnavailableError", "check_tracking_uri",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
-           "log_generator", "open_run", "RunKilled", "setup"]
+           "log_calibration_run",
+           "log_generator", "open_run", "RunKilled", "setup", "source_tags",
+           "system_metrics"]

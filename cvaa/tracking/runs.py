@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -62,6 +65,74 @@ def find_run(tracking_uri: str, experiment_id: str, run_name: str,
     return None
 
 
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags for a run this process starts, and cvaa's version.
+
+    ``mlflow.source.name`` is the entry point (``jobs/train.py``: ``sys.argv[0]``, relative
+    to the checkout), ``mlflow.source.type`` ``JOB``, ``mlflow.source.git.commit`` the
+    checkout's commit when the ``cvaa`` package runs from a git checkout (absent
+    otherwise), ``cvaa.version`` the package version.
+    """
+    import cvaa
+
+    root = Path(cvaa.__file__).resolve().parents[1]
+    script = Path(entry_point or sys.argv[0] or "python").resolve()
+    name = str(script.relative_to(root)) if script.is_relative_to(root) else script.name
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB",
+            "cvaa.version": cvaa.__version__}
+    commit = _git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(root: Path) -> str | None:
+    """The commit of the checkout at ``root`` (not of a repository that merely contains
+    it), or ``None``."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None
+    return lines[1]
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float,
+                   stop_wait_s: float = 10.0) -> Iterator[None]:
+    """MLflow system metrics of this node logged into ``run_id`` while the block runs:
+    ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, disk
+    and network, and per GPU ``system/gpu_<i>_utilization_percentage`` and
+    ``system/gpu_<i>_memory_usage_megabytes`` where the NVIDIA management library
+    (``nvidia-ml-py``) finds GPUs (none is not an error). One sample every ``interval_s``
+    seconds (MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins when set); ``0``
+    logs none. A resumed run continues the steps. Rank 0 of a training calls it.
+
+    Leaving the block waits at most ``stop_wait_s`` for the monitor's last flush: a
+    tracking server that is down must not hold up the end of a training (MLflow retries
+    an unreachable server for minutes; the spool of :mod:`cvaa.tracking.spool` keeps
+    the run's own entries, and system metrics of an outage are not worth a stall).
+    """
+    if interval_s <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        stop = threading.Thread(target=monitor.finish, name="cvaa-system-metrics-stop",
+                                daemon=True)
+        stop.start()
+        stop.join(timeout=stop_wait_s)
+
+
 class RunKilled(Exception):
     """Raised inside :func:`open_run` to close the run KILLED (a stop, not a failure)."""
 
@@ -69,8 +140,8 @@ class RunKilled(Exception):
 @contextlib.contextmanager
 def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-             resume: bool = False, log: Callable[[str], None] | None = None
-             ) -> Iterator["RunLogger"]:
+             resume: bool = False, log: Callable[[str], None] | None = None,
+             source: Mapping[str, str] | None = None) -> Iterator["RunLogger"]:
     """The one lifecycle of every cvaa MLflow run: open it, yield a logger, close it.
 
     Opening creates a run called ``name`` (a child of ``parent_run_id`` if given), or
@@ -84,6 +155,9 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
     the trial or the trial failed; see ``cvaa.distributed.sweep``).
 
+    Every run carries MLflow's source tags (``source``, default :func:`source_tags` of
+    this process; a resumed run gets those of the code that resumed it).
+
     Example:
         >>> with open_run("sqlite:///mlflow.db", "cvaa-demo", resume=True) as run:
         ...     run.log_metrics({"loss": 0.1}, step=1)
@@ -93,14 +167,15 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     experiment_id = setup(tracking_uri, experiment)
     client = mlflow.MlflowClient(tracking_uri)
     run_id = find_run(tracking_uri, experiment_id, name, tags) if resume else None
+    run_tags = {**(source or source_tags()), **(tags or {})}
     if run_id is None:
-        run_tags = dict(tags or {})
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
         verb = "started"
     else:
         client.update_run(run_id, status="RUNNING")
+        _set_tags(client, run_id, run_tags)   # the code that resumed it
         verb = "resumed"
     if log:
         log(f"MLflow run {name} {verb} ({run_id} at {tracking_uri})")
@@ -117,6 +192,12 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
             logger.set_terminated("FAILED")
         raise
     logger.set_terminated("FINISHED")
+
+
+def _set_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class RunLogger:
@@ -145,6 +226,21 @@ class RunLogger:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[
             Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        _set_tags(self.client, self.run_id, tags)
+
+    def set_description(self, text: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``, Markdown)."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def log_datasets(self, root: str, manifest: Mapping[str, Any],
+                     splits: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, Any]:
+        """Splits of a prepared dataset as the run's dataset inputs
+        (:func:`cvaa.tracking.datasets.log_splits`); returns them by context."""
+        from cvaa.tracking.datasets import log_splits
+
+        return log_splits(self.client, self.run_id, root, manifest, splits)
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory(prefix="cvaa-art-") as tmp:
