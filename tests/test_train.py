@@ -221,6 +221,9 @@ def _check_mlflow_lineage(client, out, version, job, prepared):
     logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
     assert logged.tags["dataset.training"] == version.tags["dataset.training"]
     assert logged.source_run_id == out["run_id"]
+    on_test = {m.key: m for m in logged.metrics if m.dataset_digest == test.digest}
+    assert on_test["test/psnr_mean"].value == pytest.approx(out["rows"][0]["psnr_mean"])
+    assert on_test["test/psnr_mean"].dataset_name == test.name
 
 
 @pytest.mark.ray

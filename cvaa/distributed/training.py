@@ -41,6 +41,7 @@ from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 from cvaa.loop import format_epoch
 from cvaa.models import generator_from_state
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
+from cvaa.tracking.datasets import PreparedSplit
 
 # Table I row labels of the generators (the paper's names).
 MODEL_LABELS = {"cvaa": "CVAA-GAN", "x2ct": "X2CT-GAN", "3dcnn": "3DCNN", "psr": "PSR"}
@@ -313,16 +314,19 @@ def evaluate_on_workers(result: TrainResult, dataset: PreparedDataset, split: st
     return _split_table(split, case_ids, per_case, cfg)
 
 
-def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int) -> None:
+def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int, *,
+                   model_id: str | None = None, dataset=None) -> None:
     """Table I and the per-case metrics as MLflow tables, Markdown and ``<split>/*``
-    metrics."""
+    metrics; with ``model_id`` (a logged model) and ``dataset`` (the split's
+    :class:`~cvaa.tracking.datasets.PreparedSplit`) the metrics are also the logged
+    model's, measured on that dataset (how MLflow 3 links a model to its datasets)."""
     run.log_table(table.rows, "evaluation/table_i.json")
     run.log_table([{"case_id": c, **r} for c, r in zip(table.case_ids, table.per_case)],
                   "evaluation/per_case.json")
     run.log_text(f"Table I, {table.split} split ({len(table.case_ids)} cases)\n\n"
                  f"{table.markdown}", "evaluation/table_i.md")
     run.log_metrics({f"{table.split}/{k}": v for k, v in table.rows[0].items()
-                     if isinstance(v, float)}, step)
+                     if isinstance(v, float)}, step, model_id=model_id, dataset=dataset)
 
 
 def log_curves(run: tracking.RunLogger, history: dict[str, list[float]], title: str) -> None:
@@ -357,8 +361,6 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
             "data": job.data, "data.config_hash": str(dataset.manifest.get("config_hash", "")),
             "data.train_cases": str(len(dataset.split("train"))),
             "data.test_cases": str(len(dataset.split("test"))), "source_run_id": run.run_id}
-    from cvaa.tracking.datasets import PreparedSplit
-
     splits = {context: PreparedSplit(dataset.root, dataset.manifest, split, ids)
               for context, (split, ids) in dataset_splits(dataset, cfg).items() if ids}
     for context, ds in splits.items():
@@ -431,13 +433,20 @@ def _evaluate_and_register(job: TrainJob, run: tracking.RunLogger, result: Train
         log(f"evaluating the test split ({n_test} cases) on "
             f"{job.cfg.train.num_workers} cluster worker(s)")
         table = evaluate_on_workers(result, dataset, "test", job.cfg)
-        log_evaluation(run, table, result.epochs)
         run.log_metrics({"test_eval_seconds": time.perf_counter() - tick}, result.epochs)
-        run.set_description(describe_run(job, dataset_splits(dataset, job.cfg), table))
     else:
         log("no test split in the dataset: Table I not computed")
     log_curves(run, result.history, label)
-    return table, register(run, generator, job, dataset, table.rows[0] if table else None)
+    registered = register(run, generator, job, dataset, table.rows[0] if table else None)
+    if table:
+        # logged after registration: the test metrics are then also the logged model's,
+        # on the test dataset (MLflow 3's model page lists it)
+        test = PreparedSplit(dataset.root, dataset.manifest, "test", table.case_ids)
+        log_evaluation(run, table, result.epochs,
+                       model_id=registered["logged_uri"].removeprefix("models:/"),
+                       dataset=test)
+        run.set_description(describe_run(job, dataset_splits(dataset, job.cfg), table))
+    return table, registered
 
 
 def ensure_prepared(cfg: Config, output: str, log=print) -> str:

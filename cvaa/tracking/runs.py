@@ -111,26 +111,38 @@ def system_metrics(tracking_uri: str, run_id: str, interval_s: float,
     seconds (MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins when set); ``0``
     logs none. A resumed run continues the steps. Rank 0 of a training calls it.
 
-    Leaving the block waits at most ``stop_wait_s`` for the monitor's last flush: a
-    tracking server that is down must not hold up the end of a training (MLflow retries
-    an unreachable server for minutes; the spool of :mod:`cvaa.tracking.spool` keeps
-    the run's own entries, and system metrics of an outage are not worth a stall).
+    The monitor starts in the background, and leaving the block waits at most
+    ``stop_wait_s`` for its last flush: a tracking server that is down must not hold up a
+    training (MLflow retries an unreachable server for minutes; the spool of
+    :mod:`cvaa.tracking.spool` keeps the run's own entries, and the system metrics of an
+    outage are not worth a stall).
     """
     if interval_s <= 0:
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
-                                   tracking_uri=tracking_uri)
-    monitor.start()
+    monitors: list[SystemMetricsMonitor] = []
+
+    def start() -> None:   # resuming the steps reads the run: a call that may retry
+        monitors.append(SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                             resume_logging=True, tracking_uri=tracking_uri))
+        monitors[0].start()
+
+    def stop() -> None:
+        starting.join()
+        if monitors:
+            monitors[0].finish()
+
+    starting = threading.Thread(target=start, name="cvaa-system-metrics-start", daemon=True)
+    starting.start()
     try:
         yield
     finally:
-        stop = threading.Thread(target=monitor.finish, name="cvaa-system-metrics-stop",
-                                daemon=True)
-        stop.start()
-        stop.join(timeout=stop_wait_s)
+        stopping = threading.Thread(target=stop, name="cvaa-system-metrics-stop",
+                                    daemon=True)
+        stopping.start()
+        stopping.join(timeout=stop_wait_s)
 
 
 class RunKilled(Exception):
@@ -218,14 +230,21 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, *,
+                    model_id: str | None = None, dataset=None) -> None:
+        """Metrics at ``step``; with ``model_id`` (a logged model) and ``dataset`` (an
+        ``mlflow.data`` dataset) they are also the logged model's, measured on that
+        dataset."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        on = ({"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+              if dataset is not None else {})
         self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step) for k, v in metrics.items()])
+            Metric(k, float(v), now, step, model_id=model_id, **on)
+            for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         _set_tags(self.client, self.run_id, tags)
