@@ -337,6 +337,9 @@ class TrainConfig:
             to take the entries queued during the outage; what it has not taken by then
             stays in the last checkpoint, and the job says how to send it.
         checkpoints_to_keep: how many Ray Train checkpoints stay in storage.
+        system_metrics_s: seconds between the MLflow system metrics rank 0 logs (CPU,
+            memory, disk, network; GPU utilisation and memory per device where
+            ``nvidia-ml-py`` is installed): a minute suits a run of days; ``0`` logs none.
         finite_check_every: steps between the host's checks that every loss stayed
             finite (each check waits for the device to drain, STYLE habit 12). ``0`` is
             every step on CPU (where nothing runs ahead, so nothing is ever stepped on a
@@ -391,6 +394,7 @@ class TrainConfig:
     storage_retry_s: float = 600.0
     mlflow_wait_s: float = 300.0
     checkpoints_to_keep: int = 2
+    system_metrics_s: float = 60.0
     finite_check_every: int = 0
     compile: Literal["auto", "none", "default", "max-autotune", "cudagraphs"] = "auto"
     cuda_shaped: bool = False
@@ -461,9 +465,10 @@ class Config:
         if a.enabled and self.preprocess.context_margin_mm <= 0:
             raise ConfigError(f"{source}: augment.enabled needs the context CT "
                               f"(preprocess.context_margin_mm > 0)")
-        if t.storage_retry_s < 0 or t.mlflow_wait_s < 0:
-            raise ConfigError(f"{source}: train.storage_retry_s={t.storage_retry_s} and "
-                              f"train.mlflow_wait_s={t.mlflow_wait_s} must be >= 0")
+        if t.storage_retry_s < 0 or t.mlflow_wait_s < 0 or t.system_metrics_s < 0:
+            raise ConfigError(f"{source}: train.storage_retry_s={t.storage_retry_s}, "
+                              f"train.mlflow_wait_s={t.mlflow_wait_s} and "
+                              f"train.system_metrics_s={t.system_metrics_s} must be >= 0")
         dicom = self.dicom
         if dicom.min_slices < 2 or dicom.max_slice_spacing_mm < 0:
             raise ConfigError(f"{source}: dicom.min_slices={dicom.min_slices} must be >= 2 and "

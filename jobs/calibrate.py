@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             rows, psnr, k=args.k, level=args.level,
             info={"data": args.data, "split": args.split, "cases": len(case_ids)})
         version = tracking.attach_calibration(args.model, calibration.to_json(), uri)
+        tracking.log_calibration_run(args.model, uri, args.data, data.manifest, args.split,
+                                     case_ids, calibration.to_json())
     except (FileNotFoundError, KeyError, ValueError, tracking.ModelLookupError,
             tracking.TrackingUnavailableError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

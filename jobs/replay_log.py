@@ -17,14 +17,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a checkpoint's mlflow_pending folder")
     p.add_argument("--mlflow-uri", help="tracking URI (default: the one in run.json)")
     p.add_argument("--run-id", help="run to send into (default: the one in run.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import json
 
     from cvaa.tracking.spool import replay

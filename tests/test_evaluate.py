@@ -112,6 +112,10 @@ def test_mlflow_evaluation_run_holds_the_table_and_figure(evaluated):
             "evaluation/table_i.json"} <= artifacts
     figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
     assert figures == {"figures/fig2.png"}
+    (scored,) = run_.inputs.dataset_inputs                    # the split it scored
+    assert scored.dataset.name.endswith("/test") and [t.value for t in scored.tags] == ["test"]
+    assert "Table I of 2 registered model(s) on the test split" in run_.data.tags[
+        "mlflow.note.content"]
 
 
 def test_job_cli_one_model_makes_a_narrower_figure(evaluated, registry, prepared_cpu,

@@ -69,6 +69,26 @@ def test_the_calibration_travels_with_the_version(calibrated):
                                     calibrated["uri"])
 
 
+def test_a_calibration_is_an_mlflow_run_with_its_held_out_dataset(calibrated, tmp_path):
+    from manifests import prepared_manifest
+
+    manifest = prepared_manifest()
+    cases = manifest["split"]["test"]
+    run_id = tracking.log_calibration_run(calibrated["model"], calibrated["uri"],
+                                          str(tmp_path / "held-out"), manifest, "test", cases,
+                                          calibrated["calibration"].to_json())
+    client = mlflow.MlflowClient(calibrated["uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["cvaa.kind"] == "calibration"
+    (given,) = run.inputs.dataset_inputs
+    assert given.dataset.name == "held-out/test"
+    assert [t.value for t in given.tags] == ["calibration"]
+    assert run.data.params["k"] == "4" and "held-out cases" in run.data.tags[
+        "mlflow.note.content"]
+    tags = client.get_model_version("tiny-cvaa", calibrated["version"]).tags
+    assert tags["reliability/run_id"] == run_id
+
+
 def test_pyfunc_returns_reliability_on_request_and_the_volume_by_default(calibrated,
                                                                          round_trip):
     mlflow.set_tracking_uri(calibrated["uri"])

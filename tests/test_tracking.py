@@ -7,6 +7,7 @@ import mlflow
 import pytest
 
 from cvaa import tracking
+from manifests import prepared_manifest
 
 
 @pytest.fixture
@@ -97,3 +98,60 @@ def test_evaluating_an_empty_split_is_an_error_never_another_split(tmp_path, pre
                            cfg)
     assert table.split == "test" and len(table.per_case) == len(table.case_ids) > 0
     assert table.rows[0]["cases"] == len(PreparedDataset(prepared_cpu).split("test"))
+
+
+# --------------------------------------------------------------------------- what MLflow users look for
+
+def test_a_split_is_an_mlflow_dataset_whose_digest_follows_cases_and_preprocessing(tmp_path):
+    from cvaa.tracking.datasets import PreparedSplit
+
+    root = str(tmp_path / "prepared-abc123")
+    m = prepared_manifest()
+    train = PreparedSplit(root, m, "train", m["split"]["train"])
+    assert train.name == "prepared-abc123/train" and len(train.digest) == 10
+    assert train.source.to_dict() == {"uri": root}
+    assert train.profile["num_cases"] == 3 and train.profile["ct_shape"] == [1, 32, 32, 32]
+    assert [s.shape for s in train.schema.inputs] == [(-1, 2, 32, 32), (-1, 1, 32, 32, 32)]
+    timed = prepared_manifest()
+    timed["prepared"][0]["seconds"] = 99.0                    # a rerun's timing: same data
+    assert PreparedSplit(root, timed, "train", m["split"]["train"]).digest == train.digest
+    other = prepared_manifest(config_hash="def456")                   # other preprocessing
+    assert PreparedSplit(root, other, "train", m["split"]["train"]).digest != train.digest
+    assert PreparedSplit(root, m, "train", m["split"]["train"][:2]).digest != train.digest
+    s3 = PreparedSplit("s3://bucket/prepared", m, "test", m["split"]["test"])
+    assert s3.source.to_dict() == {"uri": "s3://bucket/prepared"}
+    with pytest.raises(KeyError, match="case-9999"):
+        PreparedSplit(root, m, "train", ["case-9999"])
+    assert "DOE" not in train.to_json() and "case-0000" not in train.to_json()
+
+
+def test_a_run_has_source_tags_description_dataset_inputs_and_system_metrics(uri, tmp_path):
+    import re
+    import time
+
+    m = prepared_manifest()
+    root = str(tmp_path / "prepared")
+    with tracking.open_run(uri, "seen") as run:
+        run.log_datasets(root, m, {"training": ("train", m["split"]["train"]),
+                                   "test": ("test", m["split"]["test"]),
+                                   "validation": ("validation", [])})   # empty: left out
+        run.set_description("CVAA-GAN, preset cpu")
+        with tracking.system_metrics(uri, run.run_id, 0.2):
+            time.sleep(1.5)
+        with pytest.raises(KeyError, match="valid"):
+            run.log_datasets(root, m, {"train": ("train", m["split"]["train"])})
+    got = mlflow.MlflowClient(uri).get_run(run.run_id)
+    tags = got.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.source.name"]
+    assert tags["cvaa.version"] and tags["mlflow.note.content"] == "CVAA-GAN, preset cpu"
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])  # run from git
+    contexts = {i.dataset.name: [t.value for t in i.tags] for i in got.inputs.dataset_inputs}
+    assert contexts == {"prepared/train": ["training"], "prepared/test": ["test"]}
+    assert "system/cpu_utilization_percentage" in got.data.metrics
+    assert "system/system_memory_usage_megabytes" in got.data.metrics
+    # a Tune trial (a Ray worker process) passes the source tags of its sweep
+    with tracking.open_run(uri, "seen2", resume=True,
+                           source={"mlflow.source.name": "jobs/other.py"}) as again:
+        pass
+    assert mlflow.MlflowClient(uri).get_run(again.run_id).data.tags[
+        "mlflow.source.name"] == "jobs/other.py"

@@ -1,5 +1,6 @@
 """jobs/train.py: DDP on Ray Train, MLflow run + registry, failure recovery, NaN guard."""
 
+import json
 import math
 import re
 import time
@@ -136,8 +137,8 @@ def test_table_i_on_cluster_workers_equals_in_process_scoring(prepared_cpu, work
 
 @pytest.mark.ray
 def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
-    job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2"],
-               alias="candidate")
+    job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2",
+                                        "train.system_metrics_s=1"], alias="candidate")
     lines = []
     out = run_training(job, log=lines.append)
     assert out["epochs"] == 2
@@ -175,6 +176,7 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
                                                                    abs=1e-4)
     assert version.tags["volume_size"] == "32" and version.tags["data.test_cases"] != "0"
     assert "Test split" in version.description and "(N, 2, 32, 32)" in version.description
+    _check_mlflow_lineage(client, out, version, job, prepared_cpu)
     model = tracking.load_generator("models:/tiny@candidate", job.mlflow_uri)
     from cvaa.distributed.checkpoints import load_checkpoint_generator
     import ray.train
@@ -184,6 +186,45 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
         x = torch.rand(batch, 2, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(model(x), trained(x))
+
+
+def _check_mlflow_lineage(client, out, version, job, prepared):
+    """What an MLflow user looks for on a training run: its datasets, system metrics,
+    source and description, and the registered version's link to its training data."""
+    from cvaa.data.dataset import PreparedDataset
+    from cvaa.tracking.datasets import PreparedSplit
+
+    run = client.get_run(out["run_id"])
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    data = PreparedDataset(prepared)
+    test = PreparedSplit(data.root, data.manifest, "test", data.split("test"))
+    assert inputs["test"].digest == test.digest and len(test.digest) == 10
+    assert inputs["test"].source_type == "local" and prepared in inputs["test"].source
+    profile = json.loads(inputs["training"].profile)
+    assert profile["num_cases"] + json.loads(inputs["validation"].profile)["num_cases"] \
+        == len(data.split("train"))
+    assert "case-" not in inputs["training"].profile     # counts, never case ids
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    assert "system/system_memory_usage_megabytes" in system
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["cvaa.version"]
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])   # a checkout
+    note = tags["mlflow.note.content"]
+    assert "CVAA-GAN" in note and prepared in note and "preset custom" in note
+    assert f"PSNR {out['rows'][0]['psnr_mean']:.2f}" in note.splitlines()[-1]
+    # the version (and its logged model) names the run's training and test datasets
+    training = inputs["training"]
+    assert version.tags["dataset.training"] == f"{training.name}@{training.digest}"
+    assert version.tags["dataset.test"] == f"{test.name}@{test.digest}"
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+    assert logged.tags["dataset.training"] == version.tags["dataset.training"]
+    assert logged.source_run_id == out["run_id"]
+    on_test = {m.key: m for m in logged.metrics if m.dataset_digest == test.digest}
+    assert on_test["test/psnr_mean"].value == pytest.approx(out["rows"][0]["psnr_mean"])
+    assert on_test["test/psnr_mean"].dataset_name == test.name
 
 
 # The GPU path's logic on CPU workers (train.cuda_shaped): compiled (train.compile auto =

@@ -296,6 +296,14 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
         [1], [1, 2])
     winner_artifacts = {a.path for a in client.list_artifacts(winner["run_id"], "evaluation")}
     assert "evaluation/table_i.md" in winner_artifacts         # completed: full fit()
+    # a trial's run, in a Ray worker, carries the sweep's source and its own datasets
+    won = by_id[winner["run_id"]]
+    assert won.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+    assert won.data.tags.get("mlflow.source.git.commit") == \
+        parent.data.tags.get("mlflow.source.git.commit")
+    assert {i.dataset.name.rsplit("/", 1)[1] for i in won.inputs.dataset_inputs} == {
+        "train", "validation", "test"}
+    assert "Table I, test split" in won.data.tags["mlflow.note.content"]
 
     version = client.get_model_version_by_alias("tiny-tune", "tuned-best")
     assert version.run_id == winner["run_id"]

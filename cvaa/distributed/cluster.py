@@ -10,9 +10,12 @@ are off and Ray's and MLflow's loggers say only warnings. ``verbose=True`` (the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import sys
+import tempfile
+from typing import Any, Iterator
 
 
 # S3 and MLflow settings the driver was given reach the workers too. Secrets never do:
@@ -72,12 +75,46 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kwargs: dict[str, Any] = {"log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.ERROR}
-    if joins_cluster(address):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        # address="local": always a new cluster (ray.init() alone joins any Ray already
-        # running on this machine, e.g. another job's, and then refuses num_cpus)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    with contextlib.nullcontext() if verbose else _without_log_level_notice():
+        if joins_cluster(address):
+            ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+        else:
+            # address="local": always a new cluster (ray.init() alone joins any Ray
+            # already running on this machine, e.g. another job's, and then refuses
+            # num_cpus)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+# What Ray's C++ logger prints, at INFO, whenever RAY_BACKEND_LOG_LEVEL is set.
+_LOG_LEVEL_NOTICE = "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
+@contextlib.contextmanager
+def _without_log_level_notice() -> Iterator[None]:
+    """Drop the one line that ``RAY_BACKEND_LOG_LEVEL`` cannot silence itself.
+
+    As the driver's core worker starts (inside ``ray.init``), Ray's C++ logger announces
+    the level it read from ``RAY_BACKEND_LOG_LEVEL`` on the process's stderr (file
+    descriptor 2, not ``sys.stderr``) before that level applies (``logging.cc: Set ray log
+    level from environment variable ...``). File descriptor 2 is held in a file while the
+    block runs; afterwards every other line written there is passed on unchanged.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace")
+                    .splitlines(keepends=True) if _LOG_LEVEL_NOTICE not in line]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def cluster_cpus() -> int:

@@ -198,7 +198,7 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
         files[f"figure_{key}"] = out / f"{key}.png"
         files[f"figure_{key}"].write_bytes(data)
 
-    run_id = _log_run(job, rows, files, labels, len(case_ids), engine)
+    run_id = _log_run(job, rows, files, labels, dataset, case_ids, engine)
     log(f"[evaluate] wrote {out}; MLflow run {run_id} at {job.mlflow_uri}")
     return {"table": table, "caption": caption, "rows": rows, "per_case": per_case,
             "case_ids": case_ids, "figure_columns": figure_columns,
@@ -289,7 +289,9 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-.]+", "_", label).strip("_") or "model"
 
 
-def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> str:
+def _log_run(job: EvalJob, rows, files, labels, dataset: PreparedDataset,
+             case_ids: Sequence[str], engine: str) -> str:
+    n_cases = len(case_ids)
     run_name = job.run_name or f"evaluate-{job.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"cvaa.kind": "evaluation", "cvaa.data": job.data, "cvaa.split": job.split,
             "cvaa.models": ", ".join(job.models)}
@@ -299,6 +301,15 @@ def _log_run(job: EvalJob, rows, files, labels, n_cases: int, engine: str) -> st
                         "engine": engine, "figure_cases": job.figure_cases,
                         **{f"model.{i}": f"{label} = {uri}" for i, (label, uri)
                            in enumerate(zip(labels, job.models))}})
+        context = "test" if job.split == "test" else "evaluation"
+        run.log_datasets(dataset.root, dataset.manifest, {context: (job.split, case_ids)})
+        run.set_description("\n".join(
+            [f"Table I of {len(job.models)} registered model(s) on the {job.split} split of "
+             f"`{job.data}` ({n_cases} cases):", ""]
+            + [f"- {r['model']}: PSNR {r['psnr_mean']:.2f} ({r['psnr_std']:.2f}) dB, SSIM "
+               f"{r['ssim_mean']:.4f} ({r['ssim_std']:.4f}); x2ct PSNR "
+               f"{r['psnr_x2ct_mean']:.2f} dB, SSIM {r['ssim_x2ct_mean']:.4f}"
+               for r in rows]))
         metrics = {}
         for row in rows:
             name = _metric_name(row["model"])

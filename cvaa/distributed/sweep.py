@@ -45,8 +45,9 @@ from cvaa.data.dataset import PreparedDataset
 from cvaa.distributed import compat
 from cvaa.distributed.storage import ray_storage, storage_filesystem
 from cvaa.distributed.checkpoints import load_checkpoint_generator
-from cvaa.distributed.training import (TrainJob, evaluate_split, log_curves, log_evaluation,
-                                       register, train)
+from cvaa.distributed.training import (TrainJob, dataset_splits, describe_run,
+                                       evaluate_split, log_curves, log_evaluation, register,
+                                       train)
 from cvaa.loop import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
@@ -229,7 +230,9 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
         payload = {"cfg": cfg.to_dict(), "space": sweep.space, "data": job.data,
                    "trial_storage": sweep.trial_storage, "sweep": sweep.name,
                    "mlflow_uri": job.mlflow_uri, "experiment": job.experiment,
-                   "parent_run_id": parent.run_id}
+                   "parent_run_id": parent.run_id, "preset": job.preset,
+                   # the trial's process is a Ray worker: the sweep's entry point and commit
+                   "source_tags": tracking.source_tags()}
         trainable = tune.with_resources(tune.with_parameters(_trial, sweep=payload),
                                         {"CPU": sweep.driver_cpus})
         run_callbacks = [OrphanedPlacementGroupReaper(), *callbacks]
@@ -369,18 +372,19 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = space.apply(Config.from_dict(sweep["cfg"]), params).validate(f"trial {trial_id}")
     job = TrainJob(cfg=cfg, data=sweep["data"], run_name=f"{sweep['sweep']}-{trial_id}",
                    storage=sweep["trial_storage"], mlflow_uri=sweep["mlflow_uri"],
-                   experiment=sweep["experiment"])
+                   experiment=sweep["experiment"], preset=sweep["preset"])
     tags = {"cvaa.tune.sweep": sweep["sweep"], "cvaa.tune.trial_id": trial_id,
             "cvaa.tune.role": "trial", "cvaa.model": cfg.model.generator}
     dataset = PreparedDataset(job.data)
     try:
         with tracking.open_run(job.mlflow_uri, job.run_name, experiment=job.experiment,
                                tags=tags, parent_run_id=sweep["parent_run_id"],
-                               resume=True) as run:
+                               resume=True, source=sweep["source_tags"]) as run:
             result = train(job, run, callbacks=[TuneReportCallback()], log=None)
             if dataset.split("test"):
                 table = evaluate_split(result.generator(cfg), dataset, "test", cfg)
                 log_evaluation(run, table, result.epochs)
+                run.set_description(describe_run(job, dataset_splits(dataset, cfg), table))
             log_curves(run, result.history, f"trial {trial_id}")
     except NonFiniteLossError as exc:
         # A diverging combination is a result of the sweep, not an error to retry on

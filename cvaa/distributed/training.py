@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
-from cvaa.data.dataset import CaseDataset, PreparedDataset
+from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
 from cvaa.distributed.checkpoints import CorruptCheckpointError, load_checkpoint_state
 from cvaa.distributed.cluster import forwarded_env
 from cvaa.distributed.storage import ray_storage
@@ -41,6 +41,7 @@ from cvaa.gan import NonFiniteLossError, per_worker_batch, scaled_lr
 from cvaa.loop import format_epoch
 from cvaa.models import generator_from_state
 from cvaa.scoring import evaluate_cases, table_markdown, table_rows
+from cvaa.tracking.datasets import PreparedSplit
 
 # Table I row labels of the generators (the paper's names).
 MODEL_LABELS = {"cvaa": "CVAA-GAN", "x2ct": "X2CT-GAN", "3dcnn": "3DCNN", "psr": "PSR"}
@@ -133,6 +134,9 @@ def train(job: TrainJob, run: tracking.RunLogger, *, callbacks: Sequence[Any] = 
                     "data.config_hash": dataset.manifest.get("config_hash", ""),
                     "data.train_cases": len(dataset.split("train")),
                     "data.test_cases": len(dataset.split("test"))})
+    splits = dataset_splits(dataset, cfg)
+    run.log_datasets(dataset.root, dataset.manifest, splits)
+    run.set_description(describe_run(job, splits))
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     scaling = ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                       resources_per_worker=resources,
@@ -214,6 +218,44 @@ def _send_kept_entries(job: TrainJob, run: tracking.RunLogger, checkpoint, pendi
         replay(tmp, job.mlflow_uri, run.run_id, log=log or (lambda line: None))
 
 
+def dataset_splits(dataset: PreparedDataset, cfg: Config
+                   ) -> dict[str, tuple[str, list[str]]]:
+    """What a training run reads, by MLflow dataset context: the train split less the
+    validation patients (``train.val_fraction``, as every rank splits it), the validation
+    part, and the test split (Table I)."""
+    train_ids, val_ids = validation_split(dataset, cfg.train.val_fraction, cfg.train.seed)
+    return {"training": ("train", train_ids), "validation": ("validation", val_ids),
+            "test": ("test", dataset.split("test"))}
+
+
+def describe_run(job: TrainJob, splits: Mapping[str, tuple[str, Sequence[str]]],
+                 table: "SplitTable | None" = None) -> str:
+    """The run's description (Markdown): model, preset, data, and once it is scored the
+    test split's Table I line."""
+    cfg = job.cfg
+    counts = ", ".join(f"{len(ids)} {context}" for context, (_, ids) in splits.items())
+    text = (f"**{MODEL_LABELS.get(cfg.model.generator, cfg.model.generator)}** "
+            f"(`model.generator={cfg.model.generator}`), preset {job.preset or 'custom'}, "
+            f"{cfg.train.epochs} epochs, {cfg.train.num_workers} worker(s)"
+            f"{' with GPUs' if cfg.train.use_gpu else ''}; volumes "
+            f"{cfg.preprocess.size}^3 at {cfg.preprocess.spacing_mm:g} mm.\n\n"
+            f"Data: `{job.data}` ({counts} cases).")
+    if table is not None:
+        text += "\n\n" + table_line(table)
+    return text
+
+
+def table_line(table: "SplitTable") -> str:
+    """Table I of the first row as one line: means (std) over the split's cases."""
+    r = table.rows[0]
+    return (f"Table I, {table.split} split ({len(table.case_ids)} cases), {r['model']}: "
+            f"MAE {r['mae_mean']:.4f} ({r['mae_std']:.4f}), MSE {r['mse_mean']:.5f}, "
+            f"cosine {r['cosine_mean']:.4f}, PSNR {r['psnr_mean']:.2f} "
+            f"({r['psnr_std']:.2f}) dB, SSIM {r['ssim_mean']:.4f} ({r['ssim_std']:.4f}); "
+            f"x2ct convention PSNR {r['psnr_x2ct_mean']:.2f} dB, SSIM "
+            f"{r['ssim_x2ct_mean']:.4f}.")
+
+
 # --------------------------------------------------------------------------- step 2: evaluate
 
 class SplitTable(NamedTuple):
@@ -281,16 +323,19 @@ def evaluate_on_workers(result: TrainResult, dataset: PreparedDataset, split: st
     return _split_table(split, case_ids, per_case, cfg)
 
 
-def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int) -> None:
+def log_evaluation(run: tracking.RunLogger, table: SplitTable, step: int, *,
+                   model_id: str | None = None, dataset=None) -> None:
     """Table I and the per-case metrics as MLflow tables, Markdown and ``<split>/*``
-    metrics."""
+    metrics; with ``model_id`` (a logged model) and ``dataset`` (the split's
+    :class:`~cvaa.tracking.datasets.PreparedSplit`) the metrics are also the logged
+    model's, measured on that dataset (how MLflow 3 links a model to its datasets)."""
     run.log_table(table.rows, "evaluation/table_i.json")
     run.log_table([{"case_id": c, **r} for c, r in zip(table.case_ids, table.per_case)],
                   "evaluation/per_case.json")
     run.log_text(f"Table I, {table.split} split ({len(table.case_ids)} cases)\n\n"
                  f"{table.markdown}", "evaluation/table_i.md")
     run.log_metrics({f"{table.split}/{k}": v for k, v in table.rows[0].items()
-                     if isinstance(v, float)}, step)
+                     if isinstance(v, float)}, step, model_id=model_id, dataset=dataset)
 
 
 def log_curves(run: tracking.RunLogger, history: dict[str, list[float]], title: str) -> None:
@@ -325,6 +370,10 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
             "data": job.data, "data.config_hash": str(dataset.manifest.get("config_hash", "")),
             "data.train_cases": str(len(dataset.split("train"))),
             "data.test_cases": str(len(dataset.split("test"))), "source_run_id": run.run_id}
+    splits = {context: PreparedSplit(dataset.root, dataset.manifest, split, ids)
+              for context, (split, ids) in dataset_splits(dataset, cfg).items() if ids}
+    for context, ds in splits.items():
+        tags[f"dataset.{context}"] = f"{ds.name}@{ds.digest}"
     if test_row:
         for key in ("psnr", "ssim", "psnr_x2ct", "ssim_x2ct"):
             tags[f"test.{key}"] = f"{test_row[f'{key}_mean']:.4f}"
@@ -339,9 +388,14 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
                    f"(N, 1, {size}, {size}, {size}) in [0, 1], {spacing:g} mm voxels. "
                    f"{quality} Trained on {job.data} (preprocessing config "
                    f"{tags['data.config_hash']}); MLflow run {run.run_id}.")
-    return tracking.log_generator(run.run_id, generator, cfg.to_dict(), job.register_name,
-                                  alias or job.alias, job.mlflow_uri,
-                                  version_tags=tags, description=description)
+    out = tracking.log_generator(run.run_id, generator, cfg.to_dict(), job.register_name,
+                                 alias or job.alias, job.mlflow_uri,
+                                 version_tags=tags, description=description)
+    # the logged model (MLflow 3's model page) names its datasets as the version does
+    run.client.set_logged_model_tags(out["logged_uri"].removeprefix("models:/"),
+                                     {k: v for k, v in tags.items()
+                                      if k.startswith("dataset.")})
+    return out
 
 
 # --------------------------------------------------------------------------- the job
@@ -389,12 +443,20 @@ def _evaluate_and_register(job: TrainJob, run: tracking.RunLogger, result: Train
         log(f"evaluating the test split ({n_test} cases) on "
             f"{job.cfg.train.num_workers} cluster worker(s)")
         table = evaluate_on_workers(result, dataset, "test", job.cfg)
-        log_evaluation(run, table, result.epochs)
         run.log_metrics({"test_eval_seconds": time.perf_counter() - tick}, result.epochs)
     else:
         log("no test split in the dataset: Table I not computed")
     log_curves(run, result.history, label)
-    return table, register(run, generator, job, dataset, table.rows[0] if table else None)
+    registered = register(run, generator, job, dataset, table.rows[0] if table else None)
+    if table:
+        # logged after registration: the test metrics are then also the logged model's,
+        # on the test dataset (MLflow 3's model page lists it)
+        test = PreparedSplit(dataset.root, dataset.manifest, "test", table.case_ids)
+        log_evaluation(run, table, result.epochs,
+                       model_id=registered["logged_uri"].removeprefix("models:/"),
+                       dataset=test)
+        run.set_description(describe_run(job, dataset_splits(dataset, job.cfg), table))
+    return table, registered
 
 
 def ensure_prepared(cfg: Config, output: str, log=print) -> str:

@@ -72,9 +72,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return {"status": "corrupt", "message": str(exc)}
 
     persist = _PersistAndReport(tracker)
-    outcome = train_epochs(run, on_epoch_end=persist, callbacks=config.get("callbacks") or (),
-                           state=state, resume_warnings=resume_warnings,
-                           log=(lambda line: print(line, flush=True)) if rank == 0 else None)
+    with tracker.system_metrics(cfg.train.system_metrics_s):
+        outcome = train_epochs(run, on_epoch_end=persist,
+                               callbacks=config.get("callbacks") or (), state=state,
+                               resume_warnings=resume_warnings,
+                               log=(lambda line: print(line, flush=True)) if rank == 0
+                               else None)
     if outcome["status"] == "nonfinite":
         # The driver raises with this message; the last good checkpoint stays the run's.
         ray.train.report({"epoch": outcome["epoch"], "nonfinite": 1.0})
@@ -162,10 +165,21 @@ class _RankZeroTracker:
 
     def __init__(self, mlflow_cfg: dict[str, str] | None, rank: int):
         self.active = bool(mlflow_cfg) and rank == 0
+        self.cfg = mlflow_cfg or {}
         if self.active:
             from cvaa.tracking.spool import SpooledRun
             self.run = SpooledRun(mlflow_cfg["tracking_uri"], mlflow_cfg["run_id"],
                                   on_state=lambda line: print(line, flush=True))
+
+    def system_metrics(self, interval_s: float):
+        """MLflow system metrics of rank 0's node while the epochs run."""
+        import contextlib
+
+        from cvaa.tracking import system_metrics
+
+        if not self.active:
+            return contextlib.nullcontext()
+        return system_metrics(self.cfg["tracking_uri"], self.cfg["run_id"], interval_s)
 
     def hold(self) -> None:
         if self.active:

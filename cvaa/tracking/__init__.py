@@ -6,13 +6,16 @@ metrics, the GAN step) never imports it.
 """
 
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, attach_calibration,
-                                    load_generator, load_model, log_generator)
+                                    load_generator, load_model, log_calibration_run,
+                                    log_generator)
 from cvaa.tracking.runs import (CREDENTIAL_VARIABLES, EXPERIMENT, RunKilled, RunLogger,
                                 TrackingAuthError, TrackingUnavailableError, auth_refusal,
-                                check_server, check_tracking_uri, default_tracking_uri, find_run, open_run,
-                                setup)
+                                check_server, check_tracking_uri, default_tracking_uri,
+                                find_run, open_run, setup, source_tags, system_metrics)
 
 __all__ = ["CREDENTIAL_VARIABLES", "EXPERIMENT", "LoadedModel", "ModelLookupError",
            "RunKilled", "RunLogger", "TrackingAuthError", "TrackingUnavailableError",
-           "attach_calibration", "auth_refusal", "check_server", "check_tracking_uri", "default_tracking_uri",
-           "find_run", "load_generator", "load_model", "log_generator", "open_run", "setup"]
+           "attach_calibration", "auth_refusal", "check_server", "check_tracking_uri",
+           "default_tracking_uri", "find_run", "load_generator", "load_model",
+           "log_calibration_run", "log_generator", "open_run", "setup", "source_tags",
+           "system_metrics"]

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from cvaa.tracking.runs import auth_refusal, check_tracking_uri
+from cvaa.tracking.runs import auth_refusal, check_tracking_uri, open_run
 
 # The model definition MLflow logs as code (it is run as a file, never imported from cvaa).
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -233,6 +233,40 @@ def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str)
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, str(value))
     return str(version.version)
+
+
+def log_calibration_run(model_uri: str, tracking_uri: str, data: str,
+                        manifest: Mapping[str, Any], split: str, case_ids: list[str],
+                        calibration_json: str) -> str:
+    """Record a calibration of ``model_uri`` (stored by :func:`attach_calibration`) as an
+    MLflow run: the held-out cases as its dataset input (context ``calibration``), K, the
+    level, the interval's half-width and the calibration file; the version gets the tag
+    ``reliability/run_id``. Returns the run id.
+    """
+    import mlflow
+
+    from cvaa.reliability import CALIBRATION_FILE, ReliabilityCalibration
+
+    calibration = ReliabilityCalibration.from_json(calibration_json)
+    version = _model_version(mlflow.MlflowClient(tracking_uri), model_uri)
+    name = f"calibrate-{version.name}-v{version.version}"
+    with open_run(tracking_uri, name, tags={"cvaa.kind": "calibration",
+                                            "cvaa.model": model_uri}) as run:
+        run.log_datasets(data, manifest, {"calibration": (split, case_ids)})
+        run.log_params({"model": model_uri, "version": version.version, "data": data,
+                        "split": split, "cases": len(case_ids), "k": calibration.k,
+                        "level": calibration.level})
+        run.log_metrics({"halfwidth_db": calibration.halfwidth,
+                         "check_psnr": calibration.check_psnr}, 0)
+        run.log_text(calibration_json, CALIBRATION_FILE)
+        run.set_description(
+            f"Reliability calibration of {model_uri} (version {version.version}) on "
+            f"{len(case_ids)} held-out cases of `{data}` ({split}), K = {calibration.k}: "
+            f"predicted PSNR +-{calibration.halfwidth:.2f} dB at "
+            f"{100 * calibration.level:.0f} %.")
+    run.client.set_model_version_tag(version.name, version.version, "reliability/run_id",
+                                     run.run_id)
+    return run.run_id
 
 
 # --------------------------------------------------------------------------- inference side

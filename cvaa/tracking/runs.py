@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -62,6 +65,86 @@ def find_run(tracking_uri: str, experiment_id: str, run_name: str,
     return None
 
 
+def source_tags(entry_point: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags for a run this process starts, and cvaa's version.
+
+    ``mlflow.source.name`` is the entry point (``jobs/train.py``: ``sys.argv[0]``, relative
+    to the checkout), ``mlflow.source.type`` ``JOB``, ``mlflow.source.git.commit`` the
+    checkout's commit when the ``cvaa`` package runs from a git checkout (absent
+    otherwise), ``cvaa.version`` the package version.
+    """
+    import cvaa
+
+    root = Path(cvaa.__file__).resolve().parents[1]
+    script = Path(entry_point or sys.argv[0] or "python").resolve()
+    name = str(script.relative_to(root)) if script.is_relative_to(root) else script.name
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB",
+            "cvaa.version": cvaa.__version__}
+    commit = _git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(root: Path) -> str | None:
+    """The commit of the checkout at ``root`` (not of a repository that merely contains
+    it), or ``None``."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+        return None
+    return lines[1]
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float,
+                   stop_wait_s: float = 10.0) -> Iterator[None]:
+    """MLflow system metrics of this node logged into ``run_id`` while the block runs:
+    ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, disk
+    and network, and per GPU ``system/gpu_<i>_utilization_percentage`` and
+    ``system/gpu_<i>_memory_usage_megabytes`` where the NVIDIA management library
+    (``nvidia-ml-py``) finds GPUs (none is not an error). One sample every ``interval_s``
+    seconds (MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins when set); ``0``
+    logs none. A resumed run continues the steps. Rank 0 of a training calls it.
+
+    The monitor starts in the background, and leaving the block waits at most
+    ``stop_wait_s`` for its last flush: a tracking server that is down must not hold up a
+    training (MLflow retries an unreachable server for minutes; the spool of
+    :mod:`cvaa.tracking.spool` keeps the run's own entries, and the system metrics of an
+    outage are not worth a stall).
+    """
+    if interval_s <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitors: list[SystemMetricsMonitor] = []
+
+    def start() -> None:   # resuming the steps reads the run: a call that may retry
+        monitors.append(SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                             resume_logging=True, tracking_uri=tracking_uri))
+        monitors[0].start()
+
+    def stop() -> None:
+        starting.join()
+        if monitors:
+            monitors[0].finish()
+
+    starting = threading.Thread(target=start, name="cvaa-system-metrics-start", daemon=True)
+    starting.start()
+    try:
+        yield
+    finally:
+        stopping = threading.Thread(target=stop, name="cvaa-system-metrics-stop",
+                                    daemon=True)
+        stopping.start()
+        stopping.join(timeout=stop_wait_s)
+
+
 class RunKilled(Exception):
     """Raised inside :func:`open_run` to close the run KILLED (a stop, not a failure)."""
 
@@ -69,8 +152,8 @@ class RunKilled(Exception):
 @contextlib.contextmanager
 def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-             resume: bool = False, log: Callable[[str], None] | None = None
-             ) -> Iterator["RunLogger"]:
+             resume: bool = False, log: Callable[[str], None] | None = None,
+             source: Mapping[str, str] | None = None) -> Iterator["RunLogger"]:
     """The one lifecycle of every cvaa MLflow run: open it, yield a logger, close it.
 
     Opening creates a run called ``name`` (a child of ``parent_run_id`` if given), or
@@ -85,6 +168,9 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     it stays RUNNING for its parent to close (a sweep knows whether its scheduler stopped
     the trial or the trial failed; see ``cvaa.distributed.sweep``).
 
+    Every run carries MLflow's source tags (``source``, default :func:`source_tags` of
+    this process; a resumed run gets those of the code that resumed it).
+
     Example:
         >>> with open_run("sqlite:///mlflow.db", "cvaa-demo", resume=True) as run:
         ...     run.log_metrics({"loss": 0.1}, step=1)
@@ -95,14 +181,15 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
         experiment_id = setup(tracking_uri, experiment)
         client = mlflow.MlflowClient(tracking_uri)
         run_id = find_run(tracking_uri, experiment_id, name, tags) if resume else None
+        run_tags = {**(source or source_tags()), **(tags or {})}
         if run_id is None:
-            run_tags = dict(tags or {})
             if parent_run_id:
                 run_tags["mlflow.parentRunId"] = parent_run_id
             run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
             verb = "started"
         else:
             client.update_run(run_id, status="RUNNING")
+            _set_tags(client, run_id, run_tags)   # the code that resumed it
             verb = "resumed"
     except Exception as exc:
         raise auth_refusal(exc, tracking_uri) or exc
@@ -123,6 +210,12 @@ def open_run(tracking_uri: str, name: str, *, experiment: str = EXPERIMENT,
     logger.set_terminated("FINISHED")
 
 
+def _set_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 class RunLogger:
     """Logs into one existing run through the client API (no global active run), so it
     works from a Ray worker as well as from the driver."""
@@ -141,14 +234,36 @@ class RunLogger:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, *,
+                    model_id: str | None = None, dataset=None) -> None:
+        """Metrics at ``step``; with ``model_id`` (a logged model) and ``dataset`` (an
+        ``mlflow.data`` dataset) they are also the logged model's, measured on that
+        dataset."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        on = ({"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+              if dataset is not None else {})
         self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step) for k, v in metrics.items()])
+            Metric(k, float(v), now, step, model_id=model_id, **on)
+            for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        _set_tags(self.client, self.run_id, tags)
+
+    def set_description(self, text: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content``, Markdown)."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def log_datasets(self, root: str, manifest: Mapping[str, Any],
+                     splits: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, Any]:
+        """Splits of a prepared dataset as the run's dataset inputs
+        (:func:`cvaa.tracking.datasets.log_splits`); returns them by context."""
+        from cvaa.tracking.datasets import log_splits
+
+        return log_splits(self.client, self.run_id, root, manifest, splits)
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory(prefix="cvaa-art-") as tmp:
