@@ -61,10 +61,12 @@ def script_jobs(script: str) -> list[str] | None:
     """The jobs a shell script hands its arguments to (a command ending in ``"$@"``:
     ``python jobs/x.py ... "$@"``); ``None`` when it hands them to something else
     (pytest); ``[]`` when it takes none (a ``"$@"`` inside a function is the function's)."""
-    lines = re.sub(r"\\\n\s*", " ", (ROOT / script).read_text()).splitlines()
+    text = (ROOT / script).read_text()
+    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
     forwarding = [line for line in lines if line.rstrip().endswith('"$@"')]
     if not forwarding:
-        return []
+        # positional parameters of its own (``"$1"``, ``${1:-...}``): not a job's options
+        return None if re.search(r'\$\{?1\b', text) else []
     jobs = {m for line in forwarding for m in re.findall(r"python3?\s+(jobs/[\w.-]+\.py)", line)}
     return sorted(jobs) or None
 
