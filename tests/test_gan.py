@@ -256,7 +256,9 @@ def test_a_padded_batch_has_the_loss_of_the_short_batch():
                                              torch.cat([ct[:1], filler[1]]),
                                              weight=torch.tensor([1.0, 0.0])).items()}
     assert all(b[k] == pytest.approx(a[k], rel=1e-5) for k in a)
+    # Adam's first update is ~lr * sign(gradient): where a gradient is ~0, rounding moves
+    # it by up to lr (1e-3); an update from the padding samples would move every weight.
     for p, q in zip(_params(short), _params(padded)):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"\(2,\) tensor"):
         padded.step(xrays, ct, weight=torch.ones(3))
