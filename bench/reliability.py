@@ -349,7 +349,7 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
              for r in v["settings"][setting]]
         a2.plot(np.full(len(d), j) + np.random.default_rng(j).uniform(-0.2, 0.2, len(d)),
                 np.log10(d), ".", alpha=0.6)
-    thr = [v["calibration"]["ood_threshold"] ** 0.5 for v in per_model.values()]
+    thr = [v["calibration"]["ood_threshold"] for v in per_model.values()]
     for t in thr:
         a2.axhline(np.log10(t), color="r", lw=0.8, ls="--")
     a2.set_xticks(range(len(names)))

@@ -49,7 +49,8 @@ from cvaa.config import Config
 from cvaa.data.augment import RenderParams, _display, sample_params
 from cvaa.data.drr import gaussian_blur, render_drr
 
-VERDICTS = ("ok", "check", "out of distribution")
+# ``uncalibrated``: the model has no calibration, so there is no predicted PSNR to give.
+VERDICTS = ("ok", "check", "out of distribution", "uncalibrated")
 CALIBRATION_FILE = "reliability_calibration.json"
 
 # Features the PSNR regression reads (a few, so 30-60 held-out cases fit them); the
@@ -315,8 +316,41 @@ def conformal_quantile(residuals: Sequence[float], level: float) -> float:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     values = np.sort(np.asarray(list(residuals), float))
-    rank = math.ceil((len(values) + 1) * level)
+    rank = conformal_rank(len(values), level)
     return float(values[rank - 1]) if rank <= len(values) else math.inf
+
+
+def conformal_rank(n: int, level: float) -> int:
+    """The rank ``ceil((n + 1) * level)`` :func:`conformal_quantile` takes of ``n``
+    residuals; above ``n`` the quantile is infinite."""
+    # The rounding guard keeps e.g. (19 + 1) * 0.95 = 19.000000000000004 at rank 19.
+    return math.ceil(round((n + 1) * level, 9))
+
+
+def minimum_cases(level: float = 0.9, ood_level: float = 0.95, fit_fraction: float = 0.5,
+                  min_fit: int = 8) -> int:
+    """The fewest held-out cases :meth:`ReliabilityCalibration.fit` accepts: its conformal
+    part (``1 - fit_fraction`` of them) must give a finite rank at ``level`` (the interval)
+    and at ``ood_level`` (the distance threshold), and its fitting part at least
+    ``min_fit`` cases.
+
+    Example:
+        >>> minimum_cases(0.9, 0.95)
+        37
+    """
+    for level_ in (level, ood_level):
+        if not 0.0 < level_ < 1.0:
+            raise ValueError(f"levels must be in (0, 1), got {level_}")
+    if not 0.0 < fit_fraction < 1.0:
+        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+    n = 2
+    while True:
+        n_fit = int(round(n * fit_fraction))
+        n_conf = n - n_fit
+        if n_fit >= min_fit and all(conformal_rank(n_conf, lv) <= n_conf
+                                    for lv in (level, ood_level)):
+            return n
+        n += 1
 
 
 @dataclass(frozen=True)
@@ -324,11 +358,17 @@ class Assessment:
     """The verdict on one reconstruction.
 
     Attributes:
-        score: the reliability score, in dB: the PSNR the calibration predicts.
+        score: the reliability score, in dB: the PSNR the calibration predicts (NaN when
+            ``uncalibrated``).
         psnr_low, psnr_high: the split-conformal interval at ``level``.
         ood_distance: Mahalanobis distance of the features to the calibration cases.
-        verdict: ``ok``, ``check`` (predicted PSNR among the calibration's worst tenth) or
-            ``out of distribution`` (distance beyond the calibration's threshold).
+        ood_threshold: the distance beyond which an input is ``out of distribution`` (the
+            calibration's :attr:`ReliabilityCalibration.ood_threshold`, the same quantity).
+        verdict: ``out of distribution`` (distance beyond the threshold: the predicted PSNR
+            means nothing then), else ``check`` (predicted PSNR below
+            :attr:`ReliabilityCalibration.check_psnr`, the 10th percentile of the
+            calibration cases' actual PSNR), else ``ok``; ``uncalibrated`` without a
+            calibration.
     """
 
     score: float
@@ -339,18 +379,36 @@ class Assessment:
     ood_threshold: float
     verdict: str
 
+    @classmethod
+    def uncalibrated(cls) -> "Assessment":
+        """What a model without a calibration can say: nothing about its PSNR."""
+        nan = math.nan
+        return cls(nan, nan, nan, nan, nan, nan, "uncalibrated")
+
     @property
-    def predicted_psnr(self) -> float:
-        return self.score
+    def predicted_psnr(self) -> float | None:
+        """The predicted PSNR where it means something (``ok`` or ``check``), else None."""
+        return self.score if self.verdict in ("ok", "check") else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "predicted_psnr": self.score}
+        """JSON-ready: NaN as None, and ``predicted_psnr`` (None unless ``ok`` / ``check``)."""
+        out = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+               for k, v in asdict(self).items()}
+        return {**out, "predicted_psnr": self.predicted_psnr}
 
     def line(self) -> str:
-        """One console line."""
+        """One console line; no predicted PSNR where it means nothing."""
+        if self.verdict == "uncalibrated":
+            return ("reliability: uncalibrated (the model has no calibration: "
+                    "jobs/calibrate.py); no predicted PSNR")
+        distance = (f"input distance {self.ood_distance:.1f} "
+                    f"(threshold {self.ood_threshold:.1f})")
+        if self.verdict == "out of distribution":
+            return (f"reliability: out of distribution; {distance}: the input is unlike "
+                    "every case the model was calibrated on, so no PSNR can be predicted")
         return (f"reliability: {self.verdict}; predicted PSNR {self.score:.1f} dB "
                 f"({100 * self.level:.0f} % interval {self.psnr_low:.1f}-{self.psnr_high:.1f}); "
-                f"input distance {self.ood_distance:.1f} (threshold {self.ood_threshold:.1f})")
+                f"{distance}")
 
 
 @dataclass(frozen=True)
@@ -360,7 +418,16 @@ class ReliabilityCalibration:
     Fitted by :meth:`fit` on held-out cases split in two: the first part fits the ridge
     regression of PSNR on :data:`SCORE_FEATURES` and the input distribution (mean,
     scale and shrunk covariance of :data:`OOD_FEATURES`); the second, which neither saw,
-    gives the conformal half-width and the distance threshold.
+    gives the conformal half-width and the distance threshold. ``dataset`` and
+    ``case_ids`` name the cases it was fitted on, so that nobody reports its quality on
+    them (:func:`cvaa.data.dataset.dataset_fingerprint`).
+
+    Attributes:
+        halfwidth: the interval's half-width, dB (finite: :meth:`fit` refuses too few
+            cases).
+        ood_threshold: the Mahalanobis distance (not its square) beyond which an input is
+            ``out of distribution``.
+        check_psnr: the 10th percentile of the calibration cases' actual PSNR, dB.
     """
 
     level: float
@@ -380,14 +447,17 @@ class ReliabilityCalibration:
     n_fit: int
     n_conformal: int
     k: int
+    dataset: str
+    case_ids: tuple[str, ...]
     info: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fit
     @classmethod
     def fit(cls, rows: Sequence[Mapping[str, float]], psnr: Sequence[float], *,
             k: int, level: float = 0.9, ood_level: float = 0.95, fit_fraction: float = 0.5,
-            ridge: float = 1.0, shrinkage: float = 0.2, seed: int = 0,
-            info: Mapping[str, Any] | None = None) -> "ReliabilityCalibration":
+            ridge: float = 1.0, shrinkage: float = 0.2, seed: int = 0, dataset: str = "",
+            case_ids: Sequence[str] = (), info: Mapping[str, Any] | None = None
+            ) -> "ReliabilityCalibration":
         """Fit on held-out cases (their :func:`features` at ``k`` and actual PSNR).
 
         Args:
@@ -401,19 +471,41 @@ class ReliabilityCalibration:
             ridge: L2 penalty on the standardised coefficients.
             shrinkage: covariance shrinkage towards the identity (standardised).
             seed: the random split.
+            dataset: fingerprint of the dataset the cases come from
+                (:func:`cvaa.data.dataset.dataset_fingerprint`), "" if none.
+            case_ids: the cases' ids in that dataset (one per row, or none).
+
+        Raises:
+            ValueError: fewer cases than :func:`minimum_cases` (the interval or the
+                distance threshold would be infinite), a non-finite feature or PSNR, or
+                ``case_ids`` of another length than ``rows``.
         """
         n = len(rows)
         if n != len(psnr):
             raise ValueError(f"rows ({n}) and psnr ({len(psnr)}) differ in length")
-        if n < 8:
-            raise ValueError(f"need at least 8 held-out cases to calibrate, got {n}")
+        if case_ids and len(case_ids) != n:
+            raise ValueError(f"case_ids ({len(case_ids)}) and rows ({n}) differ in length")
+        need = minimum_cases(level, ood_level, fit_fraction)
+        if n < need:
+            raise ValueError(
+                f"need at least {need} held-out cases to calibrate at level {level} and "
+                f"ood_level {ood_level} (fit_fraction {fit_fraction}), got {n}: with fewer, "
+                "the split-conformal interval or the out-of-distribution threshold is "
+                "infinite")
+        y = np.asarray(psnr, float)
+        if not np.isfinite(y).all():
+            raise ValueError(f"psnr: case {int(np.argmin(np.isfinite(y)))} is not finite")
         order = np.random.default_rng(seed).permutation(n)
         n_fit = int(round(n * fit_fraction))
         first, second = order[:n_fit], order[n_fit:]
-        y = np.asarray(psnr, float)
 
         def matrix(names, idx):
-            return np.array([[float(rows[i][name]) for name in names] for i in idx])
+            out = np.array([[float(rows[i][name]) for name in names] for i in idx])
+            bad = ~np.isfinite(out)
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise ValueError(f"feature {names[j]!r} of case {int(idx[i])} is not finite")
+            return out
 
         xs = matrix(SCORE_FEATURES, first)
         mean, scale = xs.mean(0), xs.std(0) + 1e-9
@@ -430,7 +522,7 @@ class ReliabilityCalibration:
         cov = (1 - shrinkage) * np.cov(zo, rowvar=False) + shrinkage * np.eye(zo.shape[1])
         precision = np.linalg.inv(cov)
         d2 = _mahalanobis((matrix(OOD_FEATURES, second) - o_mean) / o_scale, precision)
-        threshold = conformal_quantile(d2, ood_level)
+        threshold = math.sqrt(conformal_quantile(d2, ood_level))
         return cls(level=level, halfwidth=float(halfwidth),
                    score_features=SCORE_FEATURES, score_mean=_t(mean), score_scale=_t(scale),
                    coef=_t(coef), intercept=intercept, ood_features=OOD_FEATURES,
@@ -438,7 +530,8 @@ class ReliabilityCalibration:
                    ood_precision=tuple(_t(r) for r in precision), ood_level=ood_level,
                    ood_threshold=float(threshold),
                    check_psnr=float(np.quantile(y, 0.1)), n_fit=int(n_fit),
-                   n_conformal=int(n - n_fit), k=int(k), info=dict(info or {}))
+                   n_conformal=int(n - n_fit), k=int(k), dataset=str(dataset),
+                   case_ids=tuple(str(c) for c in case_ids), info=dict(info or {}))
 
     # ------------------------------------------------------------------ use
     def score(self, row: Mapping[str, float]) -> float:
@@ -457,19 +550,18 @@ class ReliabilityCalibration:
         """Score, interval, distance and verdict of one feature dict."""
         score = self.score(row)
         distance = self.ood_distance(row)
-        threshold = math.sqrt(self.ood_threshold)
-        if not math.isfinite(distance) or distance > threshold:
+        if not math.isfinite(distance) or distance > self.ood_threshold:
             verdict = "out of distribution"
         elif score < self.check_psnr:
             verdict = "check"
         else:
             verdict = "ok"
         return Assessment(score, score - self.halfwidth, score + self.halfwidth, self.level,
-                          distance, threshold, verdict)
+                          distance, self.ood_threshold, verdict)
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(asdict(self), indent=1, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "ReliabilityCalibration":
@@ -481,13 +573,17 @@ class ReliabilityCalibration:
         missing = sorted(n for n, f in cls.__dataclass_fields__.items()
                          if n not in data and n != "info")
         if missing:
-            raise ValueError(f"reliability calibration: missing field(s) {missing}")
+            raise ValueError(f"reliability calibration: missing field(s) {missing} (a "
+                             "calibration of an older cvaa: run jobs/calibrate.py again)")
         for key in ("score_features", "score_mean", "score_scale", "coef", "ood_features",
-                    "ood_mean", "ood_scale"):
+                    "ood_mean", "ood_scale", "case_ids"):
             data[key] = tuple(data[key])
         data["ood_precision"] = tuple(tuple(r) for r in data["ood_precision"])
+        for key in ("halfwidth", "ood_threshold"):
+            if not math.isfinite(float(data[key])):
+                raise ValueError(f"reliability calibration: {key} is {data[key]} (fitted on "
+                                 "too few cases): run jobs/calibrate.py again")
         return cls(**data)
-
 
 def _t(values) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
@@ -509,7 +605,8 @@ class Reliability:
         uncertainty: ``(S, S, S)`` per-voxel standard deviation, normalised units.
         drr: ``(2, P, P)`` DRRs of the estimate; residual: ``drr - xrays``.
         features: :func:`features`.
-        assessment: score, interval and verdict (``None`` without a calibration).
+        assessment: score, interval and verdict (verdict ``uncalibrated`` without a
+            calibration).
         k: forward samples.
     """
 
@@ -518,15 +615,12 @@ class Reliability:
     drr: np.ndarray
     residual: np.ndarray
     features: dict[str, float]
-    assessment: Assessment | None
+    assessment: Assessment
     k: int
 
     def metadata(self) -> dict[str, Any]:
         """What goes next to the output: the features and the assessment."""
-        out: dict[str, Any] = {"k": self.k, "features": dict(self.features)}
-        if self.assessment is not None:
-            out.update(self.assessment.to_dict())
-        return out
+        return {"k": self.k, "features": dict(self.features), **self.assessment.to_dict()}
 
 
 def assess(generator: nn.Module, xrays, cfg: Config,
@@ -538,7 +632,7 @@ def assess(generator: nn.Module, xrays, cfg: Config,
         generator: the generator.
         xrays: ``(2, P, P)`` in [0, 1].
         cfg: the model's config.
-        calibration: the model's calibration; ``None`` leaves out the assessment.
+        calibration: the model's calibration; ``None``: the verdict is ``uncalibrated``.
         k: forward samples (a calibration fitted at another ``k`` is refused).
     """
     if calibration is not None and calibration.k != k:
@@ -551,7 +645,8 @@ def assess(generator: nn.Module, xrays, cfg: Config,
     row = features(x, estimate, uncertainty, cfg, drr=drr)
     return Reliability(estimate[0, 0].numpy(), uncertainty[0, 0].numpy(), drr[0].numpy(),
                        (drr[0] - x).numpy(), row,
-                       calibration.assess(row) if calibration is not None else None, k)
+                       calibration.assess(row) if calibration is not None
+                       else Assessment.uncalibrated(), k)
 
 
 def measure_cases(generator: nn.Module, cases, cfg: Config, k: int, seed: int = 0
@@ -616,6 +711,7 @@ def view_attention(generator: nn.Module, xrays) -> list[np.ndarray]:
 __all__ = [
     "VERDICTS", "CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "reproject",
     "reprojection_consistency", "perturb_xrays", "sample_xrays", "estimate_with_uncertainty",
-    "input_features", "features", "body_threshold", "conformal_quantile", "Assessment",
+    "input_features", "features", "body_threshold", "conformal_quantile", "conformal_rank",
+    "minimum_cases", "Assessment",
     "ReliabilityCalibration", "Reliability", "assess", "measure_cases", "view_attention",
 ]

@@ -241,14 +241,10 @@ def _reliability(generator, cfg, xrays, result, model, args, unc_out: str, meta_
             "uncertainty": unc_out, "uncertainty_unit": "HU (standard deviation)",
             **rel.metadata()}
     f = rel.features
-    if rel.assessment is not None:
-        meta["line"] = rel.assessment.line()
-    else:
-        meta["verdict"] = "uncalibrated"
-        meta["line"] = (f"reliability: uncalibrated (no calibration stored with {model.uri}: "
-                        f"jobs/calibrate.py); reprojection NCC PA "
-                        f"{f['reprojection_ncc_pa']:.3f}, lateral "
-                        f"{f['reprojection_ncc_lateral']:.3f}")
+    meta["line"] = rel.assessment.line()
+    if rel.assessment.verdict == "uncalibrated":
+        meta["line"] += (f"; reprojection NCC PA {f['reprojection_ncc_pa']:.3f}, lateral "
+                         f"{f['reprojection_ncc_lateral']:.3f}")
     if args.dicom:
         import pydicom
 

@@ -140,23 +140,62 @@ def test_calibration_predicts_covers_flags_and_round_trips_as_json():
     assert json.loads(cal.to_json())["level"] == 0.9
     with pytest.raises(ValueError, match="unknown field"):
         R.ReliabilityCalibration.from_json(json.dumps({**json.loads(cal.to_json()), "x": 1}))
-    with pytest.raises(ValueError, match="at least 8"):
-        R.ReliabilityCalibration.fit(rows[:5], psnr[:5], k=8)
+    old = {k: v for k, v in json.loads(cal.to_json()).items() if k != "case_ids"}
+    with pytest.raises(ValueError, match="missing field.*case_ids"):
+        R.ReliabilityCalibration.from_json(json.dumps(old))
+
+
+def test_fit_refuses_a_case_count_whose_interval_or_threshold_would_be_infinite():
+    # 37 cases: 18 fit, 19 conformal; rank ceil(20 * 0.95) = 19 <= 19 is the first finite
+    assert R.minimum_cases(0.9, 0.95) == 37
+    assert R.minimum_cases(0.8, 0.8) == 15        # 8 fit (min_fit), 7 conformal: rank 7
+    rows, psnr = _synthetic_rows(37, np.random.default_rng(4))
+    with pytest.raises(ValueError, match="at least 37 held-out cases.*got 36"):
+        R.ReliabilityCalibration.fit(rows[:36], psnr[:36], k=8)
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=8)
+    assert math.isfinite(cal.halfwidth) and math.isfinite(cal.ood_threshold)
+    assert (cal.n_fit, cal.n_conformal) == (18, 19)
+    bad = [dict(r) for r in rows]
+    bad[5]["log_uncertainty"] = math.nan
+    with pytest.raises(ValueError, match="'log_uncertainty' of case 5 is not finite"):
+        R.ReliabilityCalibration.fit(bad, psnr, k=8)
+    with pytest.raises(ValueError, match="psnr: case 2"):
+        R.ReliabilityCalibration.fit(rows, psnr[:2] + [math.inf] + psnr[3:], k=8)
+    with pytest.raises(ValueError, match="case_ids"):
+        R.ReliabilityCalibration.fit(rows, psnr, k=8, case_ids=["a"])
+    text = json.loads(cal.to_json())
+    with pytest.raises(ValueError, match="halfwidth is inf"):
+        R.ReliabilityCalibration.from_json(json.dumps({**text, "halfwidth": math.inf}))
+
+
+def test_the_verdict_line_gives_no_psnr_where_it_means_nothing():
+    ok = R.Assessment(31.0, 30.0, 32.0, 0.9, 2.0, 6.0, "ok")
+    assert "predicted PSNR 31.0 dB (90 % interval 30.0-32.0)" in ok.line()
+    assert ok.to_dict()["predicted_psnr"] == 31.0
+    far = R.Assessment(-13.2, -14.0, -12.4, 0.9, 57.0, 6.0, "out of distribution")
+    assert "PSNR" not in far.line().replace("no PSNR", "") and "57.0" in far.line()
+    assert far.to_dict()["predicted_psnr"] is None and far.to_dict()["score"] == -13.2
+    none = R.Assessment.uncalibrated()
+    assert none.verdict == "uncalibrated" and none.verdict in R.VERDICTS
+    assert "jobs/calibrate.py" in none.line() and "dB" not in none.line()
+    assert none.to_dict()["score"] is None and json.dumps(none.to_dict(), allow_nan=False)
 
 
 def test_assess_refuses_a_calibration_of_another_k_and_reports_metadata():
     torch.manual_seed(0)
     g = build_generator("cvaa", CFG)
     x = R.reproject(_body(), CFG)[0]
-    rows, psnr = _synthetic_rows(20, np.random.default_rng(2))
+    rows, psnr = _synthetic_rows(40, np.random.default_rng(2))
     cal = R.ReliabilityCalibration.fit(rows, psnr, k=4)
     with pytest.raises(ValueError, match="k=4"):
         R.assess(g, x, CFG, cal, k=2)
     rel = R.assess(g, x, CFG, cal, k=4)
     meta = rel.metadata()
-    assert meta["verdict"] in R.VERDICTS and meta["k"] == 4
+    assert meta["verdict"] in R.VERDICTS[:3] and meta["k"] == 4
     assert rel.uncertainty.shape == (S, S, S) and rel.residual.shape == (2, S, S)
     assert "reliability:" in rel.assessment.line()
+    bare = R.assess(g, x, CFG, None, k=4)
+    assert bare.assessment.verdict == "uncalibrated" and bare.metadata()["score"] is None
 
 
 def test_view_attention_weights_per_scale_sum_to_one():

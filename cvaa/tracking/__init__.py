@@ -6,7 +6,8 @@ metrics, the GAN step) never imports it.
 """
 
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, attach_calibration,
-                                    load_generator, load_model, log_generator)
+                                    load_generator, load_model, log_generator,
+                                    model_version_tags)
 from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavailableError,
                                 check_tracking_uri, default_tracking_uri,
                                 find_run, open_run, setup)
@@ -14,4 +15,4 @@ from cvaa.tracking.runs import (EXPERIMENT, RunKilled, RunLogger, TrackingUnavai
 __all__ = ["EXPERIMENT", "LoadedModel", "ModelLookupError", "RunLogger", "attach_calibration",
            "TrackingUnavailableError", "check_tracking_uri",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
-           "log_generator", "open_run", "RunKilled", "setup"]
+           "log_generator", "model_version_tags", "open_run", "RunKilled", "setup"]
