@@ -121,7 +121,9 @@ def test_reconstruct_writes_the_uncertainty_metadata_and_a_line(tmp_path, calibr
                      "--out", str(plain), "--mlflow-uri", calibrated["uri"],
                      "--no-reliability"]) == 0
     assert not (tmp_path / "plain_uncertainty.nii.gz").exists()
-    np.testing.assert_array_equal(read_ct(str(plain), check_hu=False).array, est.array)
+    # the estimate with reliability is the batch's sample 0, reused: the plain one up to
+    # float rounding (well under 1 HU)
+    np.testing.assert_allclose(read_ct(str(plain), check_hu=False).array, est.array, atol=1.0)
 
 
 def test_dicom_uncertainty_is_a_derived_series_of_the_same_study(tmp_path, calibrated,
