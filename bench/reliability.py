@@ -366,15 +366,11 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15) -> dict:
-    """Median seconds of a plain reconstruction and of :func:`cvaa.reliability.assess` at
-    each K, interleaved on one test case (the machine's load hits them alike)."""
-    cfg = Config.from_dict(model.config)
-    g = model.generator.eval()
-    x = data.arrays(data.split("test")[0])[0]
-    calls = {"plain": lambda: reconstruct(g, x),
-             **{f"K={k}": (lambda k=k: reliability.assess(g, x, cfg, k=k)) for k in ks}}
-    for fn in calls.values():                     # warm-up
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median milliseconds of each call and its ratio to ``calls["plain"]``, the calls
+    interleaved round by round after one warm-up each (the machine's load hits them
+    alike)."""
+    for fn in calls.values():
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -385,6 +381,17 @@ def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15)
     plain = float(np.median(seconds["plain"]))
     return {name: {"ms": 1000 * float(np.median(v)), "ratio": float(np.median(v)) / plain}
             for name, v in seconds.items()}
+
+
+def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15) -> dict:
+    """Median seconds of a plain reconstruction and of :func:`cvaa.reliability.assess` at
+    each K, interleaved on one test case (the machine's load hits them alike)."""
+    cfg = Config.from_dict(model.config)
+    g = model.generator.eval()
+    x = data.arrays(data.split("test")[0])[0]
+    calls = {"plain": lambda: reconstruct(g, x),
+             **{f"K={k}": (lambda k=k: reliability.assess(g, x, cfg, k=k)) for k in ks}}
+    return interleaved_medians(calls, repeats)
 
 
 def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: int = 15
@@ -410,17 +417,7 @@ def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: in
     calls = {"plain": lambda: reconstruct_to_file(g, cfg, x, str(out / "ct.nii.gz")),
              "reused": lambda: with_reliability(True),
              "twice": lambda: with_reliability(False)}
-    for fn in calls.values():                     # warm-up
-        fn()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
-    plain = float(np.median(seconds["plain"]))
-    return {name: {"ms": 1000 * float(np.median(v)), "ratio": float(np.median(v)) / plain}
-            for name, v in seconds.items()}
+    return interleaved_medians(calls, repeats)
 
 
 def example_figures(item: str, tracking_uri: str, data: PreparedDataset, k: int,
