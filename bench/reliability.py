@@ -46,6 +46,7 @@ from cvaa.config import Config  # noqa: E402
 from cvaa.data.dataset import PreparedDataset  # noqa: E402
 from cvaa.inference import fit_detector, prepare_xrays, reconstruct  # noqa: E402
 from cvaa.metrics import psnr  # noqa: E402
+from cvaa.models.fusion import view_attention  # noqa: E402
 from robustness import render_setting  # noqa: E402
 
 SHIFTS = [("rotation", 10.0), ("distance", 0.1), ("LUT", 0.3), ("scatter", 0.3),
@@ -434,7 +435,7 @@ def example_figures(item: str, tracking_uri: str, data: PreparedDataset, k: int,
     out.with_name(out.name + "_uncertainty.png").write_bytes(reliability_grid(
         rel.estimate, rel.uncertainty, ct[0], title=f"{label}, test case {case_id}, K = {k}"))
     out.with_name(out.name + "_attention.png").write_bytes(attention_grid(
-        reliability.view_attention(model.generator, xrays),
+        view_attention(model.generator, xrays),
         title=f"{label}, test case {case_id}: CVAA view attention per scale"))
 
 

@@ -1,4 +1,6 @@
-"""cvaa.reliability: reprojection, perturbations, uncertainty, features, calibration."""
+"""cvaa.reliability: reprojection, uncertainty, features, calibration, verdict; the
+image-space perturbations (cvaa.data.augment) and view attention (cvaa.models.fusion) it
+uses."""
 
 import json
 import math
@@ -9,9 +11,10 @@ import torch
 
 from cvaa import reliability as R
 from cvaa.config import load_config
-from cvaa.data.augment import RenderParams
+from cvaa.data.augment import RenderParams, perturb_xrays
 from cvaa.data.drr import render_drr
 from cvaa.models import build_generator
+from cvaa.models.fusion import view_attention
 
 CFG = load_config("cpu")
 S = CFG.preprocess.size
@@ -66,11 +69,11 @@ def test_reprojection_of_a_cube_matches_its_drr_and_sees_the_views_apart():
 def test_perturbation_identity_is_identity_and_draws_change_the_image():
     x = R.reproject(_body(), CFG)[0]
     fov = S * CFG.preprocess.spacing_mm
-    assert torch.equal(R.perturb_xrays(x, RenderParams(), CFG.drr.log_scale, fov), x)
-    zoomed = R.perturb_xrays(x, RenderParams(zoom=1.2), CFG.drr.log_scale, fov)
+    assert torch.equal(perturb_xrays(x, RenderParams(), CFG.drr.log_scale, fov), x)
+    zoomed = perturb_xrays(x, RenderParams(zoom=1.2), CFG.drr.log_scale, fov)
     # smaller on the detector: the body's extent shrinks
     assert (zoomed[0].mean(0) > 0.01).sum() < (x[0].mean(0) > 0.01).sum()
-    moved = R.perturb_xrays(x, RenderParams(shift_mm=(32.0, 0.0, 0.0)), CFG.drr.log_scale,
+    moved = perturb_xrays(x, RenderParams(shift_mm=(32.0, 0.0, 0.0)), CFG.drr.log_scale,
                             fov)
     # 32 mm = 4 pixels at 8 mm: the PA's column profile moves by 4, the lateral stays
     shift = int(np.argmax(np.correlate(moved[0].mean(0).numpy(), x[0].mean(0).numpy(),
@@ -201,11 +204,11 @@ def test_assess_refuses_a_calibration_of_another_k_and_reports_metadata():
 def test_view_attention_weights_per_scale_sum_to_one():
     torch.manual_seed(0)
     g = build_generator("cvaa", CFG)
-    maps = R.view_attention(g, torch.rand(2, S, S))
+    maps = view_attention(g, torch.rand(2, S, S))
     assert [m.shape[1] for m in maps] == [8, 16, 32]
     assert all(np.allclose(m.sum(0), 1.0, atol=1e-5) for m in maps)
     with pytest.raises(ValueError, match="no view-attention"):
-        R.view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
+        view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
 
 
 def _bench():

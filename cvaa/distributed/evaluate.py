@@ -336,6 +336,7 @@ def _reliability_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
     ``figure_ids``: run on a cluster worker (or here with the local engine)."""
     from cvaa import reliability
     from cvaa.config import Config
+    from cvaa.models.fusion import view_attention
 
     device = _device(use_gpu, threads)
     dataset = PreparedDataset(data)
@@ -349,7 +350,7 @@ def _reliability_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
         cases.append({"case_id": case_id, **rel.assessment.to_dict()})
         if case_id in figure_ids:
             try:
-                attention = reliability.view_attention(generator, xrays)
+                attention = view_attention(generator, xrays)
             except ValueError:              # a baseline without view attention
                 attention = []
             figures[case_id] = {"estimate": rel.estimate, "uncertainty": rel.uncertainty,
