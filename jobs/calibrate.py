@@ -65,12 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"calibration at level {args.level} needs at least {need}")
         print(f"[calibrate] {model.label}: {len(case_ids)} held-out cases of {args.data} "
               f"({args.split}), K = {args.k}")
-        rows, psnr = reliability.measure_cases(model.generator, (data.arrays(c)
-                                                                 for c in case_ids), cfg,
-                                               args.k)
+        rows, psnr, xrays = reliability.measure_cases(
+            model.generator, (data.arrays(c) for c in case_ids), cfg, args.k)
         calibration = reliability.ReliabilityCalibration.fit(
             rows, psnr, k=args.k, level=args.level, dataset=data.fingerprint,
-            case_ids=case_ids, info={"data": args.data, "split": args.split})
+            case_ids=case_ids, xrays=xrays, info={"data": args.data, "split": args.split})
         version = tracking.attach_calibration(args.model, calibration.to_json(), uri)
     except (FileNotFoundError, KeyError, ValueError, tracking.ModelLookupError,
             tracking.TrackingUnavailableError) as exc:

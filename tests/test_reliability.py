@@ -234,3 +234,31 @@ def test_bench_auroc_and_altered_inputs():
     assert float(np.ptp(const, axis=(1, 2)).max()) == 0.0
     noise = bench.foreign_input("noise", x, 0, [])
     assert noise.shape == x.shape and 0.0 <= noise.min() and noise.max() <= 1.0
+
+
+def test_orientation_check_reads_each_view_from_its_anatomy():
+    from cvaa.reliability.orientation import OrientationCheck
+    pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
+    check = OrientationCheck.fit(pairs)
+    assert all(check.problems(x) == [] for x in pairs)
+    x = pairs[2]
+    mirrored_lateral = np.stack([x[0], x[1][:, ::-1]])
+    assert check.problems(mirrored_lateral) == ["the lateral looks mirrored left-right"]
+    # the body is left-right symmetric in the PA: its mirror image is not asked about
+    assert "looks mirrored left-right" not in check.checked[0]
+    assert check.problems(np.stack([x[0][:, ::-1], x[1]])) == []
+    assert "looks rotated 90 degrees" in check.checked[0]
+    assert any("looks like a" in p for p in check.problems(x[::-1]))          # swapped
+    assert any("polarity inverted" in p for p in check.problems(1.0 - x))
+    assert any("lateral" in p for p in check.problems(np.stack([x[0], x[0]])))  # PA twice
+    assert OrientationCheck.from_dict(check.to_dict()) == check
+    with pytest.raises(ValueError, match="unknown field"):
+        OrientationCheck.from_dict({**check.to_dict(), "x": 1})
+    # in a calibration: the verdict says what is wrong, with no predicted PSNR
+    rows, psnr = _synthetic_rows(40, np.random.default_rng(5))
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=8, xrays=pairs * 8)
+    verdict = cal.assess(rows[0], mirrored_lateral)
+    assert verdict.verdict == "out of distribution" and "mirrored" in verdict.reason
+    assert "mirrored" in verdict.line() and "dB" not in verdict.line()
+    assert cal.assess(rows[0], x).reason == ""
+    assert R.ReliabilityCalibration.from_json(cal.to_json()) == cal

@@ -17,8 +17,12 @@ split-conformal interval, and a verdict (``ok`` / ``check`` / ``out of distribut
    to a score (a ridge regression onto PSNR, in dB), an interval with split-conformal
    coverage, and an out-of-distribution distance (Mahalanobis to the calibration cases)
    with a conformal threshold; it refuses too few cases.
-5. :mod:`~cvaa.reliability.verdict`: :class:`Assessment`, what a user reads.
-6. :mod:`~cvaa.reliability.measure`: :func:`assess`, all of it in one call.
+5. :mod:`~cvaa.reliability.orientation`: is each view the view it claims to be, the right
+   way round? Anatomy templates per view (fitted with the calibration) rule out a view
+   mirrored, rotated, inverted or in the other view's slot: such an input is ``out of
+   distribution`` whatever its distance.
+6. :mod:`~cvaa.reliability.verdict`: :class:`Assessment`, what a user reads.
+7. :mod:`~cvaa.reliability.measure`: :func:`assess`, all of it in one call.
 
 Everything needs only the two X-rays and the generator (no ground truth) except
 :meth:`ReliabilityCalibration.fit`, which needs held-out cases with their CT. Plain
@@ -36,6 +40,7 @@ from cvaa.reliability.calibration import (CALIBRATION_FILE, OOD_FEATURES, SCORE_
                                           conformal_rank, minimum_cases)
 from cvaa.reliability.features import body_threshold, features, input_features
 from cvaa.reliability.measure import Reliability, assess, measure_cases
+from cvaa.reliability.orientation import OrientationCheck
 from cvaa.reliability.reprojection import reproject, reprojection_consistency
 from cvaa.reliability.uncertainty import estimate_with_uncertainty, sample_xrays
 from cvaa.reliability.verdict import VERDICTS, Assessment
@@ -44,6 +49,6 @@ __all__ = [
     "VERDICTS", "CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "reproject",
     "reprojection_consistency", "sample_xrays", "estimate_with_uncertainty",
     "input_features", "features", "body_threshold", "conformal_quantile", "conformal_rank",
-    "minimum_cases", "Assessment", "ReliabilityCalibration", "Reliability", "assess",
+    "minimum_cases", "OrientationCheck", "Assessment", "ReliabilityCalibration", "Reliability", "assess",
     "measure_cases",
 ]

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cvaa.reliability.orientation import OrientationCheck
 from cvaa.reliability.verdict import Assessment
 
 CALIBRATION_FILE = "reliability_calibration.json"
@@ -94,6 +95,8 @@ class ReliabilityCalibration:
         ood_threshold: the Mahalanobis distance (not its square) beyond which an input is
             ``out of distribution``.
         check_psnr: the 10th percentile of the calibration cases' actual PSNR, dB.
+        orientation: :meth:`OrientationCheck.to_dict` of the calibration cases' X-rays
+            (``{}``: fitted without them, no orientation check).
     """
 
     level: float
@@ -115,6 +118,7 @@ class ReliabilityCalibration:
     k: int
     dataset: str
     case_ids: tuple[str, ...]
+    orientation: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ fit
@@ -122,8 +126,8 @@ class ReliabilityCalibration:
     def fit(cls, rows: Sequence[Mapping[str, float]], psnr: Sequence[float], *,
             k: int, level: float = 0.9, ood_level: float = 0.95, fit_fraction: float = 0.5,
             ridge: float = 1.0, shrinkage: float = 0.2, seed: int = 0, dataset: str = "",
-            case_ids: Sequence[str] = (), info: Mapping[str, Any] | None = None
-            ) -> "ReliabilityCalibration":
+            case_ids: Sequence[str] = (), xrays: Sequence[np.ndarray] | None = None,
+            info: Mapping[str, Any] | None = None) -> "ReliabilityCalibration":
         """Fit on held-out cases (their :func:`features` at ``k`` and actual PSNR).
 
         Args:
@@ -140,6 +144,8 @@ class ReliabilityCalibration:
             dataset: fingerprint of the dataset the cases come from
                 (:func:`cvaa.data.dataset.dataset_fingerprint`), "" if none.
             case_ids: the cases' ids in that dataset (one per row, or none).
+            xrays: the cases' ``(2, P, P)`` inputs, for the per-view orientation check
+                (:class:`OrientationCheck`); ``None``: no orientation check.
 
         Raises:
             ValueError: fewer cases than :func:`minimum_cases` (the interval or the
@@ -197,7 +203,10 @@ class ReliabilityCalibration:
                    ood_threshold=float(threshold),
                    check_psnr=float(np.quantile(y, 0.1)), n_fit=int(n_fit),
                    n_conformal=int(n - n_fit), k=int(k), dataset=str(dataset),
-                   case_ids=tuple(str(c) for c in case_ids), info=dict(info or {}))
+                   case_ids=tuple(str(c) for c in case_ids),
+                   orientation=(OrientationCheck.fit(xrays).to_dict()
+                                if xrays is not None and len(xrays) else {}),
+                   info=dict(info or {}))
 
     # ------------------------------------------------------------------ use
     def score(self, row: Mapping[str, float]) -> float:
@@ -212,10 +221,20 @@ class ReliabilityCalibration:
         z = (x - np.asarray(self.ood_mean)) / np.asarray(self.ood_scale)
         return float(math.sqrt(_mahalanobis(z[None], np.asarray(self.ood_precision))[0]))
 
-    def assess(self, row: Mapping[str, float]) -> Assessment:
-        """Score, interval, distance and verdict of one feature dict."""
+    def assess(self, row: Mapping[str, float], xrays: np.ndarray | None = None
+               ) -> Assessment:
+        """Score, interval, distance and verdict of one feature dict; with the input
+        ``xrays`` ``(2, P, P)``, a view whose anatomy shows it mirrored, rotated, inverted
+        or in the other view's slot makes it ``out of distribution`` too."""
         score = self.score(row)
         distance = self.ood_distance(row)
+        problems = []
+        if xrays is not None and self.orientation:
+            problems = OrientationCheck.from_dict(self.orientation).problems(xrays)
+        if problems:
+            return Assessment(score, score - self.halfwidth, score + self.halfwidth,
+                              self.level, distance, self.ood_threshold,
+                              "out of distribution", "; ".join(problems))
         if not math.isfinite(distance) or distance > self.ood_threshold:
             verdict = "out of distribution"
         elif score < self.check_psnr:

@@ -67,13 +67,14 @@ def assess(generator: nn.Module, xrays, cfg: Config,
     row = features(x, estimate, uncertainty, cfg, drr=drr)
     return Reliability(estimate[0, 0].numpy(), uncertainty[0, 0].numpy(), drr[0].numpy(),
                        (drr[0] - x).numpy(), row,
-                       calibration.assess(row) if calibration is not None
+                       calibration.assess(row, x.numpy()) if calibration is not None
                        else Assessment.uncalibrated(), k)
 
 
 def measure_cases(generator: nn.Module, cases, cfg: Config, k: int, seed: int = 0
-                  ) -> tuple[list[dict[str, float]], list[float]]:
-    """Features and actual PSNR of held-out cases, for :meth:`ReliabilityCalibration.fit`.
+                  ) -> tuple[list[dict[str, float]], list[float], list[np.ndarray]]:
+    """Features, actual PSNR and X-rays of held-out cases, for
+    :meth:`ReliabilityCalibration.fit` (``rows, psnr, xrays=...``).
 
     Args:
         cases: ``(xrays (2, P, P), ct (1, S, S, S))`` pairs in [0, 1], cases the model did
@@ -81,13 +82,14 @@ def measure_cases(generator: nn.Module, cases, cfg: Config, k: int, seed: int = 
     """
     from cvaa.metrics import psnr
 
-    rows, values = [], []
+    rows, values, inputs = [], [], []
     for xrays, ct in cases:
         rel = assess(generator, xrays, cfg, None, k=k, seed=seed)
         rows.append(rel.features)
         values.append(float(psnr(torch.from_numpy(rel.estimate)[None, None],
                                  torch.as_tensor(np.asarray(ct, np.float32))[None])))
-    return rows, values
+        inputs.append(np.asarray(xrays, np.float32))
+    return rows, values, inputs
 
 
 __all__ = ["Reliability", "assess", "measure_cases"]

@@ -28,6 +28,9 @@ class Assessment:
             :attr:`ReliabilityCalibration.check_psnr`, the 10th percentile of the
             calibration cases' actual PSNR), else ``ok``; ``uncalibrated`` without a
             calibration.
+        reason: why an input is ``out of distribution`` when its anatomy says so (a view
+            mirrored, rotated, inverted or in the other view's slot:
+            :class:`cvaa.reliability.orientation.OrientationCheck`), else "".
     """
 
     score: float
@@ -37,6 +40,7 @@ class Assessment:
     ood_distance: float
     ood_threshold: float
     verdict: str
+    reason: str = ""
 
     @classmethod
     def uncalibrated(cls) -> "Assessment":
@@ -63,8 +67,9 @@ class Assessment:
         distance = (f"input distance {self.ood_distance:.1f} "
                     f"(threshold {self.ood_threshold:.1f})")
         if self.verdict == "out of distribution":
-            return (f"reliability: out of distribution; {distance}: the input is unlike "
-                    "every case the model was calibrated on, so no PSNR can be predicted")
+            why = self.reason or "the input is unlike every case the model was calibrated on"
+            return (f"reliability: out of distribution; {distance}: {why}, so no PSNR "
+                    "can be predicted")
         return (f"reliability: {self.verdict}; predicted PSNR {self.score:.1f} dB "
                 f"({100 * self.level:.0f} % interval {self.psnr_low:.1f}-{self.psnr_high:.1f}); "
                 f"{distance}")
