@@ -1,6 +1,7 @@
 """How far each reconstruction can be trusted, measured: the reliability score against the
 actual PSNR, the split-conformal interval's coverage, out-of-distribution detection, and
-the per-voxel uncertainty against the per-voxel error (cvaa/reliability.py).
+the per-voxel uncertainty against the per-voxel error (cvaa/reliability/); with
+--verdicts, the verdicts per input family and strength and the coverage among ``ok``.
 
     python bench/reliability.py --data PREPARED --calib-data PREPARED_HELD_OUT \\
         --extra-data PREPARED_REAL --model s0=models:/rel-s0@candidate \\

@@ -1,8 +1,9 @@
 """Calibrate a registered generator's reliability on held-out cases and store the
-calibration with that version (cvaa/reliability.py).
+calibration with that version (cvaa/reliability/).
 
     python jobs/calibrate.py --model models:/cvaa-gan@candidate --data runs/calib-prepared
     python jobs/calibrate.py --model models:/cvaa-gan/3 --data runs/prepared --split test
+        # a split it did not train on, if it holds at least 37 cases
 
 The cases must be ones the model never trained on (another prepared dataset, or a split of
 its own dataset it did not see), with their CT. Cases of the split the version trained and

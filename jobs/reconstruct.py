@@ -51,7 +51,7 @@ is ANONYMOUS in a new study. --anonymize writes it without any of the inputs' id
 (ANONYMOUS, a new study, PatientIdentityRemoved YES). These identifiers are only copied
 into the series: never printed or logged.
 
-Every reconstruction says how far to trust it (cvaa/reliability.py; --no-reliability skips
+Every reconstruction says how far to trust it (cvaa/reliability/; --no-reliability skips
 it): K forward samples in one batch (the X-rays as given plus K-1 test-time perturbations)
 give the estimate (the output for the X-rays as given: the same network, the same input,
 so it is the plain reconstruction up to float rounding, and it is not computed again) and
