@@ -1,6 +1,7 @@
 """How far each reconstruction can be trusted, measured: the reliability score against the
 actual PSNR, the split-conformal interval's coverage, out-of-distribution detection, and
-the per-voxel uncertainty against the per-voxel error (cvaa/reliability.py).
+the per-voxel uncertainty against the per-voxel error (cvaa/reliability/); with
+--verdicts, the verdicts per input family and strength and the coverage among ``ok``.
 
     python bench/reliability.py --data PREPARED --calib-data PREPARED_HELD_OUT \\
         --extra-data PREPARED_REAL --model s0=models:/rel-s0@candidate \\
@@ -46,6 +47,7 @@ from cvaa.config import Config  # noqa: E402
 from cvaa.data.dataset import PreparedDataset  # noqa: E402
 from cvaa.inference import fit_detector, prepare_xrays, reconstruct  # noqa: E402
 from cvaa.metrics import psnr  # noqa: E402
+from cvaa.models.fusion import view_attention  # noqa: E402
 from robustness import render_setting  # noqa: E402
 
 SHIFTS = [("rotation", 10.0), ("distance", 0.1), ("LUT", 0.3), ("scatter", 0.3),
@@ -94,10 +96,32 @@ def foreign_input(kind: str, clean: np.ndarray, index: int, mr: list[np.ndarray]
     return np.clip(mean + std * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
 
 
+# Mistakes of a DICOM header, a viewer export or a technologist: every orientation error
+# of either view, the views swapped, the same image as both views, polarity inverted.
+TURNS = {"mirrored": lambda a: a[:, ::-1], "rotated 90": lambda a: np.rot90(a, 1),
+         "rotated 180": lambda a: np.rot90(a, 2), "rotated 270": lambda a: np.rot90(a, 3)}
+ORIENTATION_ERRORS = [f"{view} {turn}" for view in ("PA", "lateral") for turn in TURNS] + \
+    ["swapped views", "PA twice", "lateral twice", "polarity inverted"]
+# Physical shifts of bench/robustness.py at several strengths.
+SHIFT_LADDER = [("rotation", 5.0), ("rotation", 10.0), ("distance", 0.1), ("distance", 0.2),
+                ("LUT", 0.3), ("scatter", 0.3), ("dose", 5e3)]
+
+
 def altered_input(kind: str, clean: np.ndarray) -> np.ndarray:
+    """``clean`` (2, P, P) with one of :data:`ORIENTATION_ERRORS` (or the older name
+    ``flipped lateral``: the lateral mirrored)."""
     if kind == "swapped views":
-        return np.ascontiguousarray(clean[::-1])
-    return np.ascontiguousarray(np.stack([clean[0], clean[1][:, ::-1]]))
+        out = clean[::-1]
+    elif kind in ("PA twice", "lateral twice"):
+        out = np.stack([clean[int(kind.startswith("lateral"))]] * 2)
+    elif kind == "polarity inverted":
+        out = 1.0 - clean
+    else:
+        view, _, turn = ("lateral mirrored" if kind == "flipped lateral" else kind).partition(" ")
+        v = ("PA", "lateral").index(view)
+        out = clean.copy()
+        out[v] = TURNS[turn](clean[v])
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def voxel_corr(uncertainty: np.ndarray, error: np.ndarray, mask: np.ndarray) -> float:
@@ -178,6 +202,85 @@ def run_model(label: str, model, data: PreparedDataset, calib: PreparedDataset,
     out["seconds_plain"], out["seconds_reliability"] = times_plain, times_rel
     log(f"{label}: {len(test_ids)} test cases x {len(settings) - 1} inputs scored")
     return out
+
+
+def operating_point(model, calib: PreparedDataset, held: PreparedDataset, cases: int,
+                    mr_path: str, k: int, log, save=None) -> dict:
+    """The verdict as a user meets it: calibrate on every case of ``calib`` (with the
+    orientation check's templates), then for ``cases`` cases of ``held`` (a data seed
+    neither the model nor the calibration saw) and every input family and strength, each
+    input's actual PSNR (none for non-radiographs), verdict and interval."""
+    cfg = Config.from_dict(model.config)
+    g = model.generator.eval()
+    tick = time.perf_counter()
+    ids = calib.split("all")
+    rows, psnrs, xrays = reliability.measure_cases(g, (calib.arrays(c) for c in ids), cfg, k)
+    cal = reliability.ReliabilityCalibration.fit(rows, psnrs, k=k, dataset=calib.fingerprint,
+                                                 case_ids=ids, xrays=xrays)
+    log(f"calibrated on {len(ids)} cases in {time.perf_counter() - tick:.0f} s: half-width "
+        f"{cal.halfwidth:.2f} dB, distance threshold {cal.ood_threshold:.2f}, check below "
+        f"{cal.check_psnr:.2f} dB; competing readings the templates rule out: PA "
+        f"{len(cal.orientation['checked'][0])}, lateral {len(cal.orientation['checked'][1])}"
+        " of 16")
+    mr = mr_pairs(mr_path, 8, cfg)
+    families: dict[str, list[dict]] = {}
+    for i, case_id in enumerate(held.split("all")[:cases]):
+        fixed, ct = held.arrays(case_id)
+        context = held.context(case_id)
+        inputs = {"clean": (fixed, ct)}
+        inputs.update({kind: (altered_input(kind, fixed), ct) for kind in ORIENTATION_ERRORS})
+        for family, strength in SHIFT_LADDER:
+            inputs[f"{family} {strength:g}"] = (
+                render_setting(family, strength, case_id, context, fixed, cfg, None), ct)
+        inputs.update({kind: (foreign_input(kind, fixed, i, mr), None) for kind in FOREIGN})
+        for name, (x, truth) in inputs.items():
+            rel = reliability.assess(g, x, cfg, cal, k=k)
+            row = {"case_id": case_id, **rel.assessment.to_dict()}
+            if truth is not None:
+                row["psnr"] = float(psnr(torch.from_numpy(rel.estimate)[None, None],
+                                         torch.from_numpy(truth[None])))
+            families.setdefault(name, []).append(row)
+        log(f"case {i + 1}/{cases} {case_id}: {len(inputs)} inputs, "
+            f"{time.perf_counter() - tick:.0f} s")
+        result = {"model": model.label, "k": k, "calibration": json.loads(cal.to_json()),
+                  "families": families}
+        if save is not None:                      # what is measured so far survives a stop
+            save(result)
+    return result
+
+
+def operating_summary(result: dict) -> dict:
+    """Per family: verdict shares, coverage among ``ok``, mean PSNR change from clean."""
+    clean = {r["case_id"]: r["psnr"] for r in result["families"]["clean"]}
+    out = {}
+    for name, rows in result["families"].items():
+        ok = [r for r in rows if r["verdict"] == "ok"]
+        covered = [r["psnr_low"] <= r["psnr"] <= r["psnr_high"] for r in ok if "psnr" in r]
+        drops = [r["psnr"] - clean[r["case_id"]] for r in rows if "psnr" in r]
+        out[name] = {"n": len(rows),
+                     **{v: float(np.mean([r["verdict"] == v for r in rows]))
+                        for v in reliability.VERDICTS[:3]},
+                     "ok_covered": int(sum(covered)), "ok_with_psnr": len(covered),
+                     "d_psnr": float(np.mean(drops)) if drops else None}
+    cl = result["families"]["clean"]
+    out["clean"]["spearman"] = spearman([r["score"] for r in cl], [r["psnr"] for r in cl])
+    return out
+
+
+def operating_markdown(result: dict, summary: dict) -> str:
+    cal = result["calibration"]
+    lines = [f"Verdicts of {result['model']} (K = {result['k']}), calibrated on "
+             f"{cal['n_fit'] + cal['n_conformal']} cases: interval half-width "
+             f"{cal['halfwidth']:.2f} dB, input distance threshold {cal['ood_threshold']:.2f}; "
+             f"clean Spearman rho {summary['clean']['spearman']:.3f}", "",
+             "| input | n | ok | check | out of distribution | covered among ok | "
+             "PSNR change vs clean |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in summary.items():
+        cover = (f"{s['ok_covered']}/{s['ok_with_psnr']}" if s["ok_with_psnr"] else "-")
+        change = f"{s['d_psnr']:+.2f} dB" if s["d_psnr"] is not None else "-"
+        lines.append(f"| {name} | {s['n']} | {100 * s['ok']:.0f} % | {100 * s['check']:.0f} % "
+                     f"| {100 * s['out of distribution']:.0f} % | {cover} | {change} |")
+    return "\n".join(lines)
 
 
 def summarise(per_model: dict) -> dict:
@@ -349,7 +452,7 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
              for r in v["settings"][setting]]
         a2.plot(np.full(len(d), j) + np.random.default_rng(j).uniform(-0.2, 0.2, len(d)),
                 np.log10(d), ".", alpha=0.6)
-    thr = [v["calibration"]["ood_threshold"] ** 0.5 for v in per_model.values()]
+    thr = [v["calibration"]["ood_threshold"] for v in per_model.values()]
     for t in thr:
         a2.axhline(np.log10(t), color="r", lw=0.8, ls="--")
     a2.set_xticks(range(len(names)))
@@ -366,15 +469,11 @@ def plot(per_model: dict, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15) -> dict:
-    """Median seconds of a plain reconstruction and of :func:`cvaa.reliability.assess` at
-    each K, interleaved on one test case (the machine's load hits them alike)."""
-    cfg = Config.from_dict(model.config)
-    g = model.generator.eval()
-    x = data.arrays(data.split("test")[0])[0]
-    calls = {"plain": lambda: reconstruct(g, x),
-             **{f"K={k}": (lambda k=k: reliability.assess(g, x, cfg, k=k)) for k in ks}}
-    for fn in calls.values():                     # warm-up
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median milliseconds of each call and its ratio to ``calls["plain"]``, the calls
+    interleaved round by round after one warm-up each (the machine's load hits them
+    alike)."""
+    for fn in calls.values():
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -385,6 +484,43 @@ def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15)
     plain = float(np.median(seconds["plain"]))
     return {name: {"ms": 1000 * float(np.median(v)), "ratio": float(np.median(v)) / plain}
             for name, v in seconds.items()}
+
+
+def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15) -> dict:
+    """Median seconds of a plain reconstruction and of :func:`cvaa.reliability.assess` at
+    each K, interleaved on one test case (the machine's load hits them alike)."""
+    cfg = Config.from_dict(model.config)
+    g = model.generator.eval()
+    x = data.arrays(data.split("test")[0])[0]
+    calls = {"plain": lambda: reconstruct(g, x),
+             **{f"K={k}": (lambda k=k: reliability.assess(g, x, cfg, k=k)) for k in ks}}
+    return interleaved_medians(calls, repeats)
+
+
+def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: int = 15
+                    ) -> dict:
+    """What jobs/reconstruct.py pays after loading the model, median seconds, interleaved:
+    ``plain`` (forward pass + NIfTI written, ``--no-reliability``), ``reused`` (the batched
+    pass of K whose sample 0 is written, + the uncertainty volume: the job now) and
+    ``twice`` (the plain reconstruction, then the batched pass: the job before)."""
+    from cvaa.inference import reconstruct_to_file, volume_from_prediction, write_volume
+
+    cfg = Config.from_dict(model.config)
+    g = model.generator.eval()
+    x = data.arrays(data.split("test")[0])[0]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def with_reliability(reuse: bool) -> None:
+        rel = reliability.assess(g, x, cfg, k=k) if reuse else None
+        reconstruct_to_file(g, cfg, x, str(out / "ct.nii.gz"),
+                            normalized=rel.estimate if reuse else None)
+        rel = rel or reliability.assess(g, x, cfg, k=k)
+        write_volume(volume_from_prediction(rel.uncertainty, cfg), str(out / "u.nii.gz"))
+
+    calls = {"plain": lambda: reconstruct_to_file(g, cfg, x, str(out / "ct.nii.gz")),
+             "reused": lambda: with_reliability(True),
+             "twice": lambda: with_reliability(False)}
+    return interleaved_medians(calls, repeats)
 
 
 def example_figures(item: str, tracking_uri: str, data: PreparedDataset, k: int,
@@ -401,7 +537,7 @@ def example_figures(item: str, tracking_uri: str, data: PreparedDataset, k: int,
     out.with_name(out.name + "_uncertainty.png").write_bytes(reliability_grid(
         rel.estimate, rel.uncertainty, ct[0], title=f"{label}, test case {case_id}, K = {k}"))
     out.with_name(out.name + "_attention.png").write_bytes(attention_grid(
-        reliability.view_attention(model.generator, xrays),
+        view_attention(model.generator, xrays),
         title=f"{label}, test case {case_id}: CVAA view attention per scale"))
 
 
@@ -443,15 +579,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/reliability_results")
     p.add_argument("--cost-only", action="store_true", help="only time a plain "
                    "reconstruction against reliability at K = 1, 4, 8, 16 (first --model)")
+    p.add_argument("--verdicts", metavar="PREPARED", help="only the operating point: "
+                   "calibrate on --calib-data, then verdicts per input family and strength on "
+                   "--cases cases of this dataset (a data seed nobody trained or calibrated "
+                   "on); writes OUT_verdicts.json and .md (first --model)")
+    p.add_argument("--cases", type=int, default=12, help="cases of --verdicts (default 12)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds of "
+                   "--cost-only (default 15)")
     p.add_argument("--cache", help="directory keeping each model's measurements (LABEL.json "
                    "+ LABEL.npz): a model measured there before is read back, not run again")
     args = p.parse_args(argv)
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     data, calib = PreparedDataset(args.data), PreparedDataset(args.calib_data)
     extra = PreparedDataset(args.extra_data) if args.extra_data else None
+    if args.verdicts:
+        label, _, model_uri = args.model[0].partition("=")
+        out = Path(args.out + "_verdicts")
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(result: dict) -> str:
+            summary = operating_summary(result)
+            text = operating_markdown(result, summary)
+            out.with_suffix(".json").write_text(json.dumps({"summary": summary, **result},
+                                                           indent=1))
+            out.with_suffix(".md").write_text(text + "\n")
+            return text
+
+        print(save(operating_point(tracking.load_model(model_uri, uri), calib,
+                                   PreparedDataset(args.verdicts), args.cases, args.mr,
+                                   args.k, log=lambda line: print(f"[verdicts] {line}"),
+                                   save=save)))
+        return 0
     if args.cost_only:
         label, _, model_uri = args.model[0].partition("=")
-        costs = cost_by_k(tracking.load_model(model_uri, uri), data)
+        model = tracking.load_model(model_uri, uri)
+        job = cost_of_the_job(model, data, args.k, Path(args.out).parent / "cost-tmp",
+                              repeats=args.repeats)
+        print(f"| {label} job, K = {args.k} | " + " | ".join(
+            f"{k}: {v['ms']:.0f} ms ({v['ratio']:.2f}x)" for k, v in job.items()) + " |")
+        costs = cost_by_k(model, data, repeats=args.repeats)
         print(f"| {label} | " + " | ".join(f"{k}: {v['ms']:.0f} ms ({v['ratio']:.2f}x)"
                                           for k, v in costs.items()) + " |")
         return 0

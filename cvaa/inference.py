@@ -696,15 +696,19 @@ def reconstruct_to_file(generator: nn.Module, cfg: Config, xrays: np.ndarray, ou
                         dicom: bool = False, label: EstimateLabel | None = None,
                         identity: DicomIdentity | None = None, identity_removed: bool = False,
                         origin_mm: Sequence[float] | None = None,
-                        source: str = "") -> Reconstruction:
+                        source: str = "", normalized: np.ndarray | None = None
+                        ) -> Reconstruction:
     """Forward pass -> HU volume with the training geometry -> NIfTI/MHA or DICOM series.
 
     With ``dicom``, ``label``, ``identity`` and ``identity_removed`` go to
-    :func:`write_dicom_series`.
+    :func:`write_dicom_series`. ``normalized``: the ``(D, H, W)`` output of this
+    generator for these X-rays when it was already computed (``cvaa.reliability.assess``'s
+    estimate), so the forward pass is not run twice (``seconds["forward"]`` is then 0).
     """
     seconds: dict[str, Any] = {}
     start = time.perf_counter()
-    normalized = reconstruct(generator, xrays)
+    if normalized is None:
+        normalized = reconstruct(generator, xrays)
     seconds["forward"] = time.perf_counter() - start
     start = time.perf_counter()
     volume = volume_from_prediction(normalized, cfg, origin_mm, source)

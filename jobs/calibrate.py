@@ -1,16 +1,22 @@
 """Calibrate a registered generator's reliability on held-out cases and store the
-calibration with that version (cvaa/reliability.py).
+calibration with that version (cvaa/reliability/).
 
     python jobs/calibrate.py --model models:/cvaa-gan@candidate --data runs/calib-prepared
     python jobs/calibrate.py --model models:/cvaa-gan/3 --data runs/prepared --split test
+        # a split it did not train on, if it holds at least 37 cases
 
-The cases must be ones the model never trained on (another prepared dataset, or a split it
-did not see), with their CT: each is reconstructed with K forward samples, and its features
-(reprojection consistency, uncertainty, input statistics) and actual PSNR fit the score's
-regression, a split-conformal interval at --level and the out-of-distribution threshold.
-The calibration is a JSON file stored in the version's logged model (next to MLmodel), so
-it travels with the version; the version gets reliability/* tags. jobs/reconstruct.py and
-the pyfunc (params={"reliability": True}) use it from then on.
+The cases must be ones the model never trained on (another prepared dataset, or a split of
+its own dataset it did not see), with their CT. Cases of the split the version trained and
+validated on (the dataset its ``data`` tag names, split ``train``: the same case id or the
+same source CT) are refused, and so is a version whose training data cannot be read to
+check. Each case is reconstructed with K forward samples, and its features (reprojection
+consistency, uncertainty, input statistics) and actual PSNR fit the score's regression, a
+split-conformal interval at --level and the out-of-distribution threshold; fewer cases than
+that needs (37 at the default levels) are refused. The calibration records the dataset's
+fingerprint and the case ids, so that jobs/evaluate.py leaves those cases out of the
+calibration's quality. It is a JSON file stored in the version's logged model (next to
+MLmodel), so it travels with the version; the version gets reliability/* tags.
+jobs/reconstruct.py and the pyfunc (params={"reliability": True}) use it from then on.
 """
 
 from __future__ import annotations
@@ -52,14 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config.from_dict(model.config, source=f"{args.model} cvaa_config")
         data = PreparedDataset(args.data)
         case_ids = data.split(args.split)
+        _refuse_training_cases(args, data, case_ids, tracking.model_version_tags(args.model,
+                                                                                 uri))
+        need = reliability.minimum_cases(args.level)
+        if len(case_ids) < need:
+            raise ValueError(f"{args.data} ({args.split}): {len(case_ids)} cases, but a "
+                             f"calibration at level {args.level} needs at least {need}")
         print(f"[calibrate] {model.label}: {len(case_ids)} held-out cases of {args.data} "
               f"({args.split}), K = {args.k}")
-        rows, psnr = reliability.measure_cases(model.generator, (data.arrays(c)
-                                                                 for c in case_ids), cfg,
-                                               args.k)
+        rows, psnr, xrays = reliability.measure_cases(
+            model.generator, (data.arrays(c) for c in case_ids), cfg, args.k)
         calibration = reliability.ReliabilityCalibration.fit(
-            rows, psnr, k=args.k, level=args.level,
-            info={"data": args.data, "split": args.split, "cases": len(case_ids)})
+            rows, psnr, k=args.k, level=args.level, dataset=data.fingerprint,
+            case_ids=case_ids, xrays=xrays, info={"data": args.data, "split": args.split})
         version = tracking.attach_calibration(args.model, calibration.to_json(), uri)
         tracking.log_calibration_run(args.model, uri, args.data, data.manifest, args.split,
                                      case_ids, calibration.to_json())
@@ -72,8 +83,33 @@ def main(argv: list[str] | None = None) -> int:
           f"+-{calibration.halfwidth:.2f} dB at {100 * calibration.level:.0f} % "
           f"({calibration.n_conformal} conformal cases), 'check' below "
           f"{calibration.check_psnr:.2f} dB, out of distribution beyond input distance "
-          f"{calibration.ood_threshold ** 0.5:.1f}; {time.perf_counter() - start:.0f} s")
+          f"{calibration.ood_threshold:.1f}; {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _refuse_training_cases(args, data, case_ids: list[str], tags: dict[str, str]) -> None:
+    """Raise ``ValueError`` if any of ``case_ids`` is a case the version trained or
+    validated on (the ``train`` split of the dataset its ``data`` tag names), or if that
+    cannot be checked."""
+    from cvaa.data.dataset import PreparedDataset
+
+    trained_on = tags.get("data")
+    if not trained_on:
+        raise ValueError(f"{args.model}: the version has no 'data' tag, so the cases it "
+                         "trained on cannot be told apart from held-out ones; register it "
+                         "with jobs/train.py (which tags it)")
+    try:
+        training = PreparedDataset(trained_on)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{args.model} trained on {trained_on} (its 'data' tag), which "
+                         f"cannot be read to check that the calibration cases are held "
+                         f"out: {exc}") from exc
+    seen = data.shared_cases(case_ids, training, training.split("train"))
+    if seen:
+        raise ValueError(f"{len(seen)} of the {len(case_ids)} cases of {args.data} "
+                         f"({args.split}) are cases {args.model} trained or validated on "
+                         f"(split 'train' of {trained_on}; e.g. {seen[0]}): calibrate on "
+                         "held-out cases (another dataset, or --split test)")
 
 
 if __name__ == "__main__":

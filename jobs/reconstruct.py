@@ -51,16 +51,19 @@ is ANONYMOUS in a new study. --anonymize writes it without any of the inputs' id
 (ANONYMOUS, a new study, PatientIdentityRemoved YES). These identifiers are only copied
 into the series: never printed or logged.
 
-Every reconstruction says how far to trust it (cvaa/reliability.py; --no-reliability skips
+Every reconstruction says how far to trust it (cvaa/reliability/; --no-reliability skips
 it): K forward samples in one batch (the X-rays as given plus K-1 test-time perturbations)
-give a per-voxel uncertainty, written next to the estimate as OUT_uncertainty (the same
-format; with --dicom a second DERIVED series in the same study, the standard deviation in
-HU); DRRs of the estimate are compared with the inputs. With the calibration stored with
-the registered version (jobs/calibrate.py), a console line and OUT.reliability.json give
-the predicted PSNR, its split-conformal interval and a verdict: ok, check or out of
-distribution; OUT.reliability_reprojection.png shows the inputs, the DRRs of the estimate
-and their residual. Without one, the uncertainty and the reprojection are still written,
-and the verdict is "uncalibrated".
+give the estimate (the output for the X-rays as given: the same network, the same input,
+so it is the plain reconstruction up to float rounding, and it is not computed again) and
+a per-voxel uncertainty, written next to the estimate as OUT_uncertainty (the same format;
+with --dicom a second DERIVED series in the same study, the standard deviation in HU);
+DRRs of the estimate are compared with the inputs. With the calibration stored with the
+registered version (jobs/calibrate.py), a console line and OUT.reliability.json give a
+verdict: ok or check with the predicted PSNR and its split-conformal interval, or out of
+distribution with the input's distance only (a predicted PSNR would mean nothing there).
+OUT.reliability_reprojection.png shows the inputs, the DRRs of the estimate and their
+residual. Without a calibration, the uncertainty and the reprojection are still written,
+and the verdict is "uncalibrated" (no predicted PSNR).
 """
 
 from __future__ import annotations
@@ -173,22 +176,29 @@ def main(argv: list[str] | None = None) -> int:
         prepped = time.perf_counter()
         generator = model.generator.to(torch.device(args.device))
         filed = identity is not None and not args.anonymize
+        # With reliability, one batched pass of K gives the estimate (its sample 0) and the
+        # uncertainty: the estimate is reused, not computed a second time.
+        assessed = time.perf_counter()
+        assessment = None if args.no_reliability else _assess(generator, cfg, xrays, model,
+                                                              args.k)
+        assessed = time.perf_counter() - assessed
         result = inference.reconstruct_to_file(
             generator, cfg, xrays, args.out, dicom=args.dicom,
             label=inference.estimate_label(model.uri, model_label=model.label,
                                            version=model.version,
                                            generator=cfg.model.generator),
             identity=identity if filed else None, identity_removed=args.anonymize,
-            origin_mm=origin, source=args.from_ct or f"{args.pa} + {args.lateral}")
-        rel, assessed = None, time.perf_counter()
-        if not args.no_reliability:
-            rel = _reliability(generator, cfg, xrays, result, model, args, unc_out, meta_out,
-                               identity if filed else None)
+            origin_mm=origin, source=args.from_ct or f"{args.pa} + {args.lateral}",
+            normalized=None if assessment is None else assessment.estimate)
+        rel, written = None, time.perf_counter()
+        if assessment is not None:
+            rel = _write_reliability(assessment, cfg, xrays, result, model, args, unc_out,
+                                     meta_out, identity if filed else None)
+        written = time.perf_counter() - written
     except (inference.InvalidXrayError, InvalidVolumeError, tracking.ModelLookupError,
             tracking.TrackingUnavailableError, ValueError) as exc:
         return _fail(str(exc))
     total = time.perf_counter() - start
-    assessed = time.perf_counter() - assessed
 
     vol = result.volume
     where = args.out
@@ -204,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         print(rel["line"])
         print(f"wrote {unc_out} (uncertainty, K = {rel['k']}), {meta_out} and "
               f"{rel['reprojection_figure']}")
+    forward = (f"forward with reliability (K = {rel['k']}) {assessed:.2f} s" if rel else
+               f"forward {result.seconds['forward']:.2f} s")
     print(f"time: {total:.2f} s (model load {loaded - start:.2f} s, inputs "
-          f"{prepped - loaded:.2f} s, forward {result.seconds['forward']:.2f} s on "
-          f"{args.device}, write {result.seconds['write']:.2f} s"
-          + (f", reliability {assessed:.2f} s)" if rel is not None else ")"))
+          f"{prepped - loaded:.2f} s, {forward} on {args.device}, write "
+          f"{result.seconds['write'] + written:.2f} s)")
     if prepared is not None:
         pred = torch.from_numpy(result.normalized)[None, None]
         target = torch.from_numpy(prepared.normalized)[None, None]
@@ -217,22 +228,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reliability(generator, cfg, xrays, result, model, args, unc_out: str, meta_out: str,
-                 identity) -> dict:
-    """Assess the reconstruction, write the uncertainty volume (or series) and the
-    metadata JSON; returns the metadata with its console ``line``."""
-    import json
-
-    import numpy as np
-
-    from cvaa import inference, reliability
-    from cvaa.data.io import Volume
+def _assess(generator, cfg, xrays, model, k: int):
+    """:func:`cvaa.reliability.assess` with the version's calibration (if any) at its K
+    (``k`` 0), else at ``k`` or 8."""
+    from cvaa import reliability
 
     calibration = None
     if model.calibration is not None:
         calibration = reliability.ReliabilityCalibration.from_json(model.calibration)
-    k = args.k or (calibration.k if calibration is not None else 8)
-    rel = reliability.assess(generator, xrays, cfg, calibration, k=k)
+    k = k or (calibration.k if calibration is not None else 8)
+    return reliability.assess(generator, xrays, cfg, calibration, k=k)
+
+
+def _write_reliability(rel, cfg, xrays, result, model, args, unc_out: str, meta_out: str,
+                       identity) -> dict:
+    """Write the uncertainty volume (or series), the reprojection figure and the metadata
+    JSON of an assessment; returns the metadata with its console ``line``."""
+    import json
+
+    import numpy as np
+
+    from cvaa import inference
+    from cvaa.data.io import Volume
+
+    k = rel.k
     lo, hi = cfg.preprocess.clip_hu
     vol = result.volume
     unc = Volume((rel.uncertainty * (hi - lo)).astype(np.float32), vol.spacing_mm,
@@ -241,14 +260,10 @@ def _reliability(generator, cfg, xrays, result, model, args, unc_out: str, meta_
             "uncertainty": unc_out, "uncertainty_unit": "HU (standard deviation)",
             **rel.metadata()}
     f = rel.features
-    if rel.assessment is not None:
-        meta["line"] = rel.assessment.line()
-    else:
-        meta["verdict"] = "uncalibrated"
-        meta["line"] = (f"reliability: uncalibrated (no calibration stored with {model.uri}: "
-                        f"jobs/calibrate.py); reprojection NCC PA "
-                        f"{f['reprojection_ncc_pa']:.3f}, lateral "
-                        f"{f['reprojection_ncc_lateral']:.3f}")
+    meta["line"] = rel.assessment.line()
+    if rel.assessment.verdict == "uncalibrated":
+        meta["line"] += (f"; reprojection NCC PA {f['reprojection_ncc_pa']:.3f}, lateral "
+                         f"{f['reprojection_ncc_lateral']:.3f}")
     if args.dicom:
         import pydicom
 

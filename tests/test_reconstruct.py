@@ -188,10 +188,12 @@ def test_round_trip_from_ct_writes_nifti_with_training_geometry(tmp_path, regist
     assert volume.direction == pytest.approx(CANONICAL_DIRECTION)
     xrays, prepared = round_trip
     assert volume.origin_mm == pytest.approx(prepared.cube.origin_mm, abs=1e-4)
-    # The file holds denormalize(G(DRRs)) of the registered model.
+    # The file holds denormalize(G(DRRs)) of the registered model: sample 0 of the
+    # reliability's batched pass, equal to a plain pass up to float rounding (batch-size
+    # dependent kernels: <= 0.003 HU measured).
     model = tracking.load_generator(registry["model"], registry["uri"])
     expected = denormalize(inference.reconstruct(model, xrays), CFG.preprocess.clip_hu)
-    np.testing.assert_allclose(volume.array, expected, atol=1e-3)
+    np.testing.assert_allclose(volume.array, expected, atol=0.01)
     assert "against the prepared CT: mae" in stdout and "ssim_x2ct" in stdout
     assert "time:" in stdout
 

@@ -1,4 +1,6 @@
-"""cvaa.reliability: reprojection, perturbations, uncertainty, features, calibration."""
+"""cvaa.reliability: reprojection, uncertainty, features, calibration, verdict; the
+image-space perturbations (cvaa.data.augment) and view attention (cvaa.models.fusion) it
+uses."""
 
 import json
 import math
@@ -9,9 +11,10 @@ import torch
 
 from cvaa import reliability as R
 from cvaa.config import load_config
-from cvaa.data.augment import RenderParams
+from cvaa.data.augment import RenderParams, perturb_xrays
 from cvaa.data.drr import render_drr
 from cvaa.models import build_generator
+from cvaa.models.fusion import view_attention
 
 CFG = load_config("cpu")
 S = CFG.preprocess.size
@@ -66,11 +69,11 @@ def test_reprojection_of_a_cube_matches_its_drr_and_sees_the_views_apart():
 def test_perturbation_identity_is_identity_and_draws_change_the_image():
     x = R.reproject(_body(), CFG)[0]
     fov = S * CFG.preprocess.spacing_mm
-    assert torch.equal(R.perturb_xrays(x, RenderParams(), CFG.drr.log_scale, fov), x)
-    zoomed = R.perturb_xrays(x, RenderParams(zoom=1.2), CFG.drr.log_scale, fov)
+    assert torch.equal(perturb_xrays(x, RenderParams(), CFG.drr.log_scale, fov), x)
+    zoomed = perturb_xrays(x, RenderParams(zoom=1.2), CFG.drr.log_scale, fov)
     # smaller on the detector: the body's extent shrinks
     assert (zoomed[0].mean(0) > 0.01).sum() < (x[0].mean(0) > 0.01).sum()
-    moved = R.perturb_xrays(x, RenderParams(shift_mm=(32.0, 0.0, 0.0)), CFG.drr.log_scale,
+    moved = perturb_xrays(x, RenderParams(shift_mm=(32.0, 0.0, 0.0)), CFG.drr.log_scale,
                             fov)
     # 32 mm = 4 pixels at 8 mm: the PA's column profile moves by 4, the lateral stays
     shift = int(np.argmax(np.correlate(moved[0].mean(0).numpy(), x[0].mean(0).numpy(),
@@ -140,33 +143,72 @@ def test_calibration_predicts_covers_flags_and_round_trips_as_json():
     assert json.loads(cal.to_json())["level"] == 0.9
     with pytest.raises(ValueError, match="unknown field"):
         R.ReliabilityCalibration.from_json(json.dumps({**json.loads(cal.to_json()), "x": 1}))
-    with pytest.raises(ValueError, match="at least 8"):
-        R.ReliabilityCalibration.fit(rows[:5], psnr[:5], k=8)
+    old = {k: v for k, v in json.loads(cal.to_json()).items() if k != "case_ids"}
+    with pytest.raises(ValueError, match="missing field.*case_ids"):
+        R.ReliabilityCalibration.from_json(json.dumps(old))
+
+
+def test_fit_refuses_a_case_count_whose_interval_or_threshold_would_be_infinite():
+    # 37 cases: 18 fit, 19 conformal; rank ceil(20 * 0.95) = 19 <= 19 is the first finite
+    assert R.minimum_cases(0.9, 0.95) == 37
+    assert R.minimum_cases(0.8, 0.8) == 15        # 8 fit (min_fit), 7 conformal: rank 7
+    rows, psnr = _synthetic_rows(37, np.random.default_rng(4))
+    with pytest.raises(ValueError, match="at least 37 held-out cases.*got 36"):
+        R.ReliabilityCalibration.fit(rows[:36], psnr[:36], k=8)
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=8)
+    assert math.isfinite(cal.halfwidth) and math.isfinite(cal.ood_threshold)
+    assert (cal.n_fit, cal.n_conformal) == (18, 19)
+    bad = [dict(r) for r in rows]
+    bad[5]["log_uncertainty"] = math.nan
+    with pytest.raises(ValueError, match="'log_uncertainty' of case 5 is not finite"):
+        R.ReliabilityCalibration.fit(bad, psnr, k=8)
+    with pytest.raises(ValueError, match="psnr: case 2"):
+        R.ReliabilityCalibration.fit(rows, psnr[:2] + [math.inf] + psnr[3:], k=8)
+    with pytest.raises(ValueError, match="case_ids"):
+        R.ReliabilityCalibration.fit(rows, psnr, k=8, case_ids=["a"])
+    text = json.loads(cal.to_json())
+    with pytest.raises(ValueError, match="halfwidth is inf"):
+        R.ReliabilityCalibration.from_json(json.dumps({**text, "halfwidth": math.inf}))
+
+
+def test_the_verdict_line_gives_no_psnr_where_it_means_nothing():
+    ok = R.Assessment(31.0, 30.0, 32.0, 0.9, 2.0, 6.0, "ok")
+    assert "predicted PSNR 31.0 dB (90 % interval 30.0-32.0)" in ok.line()
+    assert ok.to_dict()["predicted_psnr"] == 31.0
+    far = R.Assessment(-13.2, -14.0, -12.4, 0.9, 57.0, 6.0, "out of distribution")
+    assert "PSNR" not in far.line().replace("no PSNR", "") and "57.0" in far.line()
+    assert far.to_dict()["predicted_psnr"] is None and far.to_dict()["score"] == -13.2
+    none = R.Assessment.uncalibrated()
+    assert none.verdict == "uncalibrated" and none.verdict in R.VERDICTS
+    assert "jobs/calibrate.py" in none.line() and "dB" not in none.line()
+    assert none.to_dict()["score"] is None and json.dumps(none.to_dict(), allow_nan=False)
 
 
 def test_assess_refuses_a_calibration_of_another_k_and_reports_metadata():
     torch.manual_seed(0)
     g = build_generator("cvaa", CFG)
     x = R.reproject(_body(), CFG)[0]
-    rows, psnr = _synthetic_rows(20, np.random.default_rng(2))
+    rows, psnr = _synthetic_rows(40, np.random.default_rng(2))
     cal = R.ReliabilityCalibration.fit(rows, psnr, k=4)
     with pytest.raises(ValueError, match="k=4"):
         R.assess(g, x, CFG, cal, k=2)
     rel = R.assess(g, x, CFG, cal, k=4)
     meta = rel.metadata()
-    assert meta["verdict"] in R.VERDICTS and meta["k"] == 4
+    assert meta["verdict"] in R.VERDICTS[:3] and meta["k"] == 4
     assert rel.uncertainty.shape == (S, S, S) and rel.residual.shape == (2, S, S)
     assert "reliability:" in rel.assessment.line()
+    bare = R.assess(g, x, CFG, None, k=4)
+    assert bare.assessment.verdict == "uncalibrated" and bare.metadata()["score"] is None
 
 
 def test_view_attention_weights_per_scale_sum_to_one():
     torch.manual_seed(0)
     g = build_generator("cvaa", CFG)
-    maps = R.view_attention(g, torch.rand(2, S, S))
+    maps = view_attention(g, torch.rand(2, S, S))
     assert [m.shape[1] for m in maps] == [8, 16, 32]
     assert all(np.allclose(m.sum(0), 1.0, atol=1e-5) for m in maps)
     with pytest.raises(ValueError, match="no view-attention"):
-        R.view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
+        view_attention(build_generator("3dcnn", CFG), torch.rand(2, S, S))
 
 
 def _bench():
@@ -192,3 +234,31 @@ def test_bench_auroc_and_altered_inputs():
     assert float(np.ptp(const, axis=(1, 2)).max()) == 0.0
     noise = bench.foreign_input("noise", x, 0, [])
     assert noise.shape == x.shape and 0.0 <= noise.min() and noise.max() <= 1.0
+
+
+def test_orientation_check_reads_each_view_from_its_anatomy():
+    from cvaa.reliability.orientation import OrientationCheck
+    pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
+    check = OrientationCheck.fit(pairs)
+    assert all(check.problems(x) == [] for x in pairs)
+    x = pairs[2]
+    mirrored_lateral = np.stack([x[0], x[1][:, ::-1]])
+    assert check.problems(mirrored_lateral) == ["the lateral looks mirrored left-right"]
+    # the body is left-right symmetric in the PA: its mirror image is not asked about
+    assert "looks mirrored left-right" not in check.checked[0]
+    assert check.problems(np.stack([x[0][:, ::-1], x[1]])) == []
+    assert "looks rotated 90 degrees" in check.checked[0]
+    assert any("looks like a" in p for p in check.problems(x[::-1]))          # swapped
+    assert any("polarity inverted" in p for p in check.problems(1.0 - x))
+    assert any("lateral" in p for p in check.problems(np.stack([x[0], x[0]])))  # PA twice
+    assert OrientationCheck.from_dict(check.to_dict()) == check
+    with pytest.raises(ValueError, match="unknown field"):
+        OrientationCheck.from_dict({**check.to_dict(), "x": 1})
+    # in a calibration: the verdict says what is wrong, with no predicted PSNR
+    rows, psnr = _synthetic_rows(40, np.random.default_rng(5))
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=8, xrays=pairs * 8)
+    verdict = cal.assess(rows[0], mirrored_lateral)
+    assert verdict.verdict == "out of distribution" and "mirrored" in verdict.reason
+    assert "mirrored" in verdict.line() and "dB" not in verdict.line()
+    assert cal.assess(rows[0], x).reason == ""
+    assert R.ReliabilityCalibration.from_json(cal.to_json()) == cal

@@ -47,8 +47,13 @@ def calibrated(tmp_path_factory, round_trip):
     model = tracking.load_model(models["cvaa"], uri)
     import torch
     x = torch.from_numpy(round_trip)
-    rows = [reliability.assess(model.generator, xi, CFG, k=4, seed=i).features
-            for i, xi in enumerate(reliability.sample_xrays(x, CFG, 12, seed=5))]
+    measured = [reliability.assess(model.generator, xi, CFG, k=4, seed=i).features
+                for i, xi in enumerate(reliability.sample_xrays(x, CFG, 4, seed=5))]
+    # 40 rows (the fewest a calibration accepts is 37) around the 4 measured ones: four
+    # assessments cost what forty would not
+    rng = np.random.default_rng(0)
+    rows = [{k: v * (1 + 0.02 * rng.standard_normal()) for k, v in measured[i % 4].items()}
+            for i in range(40)]
     psnr = [25.0 + 0.1 * i for i in range(len(rows))]
     cal = reliability.ReliabilityCalibration.fit(rows, psnr, k=4)
     version = tracking.attach_calibration(models["cvaa"], cal.to_json(), uri)
@@ -99,7 +104,7 @@ def test_pyfunc_returns_reliability_on_request_and_the_volume_by_default(calibra
     out = model.predict(x, params={"reliability": True})
     np.testing.assert_allclose(out["ct"], plain, atol=1e-5)
     assert out["uncertainty"].shape == plain.shape and float(out["uncertainty"].max()) > 0
-    assert set(out["verdict"]) <= set(reliability.VERDICTS)
+    assert set(out["verdict"]) <= {"ok", "check", "out of distribution"}
     assert (out["psnr_low"] < out["score"]).all() and (out["score"] < out["psnr_high"]).all()
     with pytest.raises(Exception, match="k=4"):
         model.predict(x, params={"reliability": True, "k": 2})
@@ -126,7 +131,8 @@ def test_reconstruct_writes_the_uncertainty_metadata_and_a_line(tmp_path, calibr
     assert float(spread.min()) >= 0.0 and float(spread.max()) > 0.0
     meta = json.loads((tmp_path / "ct.reliability.json").read_text())
     assert meta["verdict"] in reliability.VERDICTS and meta["k"] == 4
-    assert meta["psnr_low"] < meta["predicted_psnr"] < meta["psnr_high"]
+    assert meta["psnr_low"] < meta["score"] < meta["psnr_high"]
+    assert (meta["predicted_psnr"] is None) == (meta["verdict"] == "out of distribution")
     assert "reliability: " + meta["verdict"] in printed
     assert (tmp_path / "ct.reliability_reprojection.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -135,7 +141,9 @@ def test_reconstruct_writes_the_uncertainty_metadata_and_a_line(tmp_path, calibr
                      "--out", str(plain), "--mlflow-uri", calibrated["uri"],
                      "--no-reliability"]) == 0
     assert not (tmp_path / "plain_uncertainty.nii.gz").exists()
-    np.testing.assert_array_equal(read_ct(str(plain), check_hu=False).array, est.array)
+    # the estimate with reliability is the batch's sample 0, reused: the plain one up to
+    # float rounding (well under 1 HU)
+    np.testing.assert_allclose(read_ct(str(plain), check_hu=False).array, est.array, atol=1.0)
 
 
 def test_dicom_uncertainty_is_a_derived_series_of_the_same_study(tmp_path, calibrated,
@@ -170,25 +178,51 @@ def test_reliability_paths():
                                                         "a/series.reliability.json")
 
 
+def test_uncalibrated_is_a_verdict_of_the_pyfunc_and_the_job(tmp_path, round_trip, capsys):
+    uri, models = register_tiny_models(tmp_path, names=("cvaa",))
+    mlflow.set_tracking_uri(uri)
+    out = mlflow.pyfunc.load_model(models["cvaa"]).predict(
+        round_trip[None].astype(np.float32), params={"reliability": True})
+    assert list(out["verdict"]) == ["uncalibrated"] and np.isnan(out["score"]).all()
+    assert float(out["uncertainty"].max()) > 0                 # still measured
+    from PIL import Image
+    paths = []
+    for name, image in (("pa.png", round_trip[0]), ("lat.png", round_trip[1])):
+        Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    assert JOB.main(["--model", models["cvaa"], "--pa", paths[0], "--lateral", paths[1],
+                     "--out", str(tmp_path / "ct.nii.gz"), "--mlflow-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((tmp_path / "ct.reliability.json").read_text())
+    assert meta["verdict"] == "uncalibrated" and meta["k"] == 8
+    assert meta["predicted_psnr"] is None and meta["score"] is None
+    line = next(x for x in printed.splitlines() if x.startswith("reliability: "))
+    assert line.startswith("reliability: uncalibrated") and " dB" not in line
+    assert (tmp_path / "ct_uncertainty.nii.gz").is_file()
+
+
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory, real_ct_paths):
-    """An eight-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
-    and cube, and seven perturbed copies of its X-rays; three of them are the test split."""
+    """A 48-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
+    and cube under 48 perturbed copies of its X-rays (each its own patient and source);
+    3 cases are the test split, 5 the train split, 40 a calibration split."""
     import torch
 
     from cvaa.data.dataset import encode_case, write_manifest
     xrays, prepared = inference.xrays_from_ct(str(real_ct_paths["abdomen"]), CFG)
     root = tmp_path_factory.mktemp("tiny-prepared")
     (root / "cases").mkdir()
-    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 8, seed=9).numpy()
+    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 48, seed=9).numpy()
     records = []
     for i, x in enumerate(copies):
         path = f"cases/c{i}.npz"
         (root / path).write_bytes(encode_case(prepared.normalized, x, {}))
-        records.append({"case_id": f"c{i}", "path": path, "patient_id": f"p{i}"})
+        records.append({"case_id": f"c{i}", "path": path, "patient_id": f"p{i}",
+                        "source_uri": f"/archive/ct{i}.nii.gz"})
+    ids = [r["case_id"] for r in records]
     write_manifest(str(root), {"config": CFG.to_dict(), "prepared": records,
-                               "split": {"test": [r["case_id"] for r in records[:3]],
-                                         "train": [r["case_id"] for r in records[3:]]}})
+                               "split": {"test": ids[:3], "train": ids[3:8],
+                                         "calibration": ids[8:]}})
     return str(root)
 
 
@@ -219,13 +253,41 @@ def test_calibrate_job_stores_a_calibration_fitted_on_the_held_out_cases(
     spec = importlib.util.spec_from_file_location("calibrate_job", ROOT / "jobs" / "calibrate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    uri, models = register_tiny_models(tmp_path, names=("cvaa",))
+    from cvaa.data.dataset import PreparedDataset
+    from cvaa.distributed.evaluate import EvalJob, run
+
+    # the version trained on tiny_prepared's train split (its 'data' tag says so)
+    uri, models = register_tiny_models(tmp_path, names=("cvaa",),
+                                       version_tags={"data": tiny_prepared})
     assert tracking.load_model(models["cvaa"], uri).calibration is None
-    assert job.main(["--model", models["cvaa"], "--data", tiny_prepared, "--k", "4",
-                     "--mlflow-uri", uri]) == 0
+    common = ["--model", models["cvaa"], "--data", tiny_prepared, "--k", "1",
+              "--mlflow-uri", uri]                      # K = 1: one pass per case, cheap
+    assert job.main(common) == 2                       # --split all holds the 5 train cases
+    assert "5 of the 48 cases" in capsys.readouterr().err
+    assert job.main(common + ["--split", "test"]) == 2            # 3 cases: too few
+    assert "needs at least 37" in capsys.readouterr().err
+    assert tracking.load_model(models["cvaa"], uri).calibration is None
+    assert job.main(common + ["--split", "calibration"]) == 0
     assert "stored with models:/tiny-cvaa@candidate (version 1)" in capsys.readouterr().out
     cal = reliability.ReliabilityCalibration.from_json(
         tracking.load_model(models["cvaa"], uri).calibration)
-    assert cal.k == 4 and cal.n_fit + cal.n_conformal == 8 and cal.info["cases"] == 8
+    data = PreparedDataset(tiny_prepared)
+    assert cal.k == 1 and cal.n_fit + cal.n_conformal == 40
+    assert cal.dataset == data.fingerprint and cal.case_ids == tuple(data.split("calibration"))
     assert job.main(["--model", "models:/tiny-cvaa@gone", "--data", tiny_prepared,
                      "--mlflow-uri", uri]) == 2
+
+    # evaluate reports the calibration's quality on the 8 other cases only
+    out = run(EvalJob(models=[models["cvaa"]], data=tiny_prepared, split="all",
+                      out=str(tmp_path / "eval"), mlflow_uri=uri, figure_cases=0,
+                      engine="local"), log=lambda *_: None)
+    text = Path(out["files"]["table_md"]).read_text()
+    assert "(40 cases the calibration was fitted on left out)" in text, text
+    assert sum(line.startswith(tuple(f"| c{i} |" for i in range(48)))
+               for line in text.splitlines()) == 8
+
+    # a version without a 'data' tag cannot be checked, so it is refused
+    uri2, bare = register_tiny_models(tmp_path / "bare", names=("cvaa",))
+    assert job.main(["--model", bare["cvaa"], "--data", tiny_prepared, "--split",
+                     "calibration", "--mlflow-uri", uri2]) == 2
+    assert "no 'data' tag" in capsys.readouterr().err

@@ -361,22 +361,81 @@ def render_planned(hu: torch.Tensor, plan: RenderPlan, drr: DRRConfig, *,
     noise = drr.photons if identity else params.photons
     blur = drr.blur_sigma_px if identity else params.blur_px
     if params.scatter > 0 or noise > 0 or (blur > 0 and not identity):
-        intensity = torch.exp(-line)
-        if params.scatter > 0:
-            wide = max(1.0, drr.detector_pixels / 8.0)
-            intensity = (intensity + params.scatter * gaussian_blur(intensity, wide)) \
-                / (1.0 + params.scatter)
-        floor = 1e-6
-        if noise > 0:
-            if generator is None:
-                generator = torch.Generator(device=line.device).manual_seed(drr.seed)
-            intensity = torch.poisson(noise * intensity, generator=generator) / noise
-            floor = 0.5 / noise
-        intensity = gaussian_blur(intensity, blur)
-        line = -torch.log(intensity.clamp(min=floor))
+        if noise > 0 and generator is None:
+            generator = torch.Generator(device=line.device).manual_seed(drr.seed)
+        line = detector_response(line, params.scatter, noise, blur, generator)
     image = torch.clamp(line / drr.log_scale, 0.0, 1.0)
     image = _display(image, params)
     return image[0]
+
+
+def detector_response(line: torch.Tensor, scatter: float, photons: float, blur_px: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Line integrals ``(..., P, P)`` -> the line integrals the detector reports:
+    ``I = exp(-L)`` plus scatter (the primary blurred by a wide Gaussian of ``P / 8`` px,
+    ``scatter`` times as strong), Poisson noise at ``photons`` (0: none), blur of
+    ``blur_px``, back to ``-log(I / (1 + scatter))``."""
+    intensity = torch.exp(-line)
+    if scatter > 0:
+        wide = max(1.0, line.shape[-1] / 8.0)
+        intensity = (intensity + scatter * gaussian_blur(intensity, wide)) / (1.0 + scatter)
+    floor = 1e-6
+    if photons > 0:
+        intensity = torch.poisson(photons * intensity, generator=generator) / photons
+        floor = 0.5 / photons
+    intensity = gaussian_blur(intensity, blur_px)
+    return -torch.log(intensity.clamp(min=floor))
+
+
+def perturb_xrays(xrays: torch.Tensor, params: RenderParams, log_scale: float,
+                  fov_mm: float, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One randomisation draw applied to a radiograph pair in image space.
+
+    The train-time randomisation (:func:`render_context`) renders the
+    context CT again; a radiograph has none, so the same draw acts on the images: the
+    in-plane part of the geometry (magnification by the distances and the pitch, the
+    isocentre shift, the rotation about each beam's axis), the effective energy as a
+    scale of the line integral (bone contrast needs the CT and is left out), then scatter,
+    dose, blur and the display exactly as there. The identity returns the input.
+
+    Args:
+        xrays: ``(2, P, P)`` in [0, 1], rows superior -> inferior.
+        params: the draw.
+        log_scale: ``cfg.drr.log_scale`` (image = line integral / log_scale).
+        fov_mm: the field of view the detector covers at the isocentre.
+        generator: seeds the Poisson noise.
+
+    Returns:
+        ``(2, P, P)`` float32 in [0, 1].
+    """
+    if xrays.dim() != 3 or xrays.shape[0] != 2:
+        raise ValueError(f"xrays must be (2, P, P), got {tuple(xrays.shape)}")
+    if params.is_identity():
+        return xrays.float().clone()
+    x = xrays.float()
+    p = x.shape[-1]
+    # The object's size on the detector scales with SID / SAD and inversely with pitch.
+    scale = (params.sid_scale / params.sad_scale) / params.zoom
+    dx, dy, dz = (2.0 * s / fov_mm for s in params.shift_mm)   # mm -> normalised units
+    thetas = []
+    # PA: columns along x (R->L), turned about y; lateral: columns along y (A->P), turned
+    # about x; rows run along -z in both. affine_grid maps output to input coordinates,
+    # so content moved by +d takes the offset -d.
+    for angle, col, row in ((params.rotation_deg[1], dx, dz),
+                            (params.rotation_deg[0], dy, dz)):
+        a = math.radians(angle)
+        rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / scale
+        thetas.append(np.concatenate([rot, np.array([[-col], [row]])], axis=1))
+    theta = torch.as_tensor(np.stack(thetas), dtype=torch.float32)       # (2, 2, 3)
+    grid = F.affine_grid(theta, [2, 1, p, p], align_corners=False)
+    moved = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)[:, 0][None]                # (1, 2, P, P)
+    line = moved * log_scale * params.mu_scale
+    if params.scatter > 0 or params.photons > 0 or params.blur_px > 0:
+        line = detector_response(line, params.scatter, params.photons, params.blur_px,
+                                 generator)
+    image = _display(torch.clamp(line / log_scale, 0.0, 1.0), params)
+    return image[0].float()
 
 
 def renders_on_device(device: torch.device) -> bool:

@@ -397,6 +397,25 @@ class PreparedDataset:
                            f"{sorted(self.manifest['split']) + ['all']}")
         return list(self.manifest["split"][name])
 
+    @property
+    def fingerprint(self) -> str:
+        """``data-<16 hex>``: a hash of the preprocessing config and every case id, the
+        same for every copy of this dataset (local or S3) and different for another
+        dataset (another seed, other CTs, or the same CTs under another pseudonym key)."""
+        text = json.dumps([self.manifest.get("config_hash", ""), sorted(self.records)])
+        return "data-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def shared_cases(self, case_ids: Iterable[str], other: "PreparedDataset",
+                     other_ids: Iterable[str]) -> list[str]:
+        """The ``case_ids`` of this dataset that are also among ``other_ids`` of ``other``:
+        the same case id, or the same source CT (the manifests' ``source_uri``), so that
+        a dataset prepared again from the same CTs is caught too."""
+        other_ids = set(other_ids)
+        sources = {other.records[c].get("source_uri") for c in other_ids if c in other.records}
+        sources.discard(None)
+        return [c for c in case_ids
+                if c in other_ids or self.records[c].get("source_uri") in sources]
+
     def load(self, case_id: str) -> dict[str, Any]:
         record = self.records[case_id]
         return decode_case(store.read_bytes(store.join(self.root, record["path"])))

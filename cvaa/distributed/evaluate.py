@@ -167,10 +167,20 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
         if m.calibration is None:
             continue
         start = time.perf_counter()
+        # The calibration's quality is not measured on the cases it was fitted on.
+        held_out, fitted_on = calibration_held_out(m.calibration, dataset, case_ids)
+        if not held_out:
+            reliability_md.append(f"Reliability of {label}: not reported: all "
+                                  f"{len(case_ids)} cases are ones its calibration was "
+                                  "fitted on")
+            continue
         result = (reliability_on_cluster if engine == "ray" else _reliability_cases)(
-            spec, job.data, case_ids, m.calibration, fig_ids, job.use_gpu, 1)
-        metrics = [r["psnr"] for r in per_case[label]]
-        reliability_md.append(reliability_markdown(label, result["cases"], metrics))
+            spec, job.data, held_out, m.calibration,
+            [c for c in fig_ids if c in held_out], job.use_gpu, 1)
+        psnr_of = dict(zip(case_ids, (r["psnr"] for r in per_case[label])))
+        metrics = [psnr_of[c] for c in held_out]
+        reliability_md.append(reliability_markdown(label, result["cases"], metrics,
+                                                   left_out=fitted_on))
         name = _metric_name(label)
         files[f"reliability_csv_{name}"] = out / f"reliability_{name}.csv"
         files[f"reliability_csv_{name}"].write_text(reliability_csv(result["cases"], metrics))
@@ -185,7 +195,7 @@ def run(job: EvalJob, log=print) -> dict[str, Any]:
             if fig["attention"]:
                 figure_files[f"attention_{name}_{case_id}"] = attention_grid(
                     fig["attention"], title=f"{label}, {case_id}: which view CVAA trusted")
-        log(f"[evaluate] {label}: reliability of {len(case_ids)} cases in "
+        log(f"[evaluate] {label}: reliability of {len(held_out)} cases in "
             f"{time.perf_counter() - start:.1f} s")
     files["table_md"].write_text(f"{caption}\n\n{table}" + "".join(
         f"\n\n{text}" for text in reliability_md))
@@ -337,6 +347,7 @@ def _reliability_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
     ``figure_ids``: run on a cluster worker (or here with the local engine)."""
     from cvaa import reliability
     from cvaa.config import Config
+    from cvaa.models.fusion import view_attention
 
     device = _device(use_gpu, threads)
     dataset = PreparedDataset(data)
@@ -350,7 +361,7 @@ def _reliability_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
         cases.append({"case_id": case_id, **rel.assessment.to_dict()})
         if case_id in figure_ids:
             try:
-                attention = reliability.view_attention(generator, xrays)
+                attention = view_attention(generator, xrays)
             except ValueError:              # a baseline without view attention
                 attention = []
             figures[case_id] = {"estimate": rel.estimate, "uncertainty": rel.uncertainty,
@@ -375,9 +386,24 @@ def reliability_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str],
                                list(figure_ids), use_gpu, threads))
 
 
+def calibration_held_out(calibration_json: str, dataset: PreparedDataset,
+                         case_ids: Sequence[str]) -> tuple[list[str], int]:
+    """``(case_ids`` the calibration was not fitted on, how many it was) of ``dataset``:
+    the calibration names its dataset by :attr:`PreparedDataset.fingerprint`."""
+    from cvaa.reliability import ReliabilityCalibration
+
+    calibration = ReliabilityCalibration.from_json(calibration_json)
+    if calibration.dataset != dataset.fingerprint:
+        return list(case_ids), 0
+    fitted = set(calibration.case_ids)
+    held_out = [c for c in case_ids if c not in fitted]
+    return held_out, len(case_ids) - len(held_out)
+
+
 def reliability_markdown(label: str, cases: Sequence[dict[str, Any]],
-                         actual: Sequence[float]) -> str:
-    """Score vs actual PSNR per case, with the Spearman correlation and the coverage."""
+                         actual: Sequence[float], left_out: int = 0) -> str:
+    """Score vs actual PSNR per case, with the Spearman correlation and the coverage;
+    ``left_out``: the cases of the split the calibration was fitted on (not reported)."""
     from scipy.stats import spearmanr
 
     inside = [c["psnr_low"] <= y <= c["psnr_high"] for c, y in zip(cases, actual)]
@@ -386,7 +412,8 @@ def reliability_markdown(label: str, cases: Sequence[dict[str, Any]],
     level = 100 * cases[0]["level"] if cases else 0
     lines = [f"Reliability of {label}: Spearman rho {rho:.3f} between the score and the "
              f"actual PSNR; {sum(inside)}/{len(inside)} cases inside the {level:.0f} % "
-             "interval", "",
+             "interval" + (f" ({left_out} cases the calibration was fitted on left out)"
+                           if left_out else ""), "",
              "| case | actual PSNR | score (predicted PSNR) | interval | verdict |",
              "|---|---:|---:|---|---|"]
     for c, y in zip(cases, actual):

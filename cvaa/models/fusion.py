@@ -7,6 +7,7 @@ features ``U`` up-convolved from the previous decoder level; all are ``(B, C, D,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -130,4 +131,40 @@ class CVAAModule(nn.Module):
         return self._merge(coarse, fine, f1, f2, u)
 
 
-__all__ = ["ViewAttentionAlignment", "FineDistillation", "CVAAModule"]
+@torch.no_grad()
+def view_attention(generator: nn.Module, xrays) -> list[np.ndarray]:
+    """CVAA's view-attention weights at each decoder scale, coarsest first.
+
+    Forward hooks on every :class:`ViewAttentionAlignment` recompute
+    its softmax weights from the inputs it received (the model is not changed).
+
+    Args:
+        generator: a CVAA generator (any model with VAA modules).
+        xrays: ``(2, P, P)``.
+
+    Returns:
+        ``[(2, s, s, s)]``: channel 0 the PA's weight, 1 the lateral's (they sum to 1).
+    """
+    found: list[np.ndarray] = []
+
+    def hook(module, inputs, _output):
+        found.append(module.weights(*inputs)[0].float().cpu().numpy())
+
+    modules = [m for m in generator.modules() if isinstance(m, ViewAttentionAlignment)]
+    if not modules:
+        raise ValueError(f"{type(generator).__name__} has no view-attention modules")
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = generator.training
+    generator.eval()
+    try:
+        x = torch.as_tensor(np.asarray(xrays, np.float32) if not torch.is_tensor(xrays)
+                            else xrays).float()
+        generator(x[None].to(next(generator.parameters()).device))
+    finally:
+        generator.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+__all__ = ["ViewAttentionAlignment", "FineDistillation", "CVAAModule", "view_attention"]

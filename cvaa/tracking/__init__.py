@@ -7,7 +7,7 @@ metrics, the GAN step) never imports it.
 
 from cvaa.tracking.registry import (LoadedModel, ModelLookupError, attach_calibration,
                                     load_generator, load_model, log_calibration_run,
-                                    log_generator)
+                                    log_generator, model_version_tags)
 from cvaa.tracking.runs import (CREDENTIAL_VARIABLES, EXPERIMENT, RunKilled, RunLogger,
                                 TrackingAuthError, TrackingUnavailableError, auth_refusal,
                                 check_server, check_tracking_uri, default_tracking_uri,
@@ -17,5 +17,5 @@ __all__ = ["CREDENTIAL_VARIABLES", "EXPERIMENT", "LoadedModel", "ModelLookupErro
            "RunKilled", "RunLogger", "TrackingAuthError", "TrackingUnavailableError",
            "attach_calibration", "auth_refusal", "check_server", "check_tracking_uri",
            "default_tracking_uri", "find_run", "load_generator", "load_model",
-           "log_calibration_run", "log_generator", "open_run", "setup", "source_tags",
-           "system_metrics"]
+           "log_calibration_run", "log_generator", "model_version_tags", "open_run", "setup",
+           "source_tags", "system_metrics"]

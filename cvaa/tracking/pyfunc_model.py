@@ -87,10 +87,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         out = {"ct": np.stack([c.estimate for c in cases])[:, None],
                "uncertainty": np.stack([c.uncertainty for c in cases])[:, None]}
         for key in ("score", "psnr_low", "psnr_high", "ood_distance"):
-            out[key] = np.array([getattr(c.assessment, key) if c.assessment else np.nan
-                                 for c in cases], np.float32)
-        out["verdict"] = np.array([c.assessment.verdict if c.assessment else "uncalibrated"
-                                   for c in cases])
+            out[key] = np.array([getattr(c.assessment, key) for c in cases], np.float32)
+        out["verdict"] = np.array([c.assessment.verdict for c in cases])
         return out
 
 

@@ -199,6 +199,17 @@ def _model_version(client, model_uri: str):
         raise refused or ModelLookupError(f"{model_uri}: no such registered version") from exc
 
 
+def model_version_tags(model_uri: str, tracking_uri: str) -> dict[str, str]:
+    """The tags of the registered version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+    names (:func:`cvaa.distributed.training.register` writes ``data``, the dataset it
+    trained on, among them)."""
+    import mlflow
+
+    check_tracking_uri(tracking_uri)
+    version = _model_version(mlflow.MlflowClient(tracking_uri), model_uri)
+    return dict(version.tags or {})
+
+
 def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str) -> str:
     """Store a reliability calibration with a registered version: the JSON file
     ``reliability_calibration.json`` (:data:`cvaa.reliability.CALIBRATION_FILE`) in the
@@ -229,7 +240,8 @@ def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str)
     tags = {"reliability/level": calibration.level,
             "reliability/halfwidth_db": round(calibration.halfwidth, 4),
             "reliability/k": calibration.k,
-            "reliability/cases": calibration.n_fit + calibration.n_conformal}
+            "reliability/cases": calibration.n_fit + calibration.n_conformal,
+            "reliability/dataset": calibration.dataset or "none recorded"}
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, str(value))
     return str(version.version)
