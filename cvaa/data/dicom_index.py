@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from cvaa.config import DicomConfig
+from cvaa.data.io import slice_spacing_problem  # noqa: F401  (also this module's API)
 
 # The header fields read (keywords); nothing else is parsed.
 HEADER_TAGS = (
@@ -85,7 +86,7 @@ class FileSource:
 def open_source(uri: str):
     """A :class:`FileSource`, or for ``s3://`` a ``cvaa.data.io.S3Source`` (ranged GETs)."""
     if uri.startswith("s3://"):
-        from cvaa.data.io import S3Source
+        from cvaa.data.io import S3Source  # boto3 only for an s3:// archive
 
         return S3Source(uri, HEAD_BYTES)
     return FileSource(uri)
@@ -482,40 +483,6 @@ def _split_acquisitions(s: Series) -> list[Series]:
 
 
 # --------------------------------------------------------------------------- selection
-
-def slice_spacing_problem(z_mm: Iterable[float]) -> tuple[str, str] | None:
-    """``(kind, reason)`` when sorted slice positions have duplicates, gaps or uneven
-    spacing, else None. ``kind`` is ``duplicate_positions``, ``gap`` or ``uneven_spacing``;
-    slices are counted from 1 in position order.
-
-    Example:
-        >>> slice_spacing_problem([0, 2, 4, 8, 10])[1]
-        'gap at slice 4: 1 missing slice(s) between positions 4.00 and 8.00 mm (spacing 2.00 mm)'
-    """
-    z = np.sort(np.asarray(list(z_mm), float))
-    gaps = np.diff(z)
-    if (gaps <= 1e-3).any():
-        i = int(np.argmax(gaps <= 1e-3))
-        return "duplicate_positions", f"duplicate slice position {z[i]:.2f} mm (slices " \
-                                      f"{i + 1} and {i + 2})"
-    if len(gaps) == 0:
-        return None
-    step = float(np.median(gaps))
-    tol = max(0.01 * step, 1e-2)
-    bad = [i for i, g in enumerate(gaps) if abs(g - step) > tol]
-    if not bad:
-        return None
-    i, g = bad[0], gaps[bad[0]]
-    more = f"; {len(bad) - 1} more" if len(bad) > 1 else ""
-    ratio = g / step
-    if abs(ratio - round(ratio)) <= 0.05 and round(ratio) >= 2:
-        return "gap", (f"gap at slice {i + 2}: {round(ratio) - 1} missing slice(s) between "
-                       f"positions {z[i]:.2f} and {z[i + 1]:.2f} mm (spacing {step:.2f} mm)"
-                       f"{more}")
-    return "uneven_spacing", (f"inconsistent slice spacing: {g:.2f} mm between positions "
-                              f"{z[i]:.2f} and {z[i + 1]:.2f} mm, {step:.2f} mm "
-                              f"elsewhere{more}")
-
 
 @dataclass(frozen=True)
 class Candidate:

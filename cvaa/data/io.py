@@ -35,7 +35,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -444,11 +444,43 @@ def _check_slice_positions(files: tuple[str, ...] | list[str], uri: str) -> None
             normal = np.cross(o[:3], o[3:])
         p = np.array([float(v) for v in r.GetMetaData(_IMAGE_POSITION).split("\\")])
         positions.append(float(p @ normal))
-    from cvaa.data.dicom_index import slice_spacing_problem
-
     problem = slice_spacing_problem(positions)
     if problem:
         raise InvalidVolumeError(uri, f"DICOM series: {problem[1]}")
+
+
+def slice_spacing_problem(z_mm: Iterable[float]) -> tuple[str, str] | None:
+    """``(kind, reason)`` when sorted slice positions have duplicates, gaps or uneven
+    spacing, else None. ``kind`` is ``duplicate_positions``, ``gap`` or ``uneven_spacing``;
+    slices are counted from 1 in position order.
+
+    Example:
+        >>> slice_spacing_problem([0, 2, 4, 8, 10])[1]
+        'gap at slice 4: 1 missing slice(s) between positions 4.00 and 8.00 mm (spacing 2.00 mm)'
+    """
+    z = np.sort(np.asarray(list(z_mm), float))
+    gaps = np.diff(z)
+    if (gaps <= 1e-3).any():
+        i = int(np.argmax(gaps <= 1e-3))
+        return "duplicate_positions", f"duplicate slice position {z[i]:.2f} mm (slices " \
+                                      f"{i + 1} and {i + 2})"
+    if len(gaps) == 0:
+        return None
+    step = float(np.median(gaps))
+    tol = max(0.01 * step, 1e-2)
+    bad = [i for i, g in enumerate(gaps) if abs(g - step) > tol]
+    if not bad:
+        return None
+    i, g = bad[0], gaps[bad[0]]
+    more = f"; {len(bad) - 1} more" if len(bad) > 1 else ""
+    ratio = g / step
+    if abs(ratio - round(ratio)) <= 0.05 and round(ratio) >= 2:
+        return "gap", (f"gap at slice {i + 2}: {round(ratio) - 1} missing slice(s) between "
+                       f"positions {z[i]:.2f} and {z[i + 1]:.2f} mm (spacing {step:.2f} mm)"
+                       f"{more}")
+    return "uneven_spacing", (f"inconsistent slice spacing: {g:.2f} mm between positions "
+                              f"{z[i]:.2f} and {z[i + 1]:.2f} mm, {step:.2f} mm "
+                              f"elsewhere{more}")
 
 
 def _first_line(exc: BaseException) -> str:
