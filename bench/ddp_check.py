@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -174,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         mp.spawn(rank_main, args=(args.ranks, options), nprocs=args.ranks, join=True)
     except Exception as exc:   # a rank failed: its traceback, then one line
         print(f"[ddp_check] a rank failed:\n{exc}", file=sys.stderr, flush=True)
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+        raised = [line for line in str(exc).splitlines()
+                  if re.match(r"\w+(Error|Exception): ", line)]
+        error = raised[-1] if raised else f"{type(exc).__name__}: {exc}".splitlines()[0]
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ok, summary = verdict(rows, args.epochs)
     if error:
