@@ -202,10 +202,11 @@ def rotation_matrix(degrees: tuple[float, float, float]) -> np.ndarray:
 
 def rotation_theta(degrees: tuple[float, float, float], spacing_mm: tuple[float, float, float],
                    center_index: tuple[float, float, float],
-                   shape_dhw: tuple[int, int, int]) -> np.ndarray:
-    """The ``(3, 4)`` affine of ``F.affine_grid`` (normalised coordinates, align_corners)
-    that turns a ``(D, H, W)`` volume by ``degrees`` about the physical point at
-    ``center_index``; host arithmetic only (:func:`rotate_about` applies it)."""
+                   shape_dhw: tuple[int, int, int]) -> torch.Tensor:
+    """The ``(1, 3, 4)`` float32 affine of ``F.affine_grid`` (normalised coordinates,
+    align_corners) that turns a ``(D, H, W)`` volume by ``degrees`` about the physical
+    point at ``center_index``; host arithmetic, a CPU tensor (:func:`rotate_with` applies
+    it on any device)."""
     n_d, n_h, n_w = shape_dhw
     sx, sy, sz = spacing_mm
     # index (w, h, d) -> physical (x, y, z) about the centre: x = w*sx, y = h*sy, z = -d*sz
@@ -219,24 +220,23 @@ def rotation_theta(degrees: tuple[float, float, float], spacing_mm: tuple[float,
     scale = 2.0 / np.maximum(sizes - 1, 1)
     theta_lin = np.diag(scale) @ a @ np.diag(1 / scale)
     offset = scale * (c - a @ c) + (theta_lin @ np.ones(3)) - np.ones(3)
-    return np.concatenate([theta_lin, offset[:, None]], axis=1)
+    theta = np.concatenate([theta_lin, offset[:, None]], axis=1)
+    return torch.as_tensor(theta, dtype=torch.float32)[None]
 
 
-def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float] | None,
-                 spacing_mm: tuple[float, float, float] | None = None,
-                 center_index: tuple[float, float, float] | None = None, *,
-                 theta: torch.Tensor | None = None) -> torch.Tensor:
+def rotate_about(mu: torch.Tensor, degrees: tuple[float, float, float],
+                 spacing_mm: tuple[float, float, float],
+                 center_index: tuple[float, float, float]) -> torch.Tensor:
     """``(1, 1, D, H, W)`` attenuation of the patient rotated by ``degrees`` about the
-    physical point at ``center_index``; what comes from outside the volume is air.
+    physical point at ``center_index``; what comes from outside the volume is air."""
+    theta = rotation_theta(degrees, spacing_mm, center_index, tuple(mu.shape[2:]))
+    return rotate_with(mu, theta.to(mu.device))
 
-    ``theta``: the ``(1, 3, 4)`` affine of :func:`rotation_theta`, already on ``mu``'s
-    device (then ``degrees``, ``spacing_mm`` and ``center_index`` are not used)."""
-    _, _, n_d, n_h, n_w = mu.shape
-    if theta is None:
-        theta = torch.as_tensor(rotation_theta(degrees, spacing_mm, center_index,
-                                               (n_d, n_h, n_w)),
-                                dtype=torch.float32, device=mu.device)[None]
-    grid = F.affine_grid(theta, [1, 1, n_d, n_h, n_w], align_corners=True)
+
+def rotate_with(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``(1, 1, D, H, W)`` resampled by the ``(1, 3, 4)`` affine ``theta`` of
+    :func:`rotation_theta`, already on ``mu``'s device (trilinear; air outside)."""
+    grid = F.affine_grid(theta, [1, 1, *mu.shape[2:]], align_corners=True)
     return F.grid_sample(mu, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=True)
 
@@ -309,8 +309,7 @@ def plan_render(context: ContextCT, drr: DRRConfig, params: RenderParams, *,
     iso = np.asarray(context.isocenter_index, float)                     # (d, h, w)
     theta = None
     if any(params.rotation_deg):
-        theta = torch.as_tensor(rotation_theta(params.rotation_deg, context.spacing_mm,
-                                               tuple(iso), shape), dtype=torch.float32)[None]
+        theta = rotation_theta(params.rotation_deg, context.spacing_mm, tuple(iso), shape)
     if any(params.shift_mm):
         sx, sy, sz = context.spacing_mm
         dx, dy, dz = params.shift_mm
@@ -355,7 +354,7 @@ def render_planned(hu: torch.Tensor, plan: RenderPlan, drr: DRRConfig, *,
     mu = attenuation(hu[None, None], drr.mu_water_per_mm, params.mu_scale,
                      params.bone_scale, plan.bone_hu)                     # (1, 1, D, H, W)
     if plan.theta is not None:
-        mu = rotate_about(mu, None, theta=plan.theta)
+        mu = rotate_with(mu, plan.theta)
     line = line_integrals(mu, plan.geometry, None, tables=plan.tables)
     identity = params.is_identity()  # the fixed DRR's own noise and blur, if it has any
     noise = drr.photons if identity else params.photons
