@@ -121,12 +121,7 @@ def gradient_norm(parameters) -> torch.Tensor | None:
     without gradients): finite exactly when every gradient is. One foreach reduction, no
     read back to the host."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return None
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)   # torch >= 2.6
-    if total_norm is not None:
-        return total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def compiled_graphs() -> int:
