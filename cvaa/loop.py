@@ -308,28 +308,26 @@ def validate(run: Run) -> dict[str, float]:
     return {f"val/{k}": float(sums[i]) / count for i, k in enumerate(keys)}
 
 
-def mean_over_ranks(value: float, distributed: bool, device) -> float:
+def reduce_over_ranks(value: float, distributed: bool, device, op: str) -> float:
+    """``value`` reduced over the ranks by ``op`` (a ``ReduceOp`` name); itself on one."""
     if not distributed:
         return float(value)
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
-
-
-def max_over_ranks(value: float, distributed: bool, device) -> float:
-    if not distributed:
-        return float(value)
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return float(t.item())
+
+
+def mean_over_ranks(value: float, distributed: bool, device) -> float:
+    world = torch.distributed.get_world_size() if distributed else 1
+    return sum_over_ranks(value, distributed, device) / world
 
 
 def sum_over_ranks(value: float, distributed: bool, device) -> float:
-    if not distributed:
-        return float(value)
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
+    return reduce_over_ranks(value, distributed, device, "SUM")
+
+
+def max_over_ranks(value: float, distributed: bool, device) -> float:
+    return reduce_over_ranks(value, distributed, device, "MAX")
 
 
 def all_ok(ok: bool, distributed: bool, device) -> bool:
