@@ -204,26 +204,44 @@ def run_model(label: str, model, data: PreparedDataset, calib: PreparedDataset,
     return out
 
 
-def operating_point(model, calib: PreparedDataset, held: PreparedDataset, cases: int,
-                    mr_path: str, k: int, log, save=None) -> dict:
-    """The verdict as a user meets it: calibrate on every case of ``calib`` (with the
-    orientation check's templates), then for ``cases`` cases of ``held`` (a data seed
-    neither the model nor the calibration saw) and every input family and strength, each
-    input's actual PSNR (none for non-radiographs), verdict and interval."""
+def measure_operating_point(model, calib: PreparedDataset, held: PreparedDataset, cases: int,
+                            mr_path: str, k: int, folder: Path, log,
+                            extra: PreparedDataset | None = None) -> Path:
+    """Measure what the verdicts need, once: every calibration case of ``calib`` and, for
+    ``cases`` cases of ``held`` (a data seed neither the model nor the calibration saw),
+    every input family and strength, each input's features, X-rays and actual PSNR (none
+    for non-radiographs); with ``extra``, its cases (real CTs) as one more family.
+    Written to ``folder`` case by case (a stopped run resumes where it stopped), so that
+    :func:`operating_point` can refit and judge them with the current code in seconds."""
     cfg = Config.from_dict(model.config)
     g = model.generator.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"model": model.label, "k": k, "calibration_data": calib.root,
+              "calibration_dataset": calib.fingerprint, "held_out": held.root}
+    head = folder / "measurements.json"
+    if head.is_file() and json.loads(head.read_text()) != header:
+        raise SystemExit(f"{folder} holds measurements of another model, K or data: "
+                         "choose another --cache")
+    head.write_text(json.dumps(header, indent=1))
+
+    def measure(name: str, inputs: dict) -> None:
+        if (folder / f"{name}.json").is_file():
+            return
+        rows, arrays = {}, {}
+        for key, (x, truth) in inputs.items():
+            rel = reliability.assess(g, x, cfg, None, k=k)
+            rows[key] = {"features": rel.features}
+            if truth is not None:
+                rows[key]["psnr"] = float(psnr(torch.from_numpy(rel.estimate)[None, None],
+                                               torch.from_numpy(np.asarray(truth)[None])))
+            arrays[key] = np.asarray(x, np.float16)
+        np.savez_compressed(folder / f"{name}.npz", **arrays)
+        (folder / f"{name}.json").write_text(json.dumps(rows))   # last: marks it complete
+
     tick = time.perf_counter()
-    ids = calib.split("all")
-    rows, psnrs, xrays = reliability.measure_cases(g, (calib.arrays(c) for c in ids), cfg, k)
-    cal = reliability.ReliabilityCalibration.fit(rows, psnrs, k=k, dataset=calib.fingerprint,
-                                                 case_ids=ids, xrays=xrays)
-    log(f"calibrated on {len(ids)} cases in {time.perf_counter() - tick:.0f} s: half-width "
-        f"{cal.halfwidth:.2f} dB, distance threshold {cal.ood_threshold:.2f}, check below "
-        f"{cal.check_psnr:.2f} dB; competing readings the templates rule out: PA "
-        f"{len(cal.orientation['checked'][0])}, lateral {len(cal.orientation['checked'][1])}"
-        " of 16")
+    measure("calibration", {c: calib.arrays(c) for c in calib.split("all")})
+    log(f"calibration cases measured ({time.perf_counter() - tick:.0f} s)")
     mr = mr_pairs(mr_path, 8, cfg)
-    families: dict[str, list[dict]] = {}
     for i, case_id in enumerate(held.split("all")[:cases]):
         fixed, ct = held.arrays(case_id)
         context = held.context(case_id)
@@ -233,20 +251,44 @@ def operating_point(model, calib: PreparedDataset, held: PreparedDataset, cases:
             inputs[f"{family} {strength:g}"] = (
                 render_setting(family, strength, case_id, context, fixed, cfg, None), ct)
         inputs.update({kind: (foreign_input(kind, fixed, i, mr), None) for kind in FOREIGN})
-        for name, (x, truth) in inputs.items():
-            rel = reliability.assess(g, x, cfg, cal, k=k)
-            row = {"case_id": case_id, **rel.assessment.to_dict()}
-            if truth is not None:
-                row["psnr"] = float(psnr(torch.from_numpy(rel.estimate)[None, None],
-                                         torch.from_numpy(truth[None])))
-            families.setdefault(name, []).append(row)
+        measure(f"case-{case_id}", inputs)
         log(f"case {i + 1}/{cases} {case_id}: {len(inputs)} inputs, "
             f"{time.perf_counter() - tick:.0f} s")
-        result = {"model": model.label, "k": k, "calibration": json.loads(cal.to_json()),
-                  "families": families}
-        if save is not None:                      # what is measured so far survives a stop
-            save(result)
-    return result
+    if extra is not None:
+        for case_id in extra.split("all"):
+            measure(f"real-{case_id}", {"real CT": extra.arrays(case_id)})
+        log(f"{len(extra.split('all'))} real CTs measured")
+    return folder
+
+
+def read_measurements(folder: Path, name: str) -> tuple[dict, dict]:
+    rows = json.loads((folder / f"{name}.json").read_text())
+    with np.load(folder / f"{name}.npz") as z:
+        return rows, {key: z[key].astype(np.float32) for key in z.files}
+
+
+def operating_point(folder: Path) -> dict:
+    """The verdict as a user meets it, from :func:`measure_operating_point`'s
+    measurements: calibrate on every calibration case (with the orientation check), then
+    judge every measured input with that calibration."""
+    header = json.loads((folder / "measurements.json").read_text())
+    rows, xrays = read_measurements(folder, "calibration")
+    ids = list(rows)
+    cal = reliability.ReliabilityCalibration.fit(
+        [rows[c]["features"] for c in ids], [rows[c]["psnr"] for c in ids], k=header["k"],
+        dataset=header["calibration_dataset"], case_ids=ids, xrays=[xrays[c] for c in ids])
+    families: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("case-*.json")) + sorted(folder.glob("real-*.json")):
+        name = path.stem
+        case_id = name.split("-", 1)[1]
+        rows, xrays = read_measurements(folder, name)
+        for key, row in rows.items():
+            out = {"case_id": case_id, **cal.assess(row["features"], xrays[key]).to_dict()}
+            if "psnr" in row:
+                out["psnr"] = row["psnr"]
+            families.setdefault(key, []).append(out)
+    return {"model": header["model"], "k": header["k"],
+            "calibration": json.loads(cal.to_json()), "families": families}
 
 
 def operating_summary(result: dict) -> dict:
@@ -256,7 +298,8 @@ def operating_summary(result: dict) -> dict:
     for name, rows in result["families"].items():
         ok = [r for r in rows if r["verdict"] == "ok"]
         covered = [r["psnr_low"] <= r["psnr"] <= r["psnr_high"] for r in ok if "psnr" in r]
-        drops = [r["psnr"] - clean[r["case_id"]] for r in rows if "psnr" in r]
+        drops = [r["psnr"] - clean[r["case_id"]] for r in rows
+                 if "psnr" in r and r["case_id"] in clean]
         out[name] = {"n": len(rows),
                      **{v: float(np.mean([r["verdict"] == v for r in rows]))
                         for v in reliability.VERDICTS[:3]},
@@ -270,7 +313,7 @@ def operating_summary(result: dict) -> dict:
 def operating_markdown(result: dict, summary: dict) -> str:
     cal = result["calibration"]
     lines = [f"Verdicts of {result['model']} (K = {result['k']}), calibrated on "
-             f"{cal['n_fit'] + cal['n_conformal']} cases: interval half-width "
+             f"{cal['n_cases']} cases: interval half-width "
              f"{cal['halfwidth']:.2f} dB, input distance threshold {cal['ood_threshold']:.2f}; "
              f"clean Spearman rho {summary['clean']['spearman']:.3f}", "",
              "| input | n | ok | check | out of distribution | covered among ok | "
@@ -586,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=12, help="cases of --verdicts (default 12)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds of "
                    "--cost-only (default 15)")
+    p.add_argument("--from-cache", action="store_true", help="with --verdicts: judge the "
+                   "measurements already in --cache with the current code (no model run)")
     p.add_argument("--cache", help="directory keeping each model's measurements (LABEL.json "
                    "+ LABEL.npz): a model measured there before is read back, not run again")
     args = p.parse_args(argv)
@@ -597,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out + "_verdicts")
         out.parent.mkdir(parents=True, exist_ok=True)
 
-        def save(result: dict) -> str:
+        def save(result: dict) -> str:    # the verdicts of the current code
             summary = operating_summary(result)
             text = operating_markdown(result, summary)
             out.with_suffix(".json").write_text(json.dumps({"summary": summary, **result},
@@ -605,10 +650,15 @@ def main(argv: list[str] | None = None) -> int:
             out.with_suffix(".md").write_text(text + "\n")
             return text
 
-        print(save(operating_point(tracking.load_model(model_uri, uri), calib,
-                                   PreparedDataset(args.verdicts), args.cases, args.mr,
-                                   args.k, log=lambda line: print(f"[verdicts] {line}"),
-                                   save=save)))
+        if not args.cache:
+            p.error("--verdicts needs --cache DIR: where the measurements are kept")
+        folder = Path(args.cache)
+        if not args.from_cache:
+            measure_operating_point(tracking.load_model(model_uri, uri), calib,
+                                    PreparedDataset(args.verdicts), args.cases, args.mr,
+                                    args.k, folder, extra=extra,
+                                    log=lambda line: print(f"[verdicts] {line}"))
+        print(save(operating_point(folder)))
         return 0
     if args.cost_only:
         label, _, model_uri = args.model[0].partition("=")

@@ -3,7 +3,7 @@ calibration with that version (cvaa/reliability/).
 
     python jobs/calibrate.py --model models:/cvaa-gan@candidate --data runs/calib-prepared
     python jobs/calibrate.py --model models:/cvaa-gan/3 --data runs/prepared --split test
-        # a split it did not train on, if it holds at least 37 cases
+        # a split it did not train on, if it holds at least 26 cases
 
 The cases must be ones the model never trained on (another prepared dataset, or a split of
 its own dataset it did not see), with their CT. Cases of the split the version trained and
@@ -11,8 +11,9 @@ validated on (the dataset its ``data`` tag names, split ``train``: the same case
 same source CT) are refused, and so is a version whose training data cannot be read to
 check. Each case is reconstructed with K forward samples, and its features (reprojection
 consistency, uncertainty, input statistics) and actual PSNR fit the score's regression, a
-split-conformal interval at --level and the out-of-distribution threshold; fewer cases than
-that needs (37 at the default levels) are refused. The calibration records the dataset's
+jackknife+ interval at --level (wider for inputs further from these cases) and the
+out-of-distribution threshold; fewer cases than that needs (26 at the default levels) are
+refused. The calibration records the dataset's
 fingerprint and the case ids, so that jobs/evaluate.py leaves those cases out of the
 calibration's quality. It is a JSON file stored in the version's logged model (next to
 MLmodel), so it travels with the version; the version gets reliability/* tags.
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"[calibrate] stored with {args.model} (version {version}): predicted PSNR "
-          f"+-{calibration.halfwidth:.2f} dB at {100 * calibration.level:.0f} % "
-          f"({calibration.n_conformal} conformal cases), 'check' below "
+          f"+-{calibration.halfwidth:.2f} dB at {100 * calibration.level:.0f} % for a typical "
+          f"input (wider further out; {calibration.n_cases} cases), 'check' below "
           f"{calibration.check_psnr:.2f} dB, out of distribution beyond input distance "
           f"{calibration.ood_threshold:.1f}; {time.perf_counter() - start:.0f} s")
     return 0

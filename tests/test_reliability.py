@@ -148,16 +148,40 @@ def test_calibration_predicts_covers_flags_and_round_trips_as_json():
         R.ReliabilityCalibration.from_json(json.dumps(old))
 
 
+def test_the_interval_is_jackknife_plus_and_widens_with_the_distance():
+    rng = np.random.default_rng(7)
+    rows, psnr = _synthetic_rows(400, rng)
+    cal = R.ReliabilityCalibration.fit(rows[:60], psnr[:60], k=8, level=0.9)
+    # exchangeable new cases: covered at about the level (jackknife+ guarantees >= 80 %)
+    held = [cal.assess(r) for r in rows[60:]]
+    inside = np.mean([a.psnr_low <= y <= a.psnr_high for a, y in zip(held, psnr[60:])])
+    assert 0.85 <= inside <= 0.99, inside
+    # the same features further away: a wider interval, around the same score
+    row = rows[100]
+    near = cal.interval(row, 2.0)
+    far = cal.interval(row, 4.0)
+    ratio = (far[1] - far[0]) / (near[1] - near[0])
+    assert ratio == pytest.approx(2.0 ** R.SCALE_POWER, rel=0.35)
+    flat = R.ReliabilityCalibration.fit(rows[:60], psnr[:60], k=8, scale_power=0.0)
+    assert flat.interval(row, 2.0) == pytest.approx(flat.interval(row, 4.0))
+    # the typical half-width is the median calibration case's
+    assert 0.0 < cal.halfwidth < 5.0
+
+
 def test_fit_refuses_a_case_count_whose_interval_or_threshold_would_be_infinite():
-    # 37 cases: 18 fit, 19 conformal; rank ceil(20 * 0.95) = 19 <= 19 is the first finite
-    assert R.minimum_cases(0.9, 0.95) == 37
-    assert R.minimum_cases(0.8, 0.8) == 15        # 8 fit (min_fit), 7 conformal: rank 7
-    rows, psnr = _synthetic_rows(37, np.random.default_rng(4))
-    with pytest.raises(ValueError, match="at least 37 held-out cases.*got 36"):
-        R.ReliabilityCalibration.fit(rows[:36], psnr[:36], k=8)
+    # 2 cases per distance feature (13): 26, where rank ceil(27 * 0.95) = 26 <= 26 is finite
+    assert R.minimum_cases(0.9, 0.95) == 26
+    # at ood_level 0.98 the rank sets it: ceil(50 * 0.98) = 49 <= 49 first at 49
+    assert R.minimum_cases(0.9, 0.98) == 49
+    with pytest.raises(ValueError, match="at least 49 held-out cases.*got 48"):
+        R.ReliabilityCalibration.fit(*_synthetic_rows(48, np.random.default_rng(3)), k=8,
+                                     ood_level=0.98)
+    rows, psnr = _synthetic_rows(26, np.random.default_rng(4))
+    with pytest.raises(ValueError, match="at least 26 held-out cases.*got 25"):
+        R.ReliabilityCalibration.fit(rows[:25], psnr[:25], k=8)
     cal = R.ReliabilityCalibration.fit(rows, psnr, k=8)
     assert math.isfinite(cal.halfwidth) and math.isfinite(cal.ood_threshold)
-    assert (cal.n_fit, cal.n_conformal) == (18, 19)
+    assert cal.n_cases == 26 and len(cal.loo_models) == len(cal.loo_residuals) == 26
     bad = [dict(r) for r in rows]
     bad[5]["log_uncertainty"] = math.nan
     with pytest.raises(ValueError, match="'log_uncertainty' of case 5 is not finite"):

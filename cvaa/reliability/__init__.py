@@ -1,6 +1,6 @@
 """How far to trust one reconstruction: reprojection consistency, a per-voxel uncertainty
 volume, input-statistics features, one score calibrated into a predicted PSNR with a
-split-conformal interval, and a verdict (``ok`` / ``check`` / ``out of distribution`` /
+conformal interval, and a verdict (``ok`` / ``check`` / ``out of distribution`` /
 ``uncalibrated``). One module per concept:
 
 1. :mod:`~cvaa.reliability.reprojection`: PA + lateral DRRs of the estimated CT with the
@@ -14,11 +14,12 @@ split-conformal interval, and a verdict (``ok`` / ``check`` / ``out of distribut
    PA/lateral superior-inferior profile agreement, body width ratio, the lateral's
    anterior-posterior balance), reprojection consistency and the mean uncertainty.
 4. :mod:`~cvaa.reliability.calibration`: :class:`ReliabilityCalibration` maps the features
-   to a score (a ridge regression onto PSNR, in dB), an interval with split-conformal
-   coverage, and an out-of-distribution distance (Mahalanobis to the calibration cases)
-   with a conformal threshold; it refuses too few cases.
+   to a score (a ridge regression onto PSNR, in dB), a jackknife+ interval that widens
+   with the input's distance to the calibration cases, and that out-of-distribution
+   distance (Mahalanobis) with a conformal threshold; it refuses too few cases.
 5. :mod:`~cvaa.reliability.orientation`: is each view the view it claims to be, the right
-   way round? Anatomy templates per view (fitted with the calibration) rule out a view
+   way round? Linear discriminants per view and mistake (fitted with the calibration) rule
+   out a view
    mirrored, rotated, inverted or in the other view's slot: such an input is ``out of
    distribution`` whatever its distance.
 6. :mod:`~cvaa.reliability.verdict`: :class:`Assessment`, what a user reads.
@@ -35,9 +36,9 @@ Example:
     ('ok', 30.9)
 """
 
-from cvaa.reliability.calibration import (CALIBRATION_FILE, OOD_FEATURES, SCORE_FEATURES,
-                                          ReliabilityCalibration, conformal_quantile,
-                                          conformal_rank, minimum_cases)
+from cvaa.reliability.calibration import (CALIBRATION_FILE, OOD_FEATURES, SCALE_POWER,
+                                          SCORE_FEATURES, ReliabilityCalibration,
+                                          conformal_quantile, conformal_rank, minimum_cases)
 from cvaa.reliability.features import body_threshold, features, input_features
 from cvaa.reliability.measure import Reliability, assess, measure_cases
 from cvaa.reliability.orientation import OrientationCheck
@@ -49,6 +50,6 @@ __all__ = [
     "VERDICTS", "CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "reproject",
     "reprojection_consistency", "sample_xrays", "estimate_with_uncertainty",
     "input_features", "features", "body_threshold", "conformal_quantile", "conformal_rank",
-    "minimum_cases", "OrientationCheck", "Assessment", "ReliabilityCalibration", "Reliability", "assess",
+    "minimum_cases", "SCALE_POWER", "OrientationCheck", "Assessment", "ReliabilityCalibration", "Reliability", "assess",
     "measure_cases",
 ]

@@ -1,12 +1,12 @@
-"""Held-out cases -> a score (the predicted PSNR), a split-conformal interval and an
-out-of-distribution threshold: :class:`ReliabilityCalibration`, a JSON dataclass stored next
-to the registered model."""
+"""Held-out cases -> a score (the predicted PSNR), a jackknife+ interval that widens with
+the input's distance, and an out-of-distribution threshold: :class:`ReliabilityCalibration`,
+a JSON dataclass stored next to the registered model."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -52,49 +52,63 @@ def conformal_rank(n: int, level: float) -> int:
     return math.ceil(round((n + 1) * level, 9))
 
 
-def minimum_cases(level: float = 0.9, ood_level: float = 0.95, fit_fraction: float = 0.5,
-                  min_fit: int = 8) -> int:
-    """The fewest held-out cases :meth:`ReliabilityCalibration.fit` accepts: its conformal
-    part (``1 - fit_fraction`` of them) must give a finite rank at ``level`` (the interval)
-    and at ``ood_level`` (the distance threshold), and its fitting part at least
-    ``min_fit`` cases.
+# Below this many held-out cases per distance feature the distance's covariance (13
+# features) is fitted from too few cases: a stated rule of thumb, not a measurement.
+CASES_PER_DISTANCE_FEATURE = 2
+# The interval's half-width grows as the input's distance to the calibration cases to this
+# power (normalised conformal): chosen on the 64 calibration and 36 held-out phantoms of
+# docs/reliability-score.md (1: the physical shifts' `ok` inputs were covered less often;
+# 2: the clean intervals 25 % wider for no gain).
+SCALE_POWER = 1.5
+
+
+def minimum_cases(level: float = 0.9, ood_level: float = 0.95) -> int:
+    """The fewest held-out cases :meth:`ReliabilityCalibration.fit` accepts: the
+    leave-one-out conformal ranks must be finite at ``level`` (both ends of the interval)
+    and at ``ood_level`` (the distance threshold), and the distance's covariance needs
+    :data:`CASES_PER_DISTANCE_FEATURE` cases per feature of :data:`OOD_FEATURES`.
 
     Example:
         >>> minimum_cases(0.9, 0.95)
-        37
+        26
     """
     for level_ in (level, ood_level):
         if not 0.0 < level_ < 1.0:
             raise ValueError(f"levels must be in (0, 1), got {level_}")
-    if not 0.0 < fit_fraction < 1.0:
-        raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-    n = 2
-    while True:
-        n_fit = int(round(n * fit_fraction))
-        n_conf = n - n_fit
-        if n_fit >= min_fit and all(conformal_rank(n_conf, lv) <= n_conf
-                                    for lv in (level, ood_level)):
-            return n
+    n = CASES_PER_DISTANCE_FEATURE * len(OOD_FEATURES)
+    while not (conformal_rank(n, level) <= n and conformal_rank(n, ood_level) <= n
+               and math.floor(round((n + 1) * (1 - level), 9)) >= 1):
         n += 1
+    return n
 
 
 @dataclass(frozen=True)
 class ReliabilityCalibration:
     """Held-out cases -> score, interval and verdict thresholds; JSON, never a pickle.
 
-    Fitted by :meth:`fit` on held-out cases split in two: the first part fits the ridge
-    regression of PSNR on :data:`SCORE_FEATURES` and the input distribution (mean,
-    scale and shrunk covariance of :data:`OOD_FEATURES`); the second, which neither saw,
-    gives the conformal half-width and the distance threshold. ``dataset`` and
+    Fitted by :meth:`fit` on held-out cases, every one of which serves twice by leaving it
+    out: the ridge regression of PSNR on :data:`SCORE_FEATURES` and the input distribution
+    (mean, scale and shrunk covariance of :data:`OOD_FEATURES`) are fitted on all of them
+    (for the point score and the distance), and once more without each case in turn, which
+    gives that case's left-out prediction, distance and residual. The interval is
+    jackknife+ (Barber, Candès, Ramdas & Tibshirani 2021) with residuals normalised by the
+    distance to the power :data:`SCALE_POWER` (locally adaptive conformal, Lei et al.
+    2018): an input far from the calibration cases gets a wider interval. The distance
+    threshold is the conformal quantile of the left-out distances. ``dataset`` and
     ``case_ids`` name the cases it was fitted on, so that nobody reports its quality on
     them (:func:`cvaa.data.dataset.dataset_fingerprint`).
 
     Attributes:
-        halfwidth: the interval's half-width, dB (finite: :meth:`fit` refuses too few
-            cases).
+        halfwidth: the interval's half-width at the calibration cases' median distance, dB
+            (the typical one; each input's own is in its :class:`Assessment`).
+        loo_models: per case, the regression fitted without it: its feature means and
+            scales, coefficients and intercept, concatenated.
+        loo_residuals: per case, its absolute left-out error divided by its left-out
+            distance to the power ``scale_power``.
         ood_threshold: the Mahalanobis distance (not its square) beyond which an input is
             ``out of distribution``.
-        check_psnr: the 10th percentile of the calibration cases' actual PSNR, dB.
+        check_psnr: the ``check_quantile`` of the calibration cases' actual PSNR, dB: an
+            in-distribution input predicted below it is ``check``.
         orientation: :meth:`OrientationCheck.to_dict` of the calibration cases' X-rays
             (``{}``: fitted without them, no orientation check).
     """
@@ -106,15 +120,18 @@ class ReliabilityCalibration:
     score_scale: tuple[float, ...]
     coef: tuple[float, ...]
     intercept: float
+    loo_models: tuple[tuple[float, ...], ...]
+    loo_residuals: tuple[float, ...]
+    scale_power: float
     ood_features: tuple[str, ...]
     ood_mean: tuple[float, ...]
     ood_scale: tuple[float, ...]
     ood_precision: tuple[tuple[float, ...], ...]
     ood_level: float
     ood_threshold: float
+    check_quantile: float
     check_psnr: float
-    n_fit: int
-    n_conformal: int
+    n_cases: int
     k: int
     dataset: str
     case_ids: tuple[str, ...]
@@ -124,8 +141,9 @@ class ReliabilityCalibration:
     # ------------------------------------------------------------------ fit
     @classmethod
     def fit(cls, rows: Sequence[Mapping[str, float]], psnr: Sequence[float], *,
-            k: int, level: float = 0.9, ood_level: float = 0.95, fit_fraction: float = 0.5,
-            ridge: float = 1.0, shrinkage: float = 0.2, seed: int = 0, dataset: str = "",
+            k: int, level: float = 0.9, ood_level: float = 0.95,
+            check_quantile: float = 0.05, ridge: float = 1.0, shrinkage: float = 0.2,
+            scale_power: float = SCALE_POWER, dataset: str = "",
             case_ids: Sequence[str] = (), xrays: Sequence[np.ndarray] | None = None,
             info: Mapping[str, Any] | None = None) -> "ReliabilityCalibration":
         """Fit on held-out cases (their :func:`features` at ``k`` and actual PSNR).
@@ -137,10 +155,12 @@ class ReliabilityCalibration:
                 scale depends on it).
             level: coverage of the PSNR interval.
             ood_level: share of in-distribution cases below the distance threshold.
-            fit_fraction: share of cases for the regression and the distribution.
+            check_quantile: the quantile of the actual PSNR below which a prediction is
+                ``check``.
             ridge: L2 penalty on the standardised coefficients.
             shrinkage: covariance shrinkage towards the identity (standardised).
-            seed: the random split.
+            scale_power: the interval grows as the distance to this power (0: plain
+                jackknife+, the same width everywhere).
             dataset: fingerprint of the dataset the cases come from
                 (:func:`cvaa.data.dataset.dataset_fingerprint`), "" if none.
             case_ids: the cases' ids in that dataset (one per row, or none).
@@ -148,72 +168,84 @@ class ReliabilityCalibration:
                 (:class:`OrientationCheck`); ``None``: no orientation check.
 
         Raises:
-            ValueError: fewer cases than :func:`minimum_cases` (the interval or the
-                distance threshold would be infinite), a non-finite feature or PSNR, or
-                ``case_ids`` of another length than ``rows``.
+            ValueError: fewer cases than :func:`minimum_cases` (an end of the interval or
+                the distance threshold would be infinite), a non-finite feature or PSNR,
+                or ``case_ids`` of another length than ``rows``.
         """
         n = len(rows)
         if n != len(psnr):
             raise ValueError(f"rows ({n}) and psnr ({len(psnr)}) differ in length")
         if case_ids and len(case_ids) != n:
             raise ValueError(f"case_ids ({len(case_ids)}) and rows ({n}) differ in length")
-        need = minimum_cases(level, ood_level, fit_fraction)
+        need = minimum_cases(level, ood_level)
         if n < need:
             raise ValueError(
                 f"need at least {need} held-out cases to calibrate at level {level} and "
-                f"ood_level {ood_level} (fit_fraction {fit_fraction}), got {n}: with fewer, "
-                "the split-conformal interval or the out-of-distribution threshold is "
-                "infinite")
+                f"ood_level {ood_level}, got {n}: with fewer, an end of the conformal "
+                "interval or the out-of-distribution threshold is infinite, or the "
+                "distance is fitted from too few cases")
         y = np.asarray(psnr, float)
         if not np.isfinite(y).all():
             raise ValueError(f"psnr: case {int(np.argmin(np.isfinite(y)))} is not finite")
-        order = np.random.default_rng(seed).permutation(n)
-        n_fit = int(round(n * fit_fraction))
-        first, second = order[:n_fit], order[n_fit:]
 
-        def matrix(names, idx):
-            out = np.array([[float(rows[i][name]) for name in names] for i in idx])
+        def matrix(names):
+            out = np.array([[float(row[name]) for name in names] for row in rows])
             bad = ~np.isfinite(out)
             if bad.any():
                 i, j = np.argwhere(bad)[0]
-                raise ValueError(f"feature {names[j]!r} of case {int(idx[i])} is not finite")
+                raise ValueError(f"feature {names[j]!r} of case {int(i)} is not finite")
             return out
 
-        xs = matrix(SCORE_FEATURES, first)
-        mean, scale = xs.mean(0), xs.std(0) + 1e-9
-        z = (xs - mean) / scale
-        centred = y[first] - y[first].mean()
-        coef = np.linalg.solve(z.T @ z + ridge * np.eye(z.shape[1]), z.T @ centred)
-        intercept = float(y[first].mean())
-        pred = ((matrix(SCORE_FEATURES, second) - mean) / scale) @ coef + intercept
-        halfwidth = conformal_quantile(np.abs(y[second] - pred), level)
-
-        xo = matrix(OOD_FEATURES, first)
-        o_mean, o_scale = xo.mean(0), xo.std(0) + 1e-9
-        zo = (xo - o_mean) / o_scale
-        cov = (1 - shrinkage) * np.cov(zo, rowvar=False) + shrinkage * np.eye(zo.shape[1])
-        precision = np.linalg.inv(cov)
-        d2 = _mahalanobis((matrix(OOD_FEATURES, second) - o_mean) / o_scale, precision)
-        threshold = math.sqrt(conformal_quantile(d2, ood_level))
-        return cls(level=level, halfwidth=float(halfwidth),
-                   score_features=SCORE_FEATURES, score_mean=_t(mean), score_scale=_t(scale),
-                   coef=_t(coef), intercept=intercept, ood_features=OOD_FEATURES,
-                   ood_mean=_t(o_mean), ood_scale=_t(o_scale),
-                   ood_precision=tuple(_t(r) for r in precision), ood_level=ood_level,
-                   ood_threshold=float(threshold),
-                   check_psnr=float(np.quantile(y, 0.1)), n_fit=int(n_fit),
-                   n_conformal=int(n - n_fit), k=int(k), dataset=str(dataset),
-                   case_ids=tuple(str(c) for c in case_ids),
-                   orientation=(OrientationCheck.fit(xrays).to_dict()
-                                if xrays is not None and len(xrays) else {}),
-                   info=dict(info or {}))
+        xs, xo = matrix(SCORE_FEATURES), matrix(OOD_FEATURES)
+        full = _ridge(xs, y, ridge)
+        o_mean, o_scale, precision = _gaussian(xo, shrinkage)
+        loo_models, residuals, distances = [], [], []
+        for i in range(n):
+            keep = np.arange(n) != i
+            model = _ridge(xs[keep], y[keep], ridge)
+            mean_i, scale_i, precision_i = _gaussian(xo[keep], shrinkage)
+            distance = math.sqrt(_mahalanobis(((xo[i] - mean_i) / scale_i)[None],
+                                              precision_i)[0])
+            distances.append(distance)
+            residuals.append(abs(y[i] - _predict(model, xs[i])) / _scale(distance, scale_power))
+            loo_models.append(model)
+        threshold = conformal_quantile(distances, ood_level)
+        calibration = cls(
+            level=level, halfwidth=math.nan, score_features=SCORE_FEATURES,
+            score_mean=full[0], score_scale=full[1], coef=full[2], intercept=full[3],
+            loo_models=tuple(m[0] + m[1] + m[2] + (m[3],) for m in loo_models),
+            loo_residuals=_t(residuals), scale_power=float(scale_power),
+            ood_features=OOD_FEATURES, ood_mean=_t(o_mean), ood_scale=_t(o_scale),
+            ood_precision=tuple(_t(r) for r in precision), ood_level=ood_level,
+            ood_threshold=float(threshold), check_quantile=float(check_quantile),
+            check_psnr=float(np.quantile(y, check_quantile)), n_cases=n, k=int(k),
+            dataset=str(dataset), case_ids=tuple(str(c) for c in case_ids),
+            orientation=(OrientationCheck.fit(xrays).to_dict()
+                         if xrays is not None and len(xrays) else {}),
+            info=dict(info or {}))
+        typical = float(np.median(distances))
+        half = [(hi - lo) / 2 for lo, hi in (calibration.interval(row, typical)
+                                             for row in rows)]
+        return replace(calibration, halfwidth=float(np.median(half)))
 
     # ------------------------------------------------------------------ use
     def score(self, row: Mapping[str, float]) -> float:
         """The reliability score (dB): the predicted PSNR."""
-        x = np.array([float(row[name]) for name in self.score_features])
-        z = (x - np.asarray(self.score_mean)) / np.asarray(self.score_scale)
-        return float(z @ np.asarray(self.coef) + self.intercept)
+        return _predict((self.score_mean, self.score_scale, self.coef, self.intercept),
+                        self._score_x(row))
+
+    def interval(self, row: Mapping[str, float], distance: float) -> tuple[float, float]:
+        """The jackknife+ interval at ``level`` of an input with features ``row`` at
+        ``distance`` (:meth:`ood_distance`) from the calibration cases."""
+        x = self._score_x(row)
+        d = len(self.score_features)
+        preds = np.array([_predict((m[:d], m[d:2 * d], m[2 * d:3 * d], m[3 * d]), x)
+                          for m in self.loo_models])
+        spread = np.asarray(self.loo_residuals) * _scale(distance, self.scale_power)
+        n = len(preds)
+        low_rank = math.floor(round((n + 1) * (1 - self.level), 9))
+        return (float(np.sort(preds - spread)[low_rank - 1]),
+                float(np.sort(preds + spread)[conformal_rank(n, self.level) - 1]))
 
     def ood_distance(self, row: Mapping[str, float]) -> float:
         """Mahalanobis distance (the square root) to the calibration cases."""
@@ -228,12 +260,13 @@ class ReliabilityCalibration:
         or in the other view's slot makes it ``out of distribution`` too."""
         score = self.score(row)
         distance = self.ood_distance(row)
+        low, high = (self.interval(row, distance) if math.isfinite(distance)
+                     else (-math.inf, math.inf))
         problems = []
         if xrays is not None and self.orientation:
             problems = OrientationCheck.from_dict(self.orientation).problems(xrays)
         if problems:
-            return Assessment(score, score - self.halfwidth, score + self.halfwidth,
-                              self.level, distance, self.ood_threshold,
+            return Assessment(score, low, high, self.level, distance, self.ood_threshold,
                               "out of distribution", "; ".join(problems))
         if not math.isfinite(distance) or distance > self.ood_threshold:
             verdict = "out of distribution"
@@ -241,8 +274,10 @@ class ReliabilityCalibration:
             verdict = "check"
         else:
             verdict = "ok"
-        return Assessment(score, score - self.halfwidth, score + self.halfwidth, self.level,
-                          distance, self.ood_threshold, verdict)
+        return Assessment(score, low, high, self.level, distance, self.ood_threshold, verdict)
+
+    def _score_x(self, row: Mapping[str, float]) -> np.ndarray:
+        return np.array([float(row[name]) for name in self.score_features])
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> str:
@@ -254,21 +289,50 @@ class ReliabilityCalibration:
         names = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"reliability calibration: unknown field(s) {unknown}")
+            raise ValueError(f"reliability calibration: unknown field(s) {unknown} (a "
+                             "calibration of another cvaa: run jobs/calibrate.py again)")
         missing = sorted(n for n, f in cls.__dataclass_fields__.items()
                          if n not in data and n != "info")
         if missing:
             raise ValueError(f"reliability calibration: missing field(s) {missing} (a "
                              "calibration of an older cvaa: run jobs/calibrate.py again)")
         for key in ("score_features", "score_mean", "score_scale", "coef", "ood_features",
-                    "ood_mean", "ood_scale", "case_ids"):
+                    "ood_mean", "ood_scale", "case_ids", "loo_residuals"):
             data[key] = tuple(data[key])
-        data["ood_precision"] = tuple(tuple(r) for r in data["ood_precision"])
+        for key in ("ood_precision", "loo_models"):
+            data[key] = tuple(tuple(r) for r in data[key])
         for key in ("halfwidth", "ood_threshold"):
             if not math.isfinite(float(data[key])):
                 raise ValueError(f"reliability calibration: {key} is {data[key]} (fitted on "
                                  "too few cases): run jobs/calibrate.py again")
         return cls(**data)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, ridge: float):
+    """Ridge regression on standardised features: ``(mean, scale, coef, intercept)``."""
+    mean, scale = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / scale
+    coef = np.linalg.solve(z.T @ z + ridge * np.eye(z.shape[1]), z.T @ (y - y.mean()))
+    return _t(mean), _t(scale), _t(coef), float(y.mean())
+
+
+def _predict(model, x: np.ndarray) -> float:
+    mean, scale, coef, intercept = model
+    return float(((x - np.asarray(mean)) / np.asarray(scale)) @ np.asarray(coef) + intercept)
+
+
+def _gaussian(x: np.ndarray, shrinkage: float):
+    """Mean, scale and the precision of the shrunk correlation of ``x`` ``(n, d)``."""
+    mean, scale = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / scale
+    cov = (1 - shrinkage) * np.cov(z, rowvar=False) + shrinkage * np.eye(z.shape[1])
+    return mean, scale, np.linalg.inv(cov)
+
+
+def _scale(distance: float, power: float) -> float:
+    """How much wider than at distance 1 an input's interval is."""
+    return max(distance, 1e-6) ** power
+
 
 def _t(values) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
@@ -280,4 +344,4 @@ def _mahalanobis(z: np.ndarray, precision: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "conformal_quantile",
-           "conformal_rank", "minimum_cases", "ReliabilityCalibration"]
+           "conformal_rank", "minimum_cases", "SCALE_POWER", "ReliabilityCalibration"]

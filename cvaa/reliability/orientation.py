@@ -18,6 +18,7 @@ JSON.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,57 +53,94 @@ def thumbnail(view: np.ndarray, size: int) -> np.ndarray:
     return small / norm if norm > 1e-12 else np.zeros_like(small)
 
 
-def readings(z: np.ndarray, own: np.ndarray, other: np.ndarray, other_view: str
-             ) -> dict[str, float]:
-    """How well each competing reading of a thumbnail ``z`` matches: the other view's
-    template, every other orientation, and every orientation with the polarity inverted
-    (correlations with the view's own template ``own``)."""
-    out = {f"looks like a {other_view} view": float((z * other).sum())}
+def competing(z: np.ndarray, other: np.ndarray, other_view: str) -> dict[str, np.ndarray]:
+    """Every competing reading of thumbnails ``z`` ``(n, size, size)``: what they would
+    look like turned to each other orientation, with the polarity inverted (each
+    orientation), and the other view's thumbnails ``other`` (the view in the wrong slot).
+    An input whose thumbnail looks more like one of these than like the view as given is
+    that reading's mistake."""
+    out = {f"looks like a {other_view} view": other}
     for name, turn in ORIENTATIONS.items():
-        score = float((turn(z) * own).sum())
+        turned = np.stack([np.ascontiguousarray(turn(t)) for t in z])
         if name != "as given":
-            out[f"looks {name}"] = score
+            out[f"looks {name}"] = turned
         out[("has its polarity inverted (bone dark)" if name == "as given" else
-             f"looks {name}, polarity inverted")] = -score
+             f"looks {name}, polarity inverted")] = -turned
     return out
+
+
+def discriminant(given: np.ndarray, wrong: np.ndarray, shrinkage: float
+                 ) -> tuple[np.ndarray, float]:
+    """Fisher's linear discriminant of two sets of flattened thumbnails ``(n, d)``:
+    ``(w, b)`` with ``x @ w + b`` positive on the ``given`` side, zero halfway between the
+    two means, and of unit standard deviation within a set (pooled covariance shrunk
+    towards a multiple of the identity by ``shrinkage``)."""
+    mg, mw = given.mean(0), wrong.mean(0)
+    centred = np.concatenate([given - mg, wrong - mw])
+    cov = centred.T @ centred / max(len(centred) - 2, 1)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / d + 1e-12) * np.eye(d)
+    w = np.linalg.solve(cov, mg - mw)
+    sd = float(np.sqrt(max(w @ cov @ w, 1e-24)))
+    w = w / sd
+    return w, float(-w @ (mg + mw) / 2)
 
 
 @dataclass(frozen=True)
 class OrientationCheck:
-    """Per-view anatomy templates and the competing readings each can rule out.
+    """Per view, one linear discriminant for each competing reading it can rule out.
 
     Attributes:
         size: the thumbnails' side, pixels.
-        templates: per view, the mean thumbnail of the calibration cases, row-major.
-        checked: per view, the competing readings (:func:`readings` names) that the
-            calibration cases' own reading beat in at least :data:`CHECKED_SHARE` of them.
+        readings: per view, the checked competing readings (:func:`competing` names): those
+            whose discriminant told the calibration cases from their mistaken reading
+            in at least :data:`CHECKED_SHARE` of them, each case left out of its own fit.
+        weights: per view, per checked reading, the discriminant's ``w`` (row-major
+            ``size x size``) followed by its offset ``b``.
+        loo_margin: per view, the smallest left-out discriminant value of a calibration
+            case over the checked readings (how far the calibration cases sat on the right
+            side; the check flags an input below 0).
     """
 
     size: int
-    templates: tuple[tuple[float, ...], tuple[float, ...]]
-    checked: tuple[tuple[str, ...], tuple[str, ...]]
+    readings: tuple[tuple[str, ...], tuple[str, ...]]
+    weights: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]
+    loo_margin: tuple[float, float]
 
     @classmethod
-    def fit(cls, xrays: Sequence[np.ndarray], size: int = 16) -> "OrientationCheck":
-        """Templates from correctly oriented pairs ``(2, P, P)`` (the calibration cases)."""
+    def fit(cls, xrays: Sequence[np.ndarray], size: int = 8, shrinkage: float = 0.1
+            ) -> "OrientationCheck":
+        """Discriminants from correctly oriented pairs ``(2, P, P)`` (the calibration
+        cases) against every competing reading of them."""
         if len(xrays) < 2:
             raise ValueError(f"need at least 2 X-ray pairs for the templates, got {len(xrays)}")
-        thumbs = [[thumbnail(np.asarray(x)[v], size) for x in xrays] for v in range(2)]
-        templates = [thumbnail(np.mean(t, axis=0), size) for t in thumbs]
-        checked = []
+        thumbs = [np.stack([thumbnail(np.asarray(x)[v], size) for x in xrays]) for v in range(2)]
+        n = len(xrays)
+        readings, weights, margins = [], [], []
         for v in range(2):
-            wins: dict[str, list[bool]] = {}
-            for z in thumbs[v]:
-                given = float((z * templates[v]).sum())
-                for name, score in readings(z, templates[v], templates[1 - v],
-                                            VIEWS[1 - v]).items():
-                    wins.setdefault(name, []).append(given > score)
-            checked.append(tuple(n for n, w in wins.items() if np.mean(w) >= CHECKED_SHARE))
-        return cls(int(size), tuple(tuple(float(a) for a in t.ravel()) for t in templates),
-                   (checked[0], checked[1]))
+            given = thumbs[v].reshape(n, -1)
+            names, kept, low = [], [], math.inf
+            for name, wrong in competing(thumbs[v], thumbs[1 - v], VIEWS[1 - v]).items():
+                wrong = wrong.reshape(n, -1)
+                left_out = np.array([
+                    given[i] @ w + b for i in range(n)
+                    for w, b in [discriminant(np.delete(given, i, 0), np.delete(wrong, i, 0),
+                                              shrinkage)]])
+                if np.mean(left_out > 0) >= CHECKED_SHARE:
+                    w, b = discriminant(given, wrong, shrinkage)
+                    names.append(name)
+                    kept.append(tuple(float(a) for a in w) + (b,))
+                    low = min(low, float(left_out.min()))
+            readings.append(tuple(names))
+            weights.append(tuple(kept))
+            margins.append(low if math.isfinite(low) else 0.0)
+        return cls(int(size), (readings[0], readings[1]), (weights[0], weights[1]),
+                   (margins[0], margins[1]))
 
-    def template(self, v: int) -> np.ndarray:
-        return np.asarray(self.templates[v]).reshape(self.size, self.size)
+    @property
+    def checked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Per view, the competing readings asked about."""
+        return self.readings
 
     def problems(self, xrays: np.ndarray) -> list[str]:
         """What is wrong with the pair's orientation, in words; empty if nothing.
@@ -113,31 +151,33 @@ class OrientationCheck:
         x = np.asarray(xrays, np.float64)
         out = []
         for v in range(2):
-            z = thumbnail(x[v], self.size)
+            z = thumbnail(x[v], self.size).ravel()
             if not np.any(z):
                 out.append(f"the {VIEWS[v]} is blank")
                 continue
-            given = float((z * self.template(v)).sum())
-            beaten = {name: score for name, score in readings(
-                z, self.template(v), self.template(1 - v), VIEWS[1 - v]).items()
-                if name in self.checked[v] and score > given}
-            if beaten:
-                out.append(f"the {VIEWS[v]} {max(beaten, key=beaten.get)}")
+            values = {name: float(z @ np.asarray(wb[:-1]) + wb[-1])
+                      for name, wb in zip(self.readings[v], self.weights[v])}
+            wrong = {name: value for name, value in values.items() if value < 0}
+            if wrong:
+                out.append(f"the {VIEWS[v]} {min(wrong, key=wrong.get)}")
         return out
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "templates": [list(t) for t in self.templates],
-                "checked": [list(c) for c in self.checked]}
+        return {"size": self.size, "readings": [list(r) for r in self.readings],
+                "weights": [[list(w) for w in ws] for ws in self.weights],
+                "loo_margin": list(self.loo_margin)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "OrientationCheck":
-        unknown = sorted(set(data) - {"size", "templates", "checked"})
+        unknown = sorted(set(data) - {"size", "readings", "weights", "loo_margin"})
         if unknown:
-            raise ValueError(f"orientation check: unknown field(s) {unknown}")
-        return cls(int(data["size"]), tuple(tuple(float(a) for a in t)
-                                            for t in data["templates"]),
-                   tuple(tuple(c) for c in data["checked"]))
+            raise ValueError(f"orientation check: unknown field(s) {unknown} (a calibration "
+                             "of an older cvaa: run jobs/calibrate.py again)")
+        return cls(int(data["size"]), tuple(tuple(r) for r in data["readings"]),
+                   tuple(tuple(tuple(float(a) for a in w) for w in ws)
+                         for ws in data["weights"]),
+                   tuple(float(m) for m in data["loo_margin"]))
 
 
-__all__ = ["VIEWS", "ORIENTATIONS", "CHECKED_SHARE", "thumbnail", "readings",
-           "OrientationCheck"]
+__all__ = ["VIEWS", "ORIENTATIONS", "CHECKED_SHARE", "thumbnail", "competing",
+           "discriminant", "OrientationCheck"]

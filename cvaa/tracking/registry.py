@@ -240,7 +240,7 @@ def attach_calibration(model_uri: str, calibration_json: str, tracking_uri: str)
     tags = {"reliability/level": calibration.level,
             "reliability/halfwidth_db": round(calibration.halfwidth, 4),
             "reliability/k": calibration.k,
-            "reliability/cases": calibration.n_fit + calibration.n_conformal,
+            "reliability/cases": calibration.n_cases,
             "reliability/dataset": calibration.dataset or "none recorded"}
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, str(value))
