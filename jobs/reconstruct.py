@@ -59,7 +59,7 @@ a per-voxel uncertainty, written next to the estimate as OUT_uncertainty (the sa
 with --dicom a second DERIVED series in the same study, the standard deviation in HU);
 DRRs of the estimate are compared with the inputs. With the calibration stored with the
 registered version (jobs/calibrate.py), a console line and OUT.reliability.json give a
-verdict: ok or check with the predicted PSNR and its split-conformal interval, or out of
+verdict: ok or check with the predicted PSNR and its conformal interval, or out of
 distribution with the input's distance only (a predicted PSNR would mean nothing there).
 OUT.reliability_reprojection.png shows the inputs, the DRRs of the estimate and their
 residual. Without a calibration, the uncertainty and the reprojection are still written,

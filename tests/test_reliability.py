@@ -286,3 +286,37 @@ def test_orientation_check_reads_each_view_from_its_anatomy():
     assert "mirrored" in verdict.line() and "dB" not in verdict.line()
     assert cal.assess(rows[0], x).reason == ""
     assert R.ReliabilityCalibration.from_json(cal.to_json()) == cal
+
+
+def test_bench_judges_its_kept_measurements_with_the_current_code(tmp_path):
+    """bench/reliability.py --verdicts --from-cache: the measurements a run kept (features,
+    X-rays, actual PSNR per input) give the verdict table again without the model."""
+    bench = _bench()
+    pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
+    rows, psnr = _synthetic_rows(30, np.random.default_rng(11))
+    (tmp_path / "measurements.json").write_text(json.dumps(
+        {"model": "tiny", "k": 8, "calibration_dataset": "abc"}))
+    ids = [f"c{i}" for i in range(30)]
+    (tmp_path / "calibration.json").write_text(json.dumps(
+        {c: {"features": r, "psnr": p} for c, r, p in zip(ids, rows, psnr)}))
+    np.savez_compressed(tmp_path / "calibration.npz",
+                        **{c: pairs[i % 5].astype(np.float16) for i, c in enumerate(ids)})
+    x = pairs[2]
+    inputs = {"clean": x, "lateral mirrored": bench.altered_input("lateral mirrored", x),
+              "swapped views": bench.altered_input("swapped views", x)}
+    new_rows, new_psnr = _synthetic_rows(1, np.random.default_rng(12))
+    (tmp_path / "case-h0.json").write_text(json.dumps(
+        {name: {"features": new_rows[0], "psnr": new_psnr[0]} for name in inputs}))
+    np.savez_compressed(tmp_path / "case-h0.npz",
+                        **{k: v.astype(np.float16) for k, v in inputs.items()})
+    result = bench.operating_point(tmp_path)
+    assert result["calibration"]["n_cases"] == 30
+    assert result["calibration"]["case_ids"] == ids
+    verdicts = {name: rows_[0]["verdict"] for name, rows_ in result["families"].items()}
+    assert verdicts["lateral mirrored"] == verdicts["swapped views"] == "out of distribution"
+    assert "mirrored" in result["families"]["lateral mirrored"][0]["reason"]
+    summary = bench.operating_summary(result)
+    assert summary["lateral mirrored"]["out of distribution"] == 1.0
+    assert summary["clean"]["n"] == 1
+    assert "| lateral mirrored | 1 | 0 % | 0 % | 100 % | - |" in bench.operating_markdown(
+        result, summary)

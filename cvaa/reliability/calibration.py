@@ -29,10 +29,10 @@ OOD_FEATURES = ("pa_mean", "pa_std", "lateral_mean", "lateral_std", "profile_cor
 
 
 def conformal_quantile(residuals: Sequence[float], level: float) -> float:
-    """The split-conformal quantile: the ``ceil((n + 1) * level)``-th smallest of ``n``
-    held-out residuals (``inf`` when that exceeds ``n``), so that a new exchangeable case's
-    residual is at most it with probability at least ``level`` (Vovk et al. 2005;
-    Lei et al. 2018, eq. 2.2).
+    """The conformal quantile: the ``ceil((n + 1) * level)``-th smallest of ``n``
+    held-out (or left-out) scores (``inf`` when that exceeds ``n``), so that a new
+    exchangeable case's score is at most it with probability at least ``level`` (Vovk et
+    al. 2005; Lei et al. 2018, eq. 2.2).
 
     Example:
         >>> conformal_quantile(range(1, 10), 0.9)

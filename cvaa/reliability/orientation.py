@@ -4,16 +4,23 @@ A radiograph mirrored, rotated by a multiple of 90 degrees, with its polarity in
 (MONOCHROME1 read as MONOCHROME2), or put in the other view's slot (swapped views, the same
 image twice) is a mistake of a DICOM header, a viewer export or a technologist, and the
 generator turns it into a plausible-looking CT that is wrong. Such inputs are not
-physical shifts: the anatomy shows them. :class:`OrientationCheck` keeps one template per
-view, the mean standardised thumbnail of the calibration cases' PA and lateral, and asks
-of each input view which of the eight orientations (the dihedral group of the square)
-and two polarities matches its own template best, and whether the other view's template
-matches it better than its own. A competing reading that the calibration cases
-themselves do not rule out (their own reading wins in fewer than 95 % of them: e.g. a
-nearly symmetric PA mirrored left-right) is not asked about: the anatomy cannot reveal it.
+physical shifts: the anatomy shows them. For each view and each competing reading (the
+seven other orientations of the dihedral group of the square, each polarity, and the other
+view in this view's slot), :class:`OrientationCheck` fits Fisher's linear discriminant
+between the calibration cases' small standardised thumbnails as given and the same
+thumbnails read that wrong way; an input on the wrong side of any discriminant has that
+mistake. A reading the calibration cases themselves do not rule out (each case left out of
+the fit, fewer than 95 % of them on the right side: e.g. a symmetric PA mirrored) is not
+asked about: the anatomy cannot reveal it.
 
-Plain torch/numpy; the templates are a few hundred floats, stored in the calibration's
-JSON.
+A discriminant replaced the mean template (one correlation per reading) after measurement:
+on 64 calibration and 40 held-out phantoms the template read 3 of 64 laterals as mirrored
+and let 2 of 24 mirrored laterals through, while the discriminants at 8 x 8 pixels put
+every calibration case (left out) and every held-out case on the right side and flagged
+every mirror, rotation, swap, duplicate and polarity error (docs/reliability-score.md).
+
+Plain torch/numpy; the discriminants are a few thousand floats, stored in the
+calibration's JSON.
 """
 
 from __future__ import annotations

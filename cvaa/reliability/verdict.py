@@ -19,13 +19,14 @@ class Assessment:
     Attributes:
         score: the reliability score, in dB: the PSNR the calibration predicts (NaN when
             ``uncalibrated``).
-        psnr_low, psnr_high: the split-conformal interval at ``level``.
+        psnr_low, psnr_high: the jackknife+ interval at ``level``, wider the further the
+            input is from the calibration cases.
         ood_distance: Mahalanobis distance of the features to the calibration cases.
         ood_threshold: the distance beyond which an input is ``out of distribution`` (the
             calibration's :attr:`ReliabilityCalibration.ood_threshold`, the same quantity).
         verdict: ``out of distribution`` (distance beyond the threshold: the predicted PSNR
             means nothing then), else ``check`` (predicted PSNR below
-            :attr:`ReliabilityCalibration.check_psnr`, the 10th percentile of the
+            :attr:`ReliabilityCalibration.check_psnr`, the 5th percentile of the
             calibration cases' actual PSNR), else ``ok``; ``uncalibrated`` without a
             calibration.
         reason: why an input is ``out of distribution`` when its anatomy says so (a view
