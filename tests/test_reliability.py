@@ -272,6 +272,9 @@ def test_orientation_check_reads_each_view_from_its_anatomy():
     assert "looks mirrored left-right" not in check.checked[0]
     assert check.problems(np.stack([x[0][:, ::-1], x[1]])) == []
     assert "looks rotated 90 degrees" in check.checked[0]
+    # named after a mistake whose undoing every discriminant accepts
+    assert check.problems(np.stack([x[0], np.rot90(x[1], 1)])) == [
+        "the lateral looks rotated 90 degrees"]
     assert any("looks like a" in p for p in check.problems(x[::-1]))          # swapped
     assert any("polarity inverted" in p for p in check.problems(1.0 - x))
     assert any("lateral" in p for p in check.problems(np.stack([x[0], x[0]])))  # PA twice
@@ -320,3 +323,19 @@ def test_bench_judges_its_kept_measurements_with_the_current_code(tmp_path):
     assert summary["clean"]["n"] == 1
     assert "| lateral mirrored | 1 | 0 % | 0 % | 100 % | - |" in bench.operating_markdown(
         result, summary)
+
+
+def test_an_orientation_reading_far_from_the_calibration_is_only_a_hint():
+    pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
+    rows, psnr = _synthetic_rows(40, np.random.default_rng(5))
+    cal = R.ReliabilityCalibration.fit(rows, psnr, k=8, xrays=pairs * 8)
+    x = pairs[2]
+    mirrored = np.stack([x[0], x[1][:, ::-1]])
+    near = cal.assess(rows[0], mirrored)
+    assert near.ood_distance <= near.ood_threshold
+    assert near.reason == "the lateral looks mirrored left-right"
+    far = cal.assess(dict(rows[0], profile_corr=50.0), mirrored)
+    assert far.verdict == "out of distribution" and far.ood_distance > far.ood_threshold
+    assert far.reason == ("the input is unlike every case the model was calibrated on; read "
+                          "against the calibration views, the lateral looks mirrored "
+                          "left-right")

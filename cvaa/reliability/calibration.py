@@ -257,7 +257,9 @@ class ReliabilityCalibration:
                ) -> Assessment:
         """Score, interval, distance and verdict of one feature dict; with the input
         ``xrays`` ``(2, P, P)``, a view whose anatomy shows it mirrored, rotated, inverted
-        or in the other view's slot makes it ``out of distribution`` too."""
+        or in the other view's slot makes it ``out of distribution`` too, with that reason
+        (given as a hint behind the distance's when the input is also far from every
+        calibration case: a thorax read against lumbar views is not "upside down")."""
         score = self.score(row)
         distance = self.ood_distance(row)
         low, high = (self.interval(row, distance) if math.isfinite(distance)
@@ -265,10 +267,14 @@ class ReliabilityCalibration:
         problems = []
         if xrays is not None and self.orientation:
             problems = OrientationCheck.from_dict(self.orientation).problems(xrays)
+        far = not math.isfinite(distance) or distance > self.ood_threshold
         if problems:
+            # far away as well: the anatomy may be another one, so the reading is a hint
+            reason = ("the input is unlike every case the model was calibrated on; read "
+                      "against the calibration views, " if far else "") + "; ".join(problems)
             return Assessment(score, low, high, self.level, distance, self.ood_threshold,
-                              "out of distribution", "; ".join(problems))
-        if not math.isfinite(distance) or distance > self.ood_threshold:
+                              "out of distribution", reason)
+        if far:
             verdict = "out of distribution"
         elif score < self.check_psnr:
             verdict = "check"

@@ -60,6 +60,19 @@ def thumbnail(view: np.ndarray, size: int) -> np.ndarray:
     return small / norm if norm > 1e-12 else np.zeros_like(small)
 
 
+def _undo(reading: str, z: np.ndarray) -> np.ndarray:
+    """The thumbnail ``z`` of a view that has the mistake ``reading`` (a :func:`competing`
+    name other than the other view's), put right."""
+    if "polarity inverted" in reading:
+        z = -z
+    name = reading.removeprefix("looks ").split(",")[0]
+    if name not in ORIENTATIONS:                       # the polarity alone
+        return z
+    back = {"rotated 90 degrees": "rotated 270 degrees",
+            "rotated 270 degrees": "rotated 90 degrees"}.get(name, name)
+    return np.ascontiguousarray(ORIENTATIONS[back](z))
+
+
 def competing(z: np.ndarray, other: np.ndarray, other_view: str) -> dict[str, np.ndarray]:
     """Every competing reading of thumbnails ``z`` ``(n, size, size)``: what they would
     look like turned to each other orientation, with the polarity inverted (each
@@ -152,22 +165,39 @@ class OrientationCheck:
     def problems(self, xrays: np.ndarray) -> list[str]:
         """What is wrong with the pair's orientation, in words; empty if nothing.
 
+        A view on the wrong side of a discriminant is named with the first mistake (most
+        wrong first) whose undoing gives a view every discriminant accepts (a mirrored lateral mirrored
+        back is a lateral); otherwise its anatomy fits no reading, and it is named as
+        unlike the calibration cases' views (a thorax shown to a model of the lumbar
+        spine is not "upside down").
+
         Args:
             xrays: ``(2, P, P)``, channel 0 the PA.
         """
         x = np.asarray(xrays, np.float64)
         out = []
         for v in range(2):
-            z = thumbnail(x[v], self.size).ravel()
+            z = thumbnail(x[v], self.size)
             if not np.any(z):
                 out.append(f"the {VIEWS[v]} is blank")
                 continue
-            values = {name: float(z @ np.asarray(wb[:-1]) + wb[-1])
-                      for name, wb in zip(self.readings[v], self.weights[v])}
+            values = self._values(v, z)
             wrong = {name: value for name, value in values.items() if value < 0}
-            if wrong:
-                out.append(f"the {VIEWS[v]} {min(wrong, key=wrong.get)}")
+            if not wrong:
+                continue
+            fits = [name for name in sorted(wrong, key=wrong.get)
+                    if min((self._values(1 - v, z) if name.startswith("looks like a")
+                            else self._values(v, _undo(name, z))).values(), default=1.0) > 0]
+            out.append(f"the {VIEWS[v]} {fits[0]}" if fits
+                       else f"the {VIEWS[v]} is unlike the calibration cases' {VIEWS[v]} "
+                            "views (no orientation of it fits)")
         return out
+
+    def _values(self, v: int, z: np.ndarray) -> dict[str, float]:
+        """Each checked discriminant of view ``v`` at thumbnail ``z`` (> 0: as given)."""
+        flat = z.ravel()
+        return {name: float(flat @ np.asarray(wb[:-1]) + wb[-1])
+                for name, wb in zip(self.readings[v], self.weights[v])}
 
     def to_dict(self) -> dict:
         return {"size": self.size, "readings": [list(r) for r in self.readings],
