@@ -310,6 +310,81 @@ def operating_summary(result: dict) -> dict:
     return out
 
 
+SELECTION_GRID = {"score_features": {"3": reliability.SCORE_FEATURES,
+                                     "13": reliability.OOD_FEATURES},
+                  "ridge": (1.0, 3.0, 10.0), "scale_power": (1.0, 1.5, 2.0)}
+
+
+def select_settings(folder: Path, log, grid: dict | None = None) -> list[dict]:
+    """Choose the calibration's settings on measurements of the *calibration* dataset
+    (``--verdicts`` run on it), never on the held-out one: two folds (each half of the
+    cases calibrates, the other half's inputs of every family are judged), for every
+    setting of ``grid`` (default :data:`SELECTION_GRID`). Returns one row per setting, the chosen one first:
+    among settings whose coverage among ``ok`` is at least 90 % on clean inputs and at
+    least 85 % on every other family where ``ok`` is given, and whose clean Spearman rho
+    is at least 0.6, the narrowest mean clean interval."""
+    grid = grid or SELECTION_GRID
+    rows, xrays = read_measurements(folder, "calibration")
+    ids = list(rows)
+    half = len(ids) // 2
+    folds = [(ids[:half], ids[half:]), (ids[half:], ids[:half])]
+    cases = {cid: read_measurements(folder, f"case-{cid}") for cid in ids}
+    out = []
+    for label, names in grid["score_features"].items():
+        for ridge in grid["ridge"]:
+            for power in grid["scale_power"]:
+                families: dict[str, list[dict]] = {}
+                for fit_ids, judged in folds:
+                    cal = reliability.ReliabilityCalibration.fit(
+                        [rows[c]["features"] for c in fit_ids],
+                        [rows[c]["psnr"] for c in fit_ids], k=8, ridge=ridge,
+                        scale_power=power, score_features=names,
+                        xrays=[xrays[c] for c in fit_ids])
+                    for cid in judged:
+                        measured, inputs = cases[cid]
+                        for key, row in measured.items():
+                            judged_row = {"case_id": cid, **cal.assess(
+                                row["features"], inputs[key]).to_dict()}
+                            if "psnr" in row:
+                                judged_row["psnr"] = row["psnr"]
+                            families.setdefault(key, []).append(judged_row)
+                summary = operating_summary({"families": families})
+                clean = families["clean"]
+                shifted = {k: s for k, s in summary.items() if k != "clean" and s["ok_with_psnr"]}
+                worst = min((s["ok_covered"] / s["ok_with_psnr"] for s in shifted.values()),
+                            default=1.0)
+                cover = summary["clean"]["ok_covered"] / max(summary["clean"]["ok_with_psnr"], 1)
+                out.append({"score_features": label, "ridge": ridge, "scale_power": power,
+                            "clean_rho": summary["clean"]["spearman"], "clean_coverage": cover,
+                            "clean_width": float(np.mean([r["psnr_high"] - r["psnr_low"]
+                                                          for r in clean])),
+                            "worst_family_coverage": worst,
+                            "worst_family": min(shifted, default="-", key=lambda k: (
+                                shifted[k]["ok_covered"] / shifted[k]["ok_with_psnr"])),
+                            "clean_false_alarms": 1.0 - summary["clean"]["ok"]})
+                log(f"{label} features, ridge {ridge:g}, power {power:g}: clean rho "
+                    f"{out[-1]['clean_rho']:.3f}, coverage {cover:.3f}, width "
+                    f"{out[-1]['clean_width']:.2f} dB, worst family {worst:.3f}")
+
+    def admissible(r):
+        return (r["clean_coverage"] >= 0.9 and r["worst_family_coverage"] >= 0.85
+                and r["clean_rho"] >= 0.6)
+
+    return sorted(out, key=lambda r: (not admissible(r), r["clean_width"]))
+
+
+def selection_markdown(rows: list[dict]) -> str:
+    lines = ["| score features | ridge | scale power | clean rho | clean coverage among ok | "
+             "clean width (dB) | worst other family's coverage among ok | clean false "
+             "alarms |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['score_features']} | {r['ridge']:g} | {r['scale_power']:g} | "
+                     f"{r['clean_rho']:.3f} | {100 * r['clean_coverage']:.1f} % | "
+                     f"{r['clean_width']:.2f} | {100 * r['worst_family_coverage']:.1f} % "
+                     f"({r['worst_family']}) | {100 * r['clean_false_alarms']:.1f} % |")
+    return "\n".join(lines)
+
+
 def operating_markdown(result: dict, summary: dict) -> str:
     cal = result["calibration"]
     lines = [f"Verdicts of {result['model']} (K = {result['k']}), calibrated on "
@@ -629,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=12, help="cases of --verdicts (default 12)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds of "
                    "--cost-only (default 15)")
+    p.add_argument("--select", action="store_true", help="with --cache holding a --verdicts "
+                   "run on the calibration dataset: choose the calibration's settings there "
+                   "(two folds), writes OUT_selection.md")
     p.add_argument("--from-cache", action="store_true", help="with --verdicts: judge the "
                    "measurements already in --cache with the current code (no model run)")
     p.add_argument("--cache", help="directory keeping each model's measurements (LABEL.json "
@@ -637,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     data, calib = PreparedDataset(args.data), PreparedDataset(args.calib_data)
     extra = PreparedDataset(args.extra_data) if args.extra_data else None
+    if args.select:
+        rows = select_settings(Path(args.cache), log=lambda line: print(f"[select] {line}"))
+        text = selection_markdown(rows)
+        Path(args.out + "_selection.md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.verdicts:
         label, _, model_uri = args.model[0].partition("=")
         out = Path(args.out + "_verdicts")

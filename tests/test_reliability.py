@@ -339,3 +339,38 @@ def test_an_orientation_reading_far_from_the_calibration_is_only_a_hint():
     assert far.reason == ("the input is unlike every case the model was calibrated on; read "
                           "against the calibration views, the lateral looks mirrored "
                           "left-right")
+
+
+def test_bench_chooses_the_calibration_settings_on_the_calibration_data_alone(tmp_path):
+    """bench/reliability.py --select: two folds of the calibration cases' own measurements
+    (every family), one row per setting, the admissible narrowest first."""
+    bench = _bench()
+    pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
+    rng = np.random.default_rng(21)
+    rows, psnr = _synthetic_rows(52, rng)
+    ids = [f"c{i}" for i in range(52)]
+    (tmp_path / "calibration.json").write_text(json.dumps(
+        {c: {"features": r, "psnr": p} for c, r, p in zip(ids, rows, psnr)}))
+    np.savez_compressed(tmp_path / "calibration.npz",
+                        **{c: pairs[i % 5].astype(np.float16) for i, c in enumerate(ids)})
+    for i, (c, r, p) in enumerate(zip(ids, rows, psnr)):
+        x = pairs[i % 5]
+        shifted = dict(r, log_uncertainty=r["log_uncertainty"] + 0.5)   # 1 dB lower PSNR
+        (tmp_path / f"case-{c}.json").write_text(json.dumps(
+            {"clean": {"features": r, "psnr": p},
+             "shift": {"features": shifted, "psnr": p - 1.0}}))
+        np.savez_compressed(tmp_path / f"case-{c}.npz", clean=x.astype(np.float16),
+                            shift=x.astype(np.float16))
+    grid = {"score_features": {"3": R.SCORE_FEATURES}, "ridge": (1.0,),
+            "scale_power": (0.0, 1.5)}
+    lines = []
+    chosen = bench.select_settings(tmp_path, lines.append, grid)
+    assert len(chosen) == len(lines) == 2
+    assert {r["scale_power"] for r in chosen} == {0.0, 1.5}
+    for r in chosen:
+        assert 0.0 <= r["clean_coverage"] <= 1.0 and r["clean_width"] > 0.0
+        assert r["clean_rho"] > 0.6                       # PSNR follows log_uncertainty
+    admissible = [r["clean_coverage"] >= 0.9 and r["worst_family_coverage"] >= 0.85
+                  for r in chosen]
+    assert admissible == sorted(admissible, reverse=True)
+    assert "| 3 | 1 |" in bench.selection_markdown(chosen)

@@ -60,6 +60,7 @@ CASES_PER_DISTANCE_FEATURE = 2
 # docs/reliability-score.md (1: the physical shifts' `ok` inputs were covered less often;
 # 2: the clean intervals 25 % wider for no gain).
 SCALE_POWER = 1.5
+RIDGE = 1.0
 
 
 def minimum_cases(level: float = 0.9, ood_level: float = 0.95) -> int:
@@ -142,8 +143,9 @@ class ReliabilityCalibration:
     @classmethod
     def fit(cls, rows: Sequence[Mapping[str, float]], psnr: Sequence[float], *,
             k: int, level: float = 0.9, ood_level: float = 0.95,
-            check_quantile: float = 0.05, ridge: float = 1.0, shrinkage: float = 0.2,
-            scale_power: float = SCALE_POWER, dataset: str = "",
+            check_quantile: float = 0.05, ridge: float = RIDGE, shrinkage: float = 0.2,
+            scale_power: float = SCALE_POWER,
+            score_features: Sequence[str] = SCORE_FEATURES, dataset: str = "",
             case_ids: Sequence[str] = (), xrays: Sequence[np.ndarray] | None = None,
             info: Mapping[str, Any] | None = None) -> "ReliabilityCalibration":
         """Fit on held-out cases (their :func:`features` at ``k`` and actual PSNR).
@@ -161,6 +163,7 @@ class ReliabilityCalibration:
             shrinkage: covariance shrinkage towards the identity (standardised).
             scale_power: the interval grows as the distance to this power (0: plain
                 jackknife+, the same width everywhere).
+            score_features: the features the PSNR regression reads.
             dataset: fingerprint of the dataset the cases come from
                 (:func:`cvaa.data.dataset.dataset_fingerprint`), "" if none.
             case_ids: the cases' ids in that dataset (one per row, or none).
@@ -196,7 +199,8 @@ class ReliabilityCalibration:
                 raise ValueError(f"feature {names[j]!r} of case {int(i)} is not finite")
             return out
 
-        xs, xo = matrix(SCORE_FEATURES), matrix(OOD_FEATURES)
+        score_features = tuple(score_features)
+        xs, xo = matrix(score_features), matrix(OOD_FEATURES)
         full = _ridge(xs, y, ridge)
         o_mean, o_scale, precision = _gaussian(xo, shrinkage)
         loo_models, residuals, distances = [], [], []
@@ -211,7 +215,7 @@ class ReliabilityCalibration:
             loo_models.append(model)
         threshold = conformal_quantile(distances, ood_level)
         calibration = cls(
-            level=level, halfwidth=math.nan, score_features=SCORE_FEATURES,
+            level=level, halfwidth=math.nan, score_features=score_features,
             score_mean=full[0], score_scale=full[1], coef=full[2], intercept=full[3],
             loo_models=tuple(m[0] + m[1] + m[2] + (m[3],) for m in loo_models),
             loo_residuals=_t(residuals), scale_power=float(scale_power),
