@@ -169,19 +169,19 @@ def test_the_interval_is_jackknife_plus_and_widens_with_the_distance():
 
 
 def test_fit_refuses_a_case_count_whose_interval_or_threshold_would_be_infinite():
-    # 2 cases per distance feature (13): 26, where rank ceil(27 * 0.95) = 26 <= 26 is finite
-    assert R.minimum_cases(0.9, 0.95) == 26
+    # 2 cases per distance feature (13 + 2 margins): 30; there ceil(31 * 0.95) = 30 is finite
+    assert R.minimum_cases(0.9, 0.95) == 30
     # at ood_level 0.98 the rank sets it: ceil(50 * 0.98) = 49 <= 49 first at 49
     assert R.minimum_cases(0.9, 0.98) == 49
     with pytest.raises(ValueError, match="at least 49 held-out cases.*got 48"):
         R.ReliabilityCalibration.fit(*_synthetic_rows(48, np.random.default_rng(3)), k=8,
                                      ood_level=0.98)
-    rows, psnr = _synthetic_rows(26, np.random.default_rng(4))
-    with pytest.raises(ValueError, match="at least 26 held-out cases.*got 25"):
-        R.ReliabilityCalibration.fit(rows[:25], psnr[:25], k=8)
+    rows, psnr = _synthetic_rows(30, np.random.default_rng(4))
+    with pytest.raises(ValueError, match="at least 30 held-out cases.*got 29"):
+        R.ReliabilityCalibration.fit(rows[:29], psnr[:29], k=8)
     cal = R.ReliabilityCalibration.fit(rows, psnr, k=8)
     assert math.isfinite(cal.halfwidth) and math.isfinite(cal.ood_threshold)
-    assert cal.n_cases == 26 and len(cal.loo_models) == len(cal.loo_residuals) == 26
+    assert cal.n_cases == 30 and len(cal.loo_models) == len(cal.loo_residuals) == 30
     bad = [dict(r) for r in rows]
     bad[5]["log_uncertainty"] = math.nan
     with pytest.raises(ValueError, match="'log_uncertainty' of case 5 is not finite"):
@@ -332,10 +332,12 @@ def test_an_orientation_reading_far_from_the_calibration_is_only_a_hint():
     x = pairs[2]
     mirrored = np.stack([x[0], x[1][:, ::-1]])
     near = cal.assess(rows[0], mirrored)
-    assert near.ood_distance <= near.ood_threshold
+    assert cal.width_distance(rows[0]) <= cal.width_threshold
+    assert near.verdict == "out of distribution"
     assert near.reason == "the lateral looks mirrored left-right"
     far = cal.assess(dict(rows[0], profile_corr=50.0), mirrored)
-    assert far.verdict == "out of distribution" and far.ood_distance > far.ood_threshold
+    assert far.verdict == "out of distribution"
+    assert cal.width_distance(dict(rows[0], profile_corr=50.0)) > cal.width_threshold
     assert far.reason == ("the input is unlike every case the model was calibrated on; read "
                           "against the calibration views, the lateral looks mirrored "
                           "left-right")
@@ -343,12 +345,12 @@ def test_an_orientation_reading_far_from_the_calibration_is_only_a_hint():
 
 def test_bench_chooses_the_calibration_settings_on_the_calibration_data_alone(tmp_path):
     """bench/reliability.py --select: two folds of the calibration cases' own measurements
-    (every family), one row per setting, the admissible narrowest first."""
+    (every family), one row per setting, in the documented order of choice."""
     bench = _bench()
     pairs = [R.reproject(_body(s), CFG)[0].numpy() for s in (-2, -1, 0, 1, 2)]
     rng = np.random.default_rng(21)
-    rows, psnr = _synthetic_rows(52, rng)
-    ids = [f"c{i}" for i in range(52)]
+    rows, psnr = _synthetic_rows(60, rng)
+    ids = [f"c{i}" for i in range(60)]
     (tmp_path / "calibration.json").write_text(json.dumps(
         {c: {"features": r, "psnr": p} for c, r, p in zip(ids, rows, psnr)}))
     np.savez_compressed(tmp_path / "calibration.npz",
@@ -370,7 +372,7 @@ def test_bench_chooses_the_calibration_settings_on_the_calibration_data_alone(tm
     for r in chosen:
         assert 0.0 <= r["clean_coverage"] <= 1.0 and r["clean_width"] > 0.0
         assert r["clean_rho"] > 0.6                       # PSNR follows log_uncertainty
-    admissible = [r["clean_coverage"] >= 0.9 and r["worst_family_coverage"] >= 0.85
-                  for r in chosen]
-    assert admissible == sorted(admissible, reverse=True)
+    keys = [(r["clean_coverage"] < 0.9, -round(r["clean_rho"], 3),
+             -r["worst_family_coverage"], r["clean_width"]) for r in chosen]
+    assert keys == sorted(keys)
     assert "| 3 | 1 |" in bench.selection_markdown(chosen)

@@ -49,7 +49,7 @@ def calibrated(tmp_path_factory, round_trip):
     x = torch.from_numpy(round_trip)
     measured = [reliability.assess(model.generator, xi, CFG, k=4, seed=i).features
                 for i, xi in enumerate(reliability.sample_xrays(x, CFG, 4, seed=5))]
-    # 40 rows (the fewest a calibration accepts is 26) around the 4 measured ones: four
+    # 40 rows (the fewest a calibration accepts is 30) around the 4 measured ones: four
     # assessments cost what forty would not
     rng = np.random.default_rng(0)
     rows = [{k: v * (1 + 0.02 * rng.standard_normal()) for k, v in measured[i % 4].items()}
@@ -265,7 +265,7 @@ def test_calibrate_job_stores_a_calibration_fitted_on_the_held_out_cases(
     assert job.main(common) == 2                       # --split all holds the 5 train cases
     assert "5 of the 48 cases" in capsys.readouterr().err
     assert job.main(common + ["--split", "test"]) == 2            # 3 cases: too few
-    assert "needs at least 26" in capsys.readouterr().err
+    assert "needs at least 30" in capsys.readouterr().err
     assert tracking.load_model(models["cvaa"], uri).calibration is None
     assert job.main(common + ["--split", "calibration"]) == 0
     assert "stored with models:/tiny-cvaa@candidate (version 1)" in capsys.readouterr().out

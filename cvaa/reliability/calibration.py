@@ -16,16 +16,27 @@ from cvaa.reliability.verdict import Assessment
 
 CALIBRATION_FILE = "reliability_calibration.json"
 
-# Features the PSNR regression reads (a few, so 30-60 held-out cases fit them); the
-# out-of-distribution distance reads every feature.
-# Chosen on the 64 calibration phantoms alone (leave-one-out, model seed 0): the central
-# reprojection residual predicts PSNR best (rho 0.77), these three give the smallest error
-# (0.45 dB); see docs/reliability-score.md.
-SCORE_FEATURES = ("reprojection_l1_center", "log_uncertainty", "reprojection_l1")
+# The out-of-distribution distance reads these features; the PSNR regression reads them too
+# (SCORE_FEATURES), chosen with the ridge penalty and the interval's scale power by
+# bench/reliability.py --select on the calibration phantoms alone (two folds): the highest
+# clean Spearman rho (0.755 against 0.62-0.64 for the three reprojection and uncertainty
+# features alone), then the best coverage among `ok` under the physical shifts (scale power
+# 2: 70 % on the worst family, 10 degree rotation, against 20-50 % for 1 and 1.5); see
+# docs/reliability-score.md.
 OOD_FEATURES = ("pa_mean", "pa_std", "lateral_mean", "lateral_std", "profile_corr",
                 "log_width_ratio", "lateral_balance", "reprojection_ncc_pa",
                 "reprojection_ncc_lateral", "reprojection_l1_pa", "reprojection_l1_lateral",
                 "reprojection_l1_center", "log_uncertainty")
+SCORE_FEATURES = OOD_FEATURES
+# With the calibration cases' X-rays, the distance also reads how clearly each view reads
+# as given (:meth:`OrientationCheck.margins`; the calibration cases' own left out of the
+# check's fit): a patient turned 5-10 degrees sits low there. The interval's width reads
+# OOD_FEATURES alone.
+MARGIN_FEATURES = ("pa_orientation_margin", "lateral_orientation_margin")
+# The smallest scale a margin feature is given (margins are in units of the discriminants'
+# within-class standard deviation; calibration cases that agree more closely than half of
+# one, e.g. copies of a few pairs, would make any new pair far).
+MARGIN_SCALE_FLOOR = 0.5
 
 
 def conformal_quantile(residuals: Sequence[float], level: float) -> float:
@@ -52,14 +63,12 @@ def conformal_rank(n: int, level: float) -> int:
     return math.ceil(round((n + 1) * level, 9))
 
 
-# Below this many held-out cases per distance feature the distance's covariance (13
+# Below this many held-out cases per distance feature the distance's covariance (15
 # features) is fitted from too few cases: a stated rule of thumb, not a measurement.
 CASES_PER_DISTANCE_FEATURE = 2
 # The interval's half-width grows as the input's distance to the calibration cases to this
-# power (normalised conformal): chosen on the 64 calibration and 36 held-out phantoms of
-# docs/reliability-score.md (1: the physical shifts' `ok` inputs were covered less often;
-# 2: the clean intervals 25 % wider for no gain).
-SCALE_POWER = 1.5
+# power (normalised conformal); chosen with SCORE_FEATURES above.
+SCALE_POWER = 2.0
 RIDGE = 1.0
 
 
@@ -67,16 +76,17 @@ def minimum_cases(level: float = 0.9, ood_level: float = 0.95) -> int:
     """The fewest held-out cases :meth:`ReliabilityCalibration.fit` accepts: the
     leave-one-out conformal ranks must be finite at ``level`` (both ends of the interval)
     and at ``ood_level`` (the distance threshold), and the distance's covariance needs
-    :data:`CASES_PER_DISTANCE_FEATURE` cases per feature of :data:`OOD_FEATURES`.
+    :data:`CASES_PER_DISTANCE_FEATURE` cases per feature (:data:`OOD_FEATURES` and
+    :data:`MARGIN_FEATURES`).
 
     Example:
         >>> minimum_cases(0.9, 0.95)
-        26
+        30
     """
     for level_ in (level, ood_level):
         if not 0.0 < level_ < 1.0:
             raise ValueError(f"levels must be in (0, 1), got {level_}")
-    n = CASES_PER_DISTANCE_FEATURE * len(OOD_FEATURES)
+    n = CASES_PER_DISTANCE_FEATURE * len(OOD_FEATURES + MARGIN_FEATURES)
     while not (conformal_rank(n, level) <= n and conformal_rank(n, ood_level) <= n
                and math.floor(round((n + 1) * (1 - level), 9)) >= 1):
         n += 1
@@ -105,7 +115,11 @@ class ReliabilityCalibration:
         loo_models: per case, the regression fitted without it: its feature means and
             scales, coefficients and intercept, concatenated.
         loo_residuals: per case, its absolute left-out error divided by its left-out
-            distance to the power ``scale_power``.
+            width distance to the power ``scale_power``.
+        width_mean, width_scale, width_precision: the Gaussian of :data:`OOD_FEATURES` the
+            interval's width reads (the width distance, :meth:`width_distance`), and the
+            conformal quantile of its left-out values at ``ood_level``: an input beyond it
+            is unlike the calibration cases whatever its orientation (the reason says so).
         ood_threshold: the Mahalanobis distance (not its square) beyond which an input is
             ``out of distribution``.
         check_psnr: the ``check_quantile`` of the calibration cases' actual PSNR, dB: an
@@ -124,6 +138,10 @@ class ReliabilityCalibration:
     loo_models: tuple[tuple[float, ...], ...]
     loo_residuals: tuple[float, ...]
     scale_power: float
+    width_mean: tuple[float, ...]
+    width_scale: tuple[float, ...]
+    width_precision: tuple[tuple[float, ...], ...]
+    width_threshold: float
     ood_features: tuple[str, ...]
     ood_mean: tuple[float, ...]
     ood_scale: tuple[float, ...]
@@ -200,18 +218,27 @@ class ReliabilityCalibration:
             return out
 
         score_features = tuple(score_features)
-        xs, xo = matrix(score_features), matrix(OOD_FEATURES)
+        ood_features = OOD_FEATURES
+        check = None
+        if xrays is not None and len(xrays):
+            check, margins = OrientationCheck.fit_with_margins(xrays)
+            rows = [dict(row, **dict(zip(MARGIN_FEATURES, (float(m) for m in case))))
+                    for row, case in zip(rows, margins)]
+            ood_features = OOD_FEATURES + MARGIN_FEATURES
+        xs, xo, xw = matrix(score_features), matrix(ood_features), matrix(OOD_FEATURES)
         full = _ridge(xs, y, ridge)
-        o_mean, o_scale, precision = _gaussian(xo, shrinkage)
-        loo_models, residuals, distances = [], [], []
+        # margins are in units of the discriminants' within-class spread: finer is noise
+        floor = np.array([MARGIN_SCALE_FLOOR if name in MARGIN_FEATURES else 0.0
+                          for name in ood_features])
+        o_mean, o_scale, precision = _gaussian(xo, shrinkage, floor)
+        w_mean, w_scale, w_precision = _gaussian(xw, shrinkage)
+        loo_models, residuals, distances, widths = [], [], [], []
         for i in range(n):
             keep = np.arange(n) != i
             model = _ridge(xs[keep], y[keep], ridge)
-            mean_i, scale_i, precision_i = _gaussian(xo[keep], shrinkage)
-            distance = math.sqrt(_mahalanobis(((xo[i] - mean_i) / scale_i)[None],
-                                              precision_i)[0])
-            distances.append(distance)
-            residuals.append(abs(y[i] - _predict(model, xs[i])) / _scale(distance, scale_power))
+            distances.append(_distance(xo[i], *_gaussian(xo[keep], shrinkage, floor)))
+            widths.append(_distance(xw[i], *_gaussian(xw[keep], shrinkage)))
+            residuals.append(abs(y[i] - _predict(model, xs[i])) / _scale(widths[-1], scale_power))
             loo_models.append(model)
         threshold = conformal_quantile(distances, ood_level)
         calibration = cls(
@@ -219,15 +246,17 @@ class ReliabilityCalibration:
             score_mean=full[0], score_scale=full[1], coef=full[2], intercept=full[3],
             loo_models=tuple(m[0] + m[1] + m[2] + (m[3],) for m in loo_models),
             loo_residuals=_t(residuals), scale_power=float(scale_power),
-            ood_features=OOD_FEATURES, ood_mean=_t(o_mean), ood_scale=_t(o_scale),
+            width_mean=_t(w_mean), width_scale=_t(w_scale),
+            width_precision=tuple(_t(r) for r in w_precision),
+            width_threshold=float(conformal_quantile(widths, ood_level)),
+            ood_features=ood_features, ood_mean=_t(o_mean), ood_scale=_t(o_scale),
             ood_precision=tuple(_t(r) for r in precision), ood_level=ood_level,
             ood_threshold=float(threshold), check_quantile=float(check_quantile),
             check_psnr=float(np.quantile(y, check_quantile)), n_cases=n, k=int(k),
             dataset=str(dataset), case_ids=tuple(str(c) for c in case_ids),
-            orientation=(OrientationCheck.fit(xrays).to_dict()
-                         if xrays is not None and len(xrays) else {}),
+            orientation=check.to_dict() if check is not None else {},
             info=dict(info or {}))
-        typical = float(np.median(distances))
+        typical = float(np.median(widths))
         half = [(hi - lo) / 2 for lo, hi in (calibration.interval(row, typical)
                                              for row in rows)]
         return replace(calibration, halfwidth=float(np.median(half)))
@@ -239,8 +268,8 @@ class ReliabilityCalibration:
                         self._score_x(row))
 
     def interval(self, row: Mapping[str, float], distance: float) -> tuple[float, float]:
-        """The jackknife+ interval at ``level`` of an input with features ``row`` at
-        ``distance`` (:meth:`ood_distance`) from the calibration cases."""
+        """The jackknife+ interval at ``level`` of an input with features ``row`` at width
+        distance ``distance`` (:meth:`width_distance`) from the calibration cases."""
         x = self._score_x(row)
         d = len(self.score_features)
         preds = np.array([_predict((m[:d], m[d:2 * d], m[2 * d:3 * d], m[3 * d]), x)
@@ -252,10 +281,19 @@ class ReliabilityCalibration:
                 float(np.sort(preds + spread)[conformal_rank(n, self.level) - 1]))
 
     def ood_distance(self, row: Mapping[str, float]) -> float:
-        """Mahalanobis distance (the square root) to the calibration cases."""
+        """Mahalanobis distance (the square root) to the calibration cases, over
+        ``ood_features`` (with the orientation margins, ``row`` must hold them:
+        :meth:`assess` adds them)."""
         x = np.array([float(row[name]) for name in self.ood_features])
-        z = (x - np.asarray(self.ood_mean)) / np.asarray(self.ood_scale)
-        return float(math.sqrt(_mahalanobis(z[None], np.asarray(self.ood_precision))[0]))
+        return _distance(x, np.asarray(self.ood_mean), np.asarray(self.ood_scale),
+                         np.asarray(self.ood_precision))
+
+    def width_distance(self, row: Mapping[str, float]) -> float:
+        """Mahalanobis distance over :data:`OOD_FEATURES`, which the interval's width
+        reads."""
+        x = np.array([float(row[name]) for name in OOD_FEATURES])
+        return _distance(x, np.asarray(self.width_mean), np.asarray(self.width_scale),
+                         np.asarray(self.width_precision))
 
     def assess(self, row: Mapping[str, float], xrays: np.ndarray | None = None
                ) -> Assessment:
@@ -264,16 +302,23 @@ class ReliabilityCalibration:
         or in the other view's slot makes it ``out of distribution`` too, with that reason
         (given as a hint behind the distance's when the input is also far from every
         calibration case: a thorax read against lumbar views is not "upside down")."""
+        problems = []
+        if self.orientation:
+            if xrays is None:
+                raise ValueError("this calibration reads the X-rays' anatomy: pass xrays")
+            check = OrientationCheck.from_dict(self.orientation)
+            problems = check.problems(xrays)
+            row = dict(row, **dict(zip(MARGIN_FEATURES, check.margins(xrays))))
         score = self.score(row)
         distance = self.ood_distance(row)
-        low, high = (self.interval(row, distance) if math.isfinite(distance)
+        width = self.width_distance(row)
+        low, high = (self.interval(row, width) if math.isfinite(width)
                      else (-math.inf, math.inf))
-        problems = []
-        if xrays is not None and self.orientation:
-            problems = OrientationCheck.from_dict(self.orientation).problems(xrays)
         far = not math.isfinite(distance) or distance > self.ood_threshold
         if problems:
-            # far away as well: the anatomy may be another one, so the reading is a hint
+            # unlike the calibration cases beyond the orientation margins too: the anatomy
+            # may be another one, so the reading is a hint
+            far = not math.isfinite(width) or width > self.width_threshold
             reason = ("the input is unlike every case the model was calibrated on; read "
                       "against the calibration views, " if far else "") + "; ".join(problems)
             return Assessment(score, low, high, self.level, distance, self.ood_threshold,
@@ -309,9 +354,11 @@ class ReliabilityCalibration:
         for key in ("score_features", "score_mean", "score_scale", "coef", "ood_features",
                     "ood_mean", "ood_scale", "case_ids", "loo_residuals"):
             data[key] = tuple(data[key])
-        for key in ("ood_precision", "loo_models"):
+        for key in ("ood_features", "width_mean", "width_scale"):
+            data[key] = tuple(data[key])
+        for key in ("ood_precision", "loo_models", "width_precision"):
             data[key] = tuple(tuple(r) for r in data[key])
-        for key in ("halfwidth", "ood_threshold"):
+        for key in ("halfwidth", "ood_threshold", "width_threshold"):
             if not math.isfinite(float(data[key])):
                 raise ValueError(f"reliability calibration: {key} is {data[key]} (fitted on "
                                  "too few cases): run jobs/calibrate.py again")
@@ -331,12 +378,18 @@ def _predict(model, x: np.ndarray) -> float:
     return float(((x - np.asarray(mean)) / np.asarray(scale)) @ np.asarray(coef) + intercept)
 
 
-def _gaussian(x: np.ndarray, shrinkage: float):
-    """Mean, scale and the precision of the shrunk correlation of ``x`` ``(n, d)``."""
-    mean, scale = x.mean(0), x.std(0) + 1e-9
+def _gaussian(x: np.ndarray, shrinkage: float, floor: np.ndarray | float = 0.0):
+    """Mean, scale (at least ``floor`` per column) and the precision of the shrunk
+    correlation of ``x`` ``(n, d)``."""
+    mean, scale = x.mean(0), np.maximum(x.std(0), floor) + 1e-9
     z = (x - mean) / scale
     cov = (1 - shrinkage) * np.cov(z, rowvar=False) + shrinkage * np.eye(z.shape[1])
     return mean, scale, np.linalg.inv(cov)
+
+
+def _distance(x: np.ndarray, mean, scale, precision) -> float:
+    """Mahalanobis distance (the square root) of one feature vector."""
+    return float(math.sqrt(_mahalanobis(((x - mean) / scale)[None], precision)[0]))
 
 
 def _scale(distance: float, power: float) -> float:
@@ -353,5 +406,5 @@ def _mahalanobis(z: np.ndarray, precision: np.ndarray) -> np.ndarray:
     return np.einsum("ni,ij,nj->n", z, precision, z)
 
 
-__all__ = ["CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "conformal_quantile",
+__all__ = ["CALIBRATION_FILE", "SCORE_FEATURES", "OOD_FEATURES", "MARGIN_FEATURES", "conformal_quantile",
            "conformal_rank", "minimum_cases", "SCALE_POWER", "ReliabilityCalibration"]

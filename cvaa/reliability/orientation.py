@@ -49,6 +49,8 @@ ORIENTATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 # least this share of them (one the anatomy cannot tell apart, e.g. a nearly symmetric PA
 # mirrored, is not: it would only raise false alarms).
 CHECKED_SHARE = 0.95
+# The margin of a view none of whose readings is checked (nothing to be unsure about).
+NO_MARGIN = 10.0
 
 
 def thumbnail(view: np.ndarray, size: int) -> np.ndarray:
@@ -132,14 +134,22 @@ class OrientationCheck:
             ) -> "OrientationCheck":
         """Discriminants from correctly oriented pairs ``(2, P, P)`` (the calibration
         cases) against every competing reading of them."""
+        return cls.fit_with_margins(xrays, size, shrinkage)[0]
+
+    @classmethod
+    def fit_with_margins(cls, xrays: Sequence[np.ndarray], size: int = 8,
+                         shrinkage: float = 0.1) -> tuple["OrientationCheck", np.ndarray]:
+        """:meth:`fit`, and each case's :meth:`margins` with that case left out of the fit
+        ``(n, 2)``: what a new, correctly oriented pair's margins look like."""
         if len(xrays) < 2:
             raise ValueError(f"need at least 2 X-ray pairs for the templates, got {len(xrays)}")
         thumbs = [np.stack([thumbnail(np.asarray(x)[v], size) for x in xrays]) for v in range(2)]
         n = len(xrays)
         readings, weights, margins = [], [], []
+        case_margins = np.full((n, 2), np.inf)
         for v in range(2):
             given = thumbs[v].reshape(n, -1)
-            names, kept, low = [], [], math.inf
+            names, kept = [], []
             for name, wrong in competing(thumbs[v], thumbs[1 - v], VIEWS[1 - v]).items():
                 wrong = wrong.reshape(n, -1)
                 left_out = np.array([
@@ -150,12 +160,25 @@ class OrientationCheck:
                     w, b = discriminant(given, wrong, shrinkage)
                     names.append(name)
                     kept.append(tuple(float(a) for a in w) + (b,))
-                    low = min(low, float(left_out.min()))
+                    case_margins[:, v] = np.minimum(case_margins[:, v], left_out)
             readings.append(tuple(names))
             weights.append(tuple(kept))
+            low = float(case_margins[:, v].min())
             margins.append(low if math.isfinite(low) else 0.0)
-        return cls(int(size), (readings[0], readings[1]), (weights[0], weights[1]),
-                   (margins[0], margins[1]))
+        case_margins[~np.isfinite(case_margins)] = NO_MARGIN
+        return (cls(int(size), (readings[0], readings[1]), (weights[0], weights[1]),
+                    (margins[0], margins[1])), case_margins)
+
+    def margins(self, xrays: np.ndarray) -> tuple[float, float]:
+        """Per view, the smallest discriminant value over its checked readings: how
+        clearly the view reads as given (below 0: a mistake; small: an unusual view,
+        e.g. a patient turned; :data:`NO_MARGIN` for a view with nothing checked)."""
+        x = np.asarray(xrays, np.float64)
+        out = []
+        for v in range(2):
+            values = self._values(v, thumbnail(x[v], self.size))
+            out.append(min(values.values()) if values else NO_MARGIN)
+        return out[0], out[1]
 
     @property
     def checked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -216,5 +239,5 @@ class OrientationCheck:
                    tuple(float(m) for m in data["loo_margin"]))
 
 
-__all__ = ["VIEWS", "ORIENTATIONS", "CHECKED_SHARE", "thumbnail", "competing",
+__all__ = ["VIEWS", "ORIENTATIONS", "CHECKED_SHARE", "NO_MARGIN", "thumbnail", "competing",
            "discriminant", "OrientationCheck"]
