@@ -210,11 +210,11 @@ def test_training_calibrates_the_version_on_its_held_out_patients(tmp_path, real
     data = write_perturbed_dataset(tmp_path / "prepared", str(real_ct_paths["abdomen"]), 80,
                                    {"test": slice(0, 3), "train": slice(3, None)})
     job = _job(tmp_path, data, ["train.epochs=1", "train.calibration_cases=37",
-                                "train.calibration_k=2", "train.val_fraction=0.9"])
+                                "train.calibration_k=1", "train.val_fraction=0.9"])
     lines = []
     out = run_training(job, log=lines.append)
     (done,) = [line for line in lines if line.startswith("calibrated on ")]
-    assert re.fullmatch(r"calibrated on 37 held-out cases \(K = 2\) in \d+ s: predicted PSNR "
+    assert re.fullmatch(r"calibrated on 37 held-out cases \(K = 1\) in \d+ s: predicted PSNR "
                         r"\+-\d+\.\d\d dB at 90 %", done), done
     model = tracking.load_model(out["model_uri"], job.mlflow_uri)
     from cvaa.data.dataset import PreparedDataset, training_split
@@ -222,7 +222,7 @@ def test_training_calibrates_the_version_on_its_held_out_patients(tmp_path, real
     dataset = PreparedDataset(data)
     split = training_split(dataset, job.cfg.train)
     calibration = ReliabilityCalibration.from_json(model.calibration)
-    assert calibration.k == 2 and calibration.case_ids == tuple(split.calibration)
+    assert calibration.k == 1 and calibration.case_ids == tuple(split.calibration)
     assert calibration.dataset == dataset.fingerprint and "jobs/train.py" in str(
         calibration.info)
     client = mlflow.MlflowClient(job.mlflow_uri)

@@ -9,7 +9,9 @@ workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.
         result = train(job, run)                                 # Ray Train DDP
         table = evaluate_on_workers(result, dataset, "test", cfg)  # Table I, Ray Data
         log_evaluation(run, table, result.epochs)
-        register(run, result.generator(cfg), job, dataset, table.rows[0])  # NAME@ALIAS
+        generator = result.generator(cfg)
+        registered = register(run, generator, job, dataset, table.rows[0])  # NAME@ALIAS
+        calibrate_registered(job, run, generator, dataset, registered)  # on its hold-out
 
 A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
@@ -374,13 +376,13 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
             "data": job.data, "data.config_hash": str(dataset.manifest.get("config_hash", "")),
             "data.train_cases": str(len(dataset.split("train"))),
             "data.test_cases": str(len(dataset.split("test"))), "source_run_id": run.run_id}
-    held_out = dataset_splits(dataset, cfg)
+    parts = dataset_splits(dataset, cfg)
     # The calibration hold-out is named by its count and digest (dataset.calibration),
     # never by its case ids (only digests leave the data store); jobs/calibrate.py
     # recomputes it from the version's config and checks the digest.
-    tags["data.calibration_cases"] = str(len(held_out.get("calibration", ("", []))[1]))
+    tags["data.calibration_cases"] = str(len(parts.get("calibration", ("", []))[1]))
     splits = {context: PreparedSplit(dataset.root, dataset.manifest, split, ids)
-              for context, (split, ids) in held_out.items() if ids}
+              for context, (split, ids) in parts.items() if ids}
     for context, ds in splits.items():
         tags[f"dataset.{context}"] = f"{ds.name}@{ds.digest}"
     if test_row:
@@ -457,8 +459,8 @@ def calibrate_registered(job: TrainJob, run: tracking.RunLogger, generator,
 # --------------------------------------------------------------------------- the job
 
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``jobs/train.py``: train -> Table I on the test split -> registered model, in one
-    MLflow run (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
+    """``jobs/train.py``: train -> Table I on the test split -> registered model ->
+    calibrated on the run's hold-out (``train.calibration_cases``), in one MLflow run (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
 
     Returns ``{"model_uri", "version", "run_id", "table" (Markdown or None), "rows",
     "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
