@@ -428,8 +428,10 @@ def calibrate_registered(job: TrainJob, run: tracking.RunLogger, generator,
     need = reliability.minimum_cases()
     if len(held_out) < need:
         n_train = len(dataset.split("train"))
-        if held_out or not t.calibration_cases:
+        if held_out:
             why = f"{len(held_out)} cases held out (train.calibration_cases={t.calibration_cases})"
+        elif not t.calibration_cases:
+            why = "no cases held out (train.calibration_cases=0)"
         else:
             why = (f"no cases held out (the train split's {n_train} cases are fewer than "
                    f"twice train.calibration_cases={t.calibration_cases})")
