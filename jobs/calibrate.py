@@ -10,8 +10,9 @@ its own dataset it did not see), with their CT. Cases the version trained and va
 (the split ``train`` of the dataset its ``data`` tag names, less the calibration hold-out
 of ``train.calibration_cases``: the same case id or the same source CT) are refused, and
 so is a version whose training data cannot be read to check. (jobs/train.py calibrates
-the version on that hold-out itself when it has at least 37 cases.) Each case is reconstructed with K forward samples, and its features (reprojection
-consistency, uncertainty, input statistics) and actual PSNR fit the score's regression, a
+the version on that hold-out itself when it has at least 37 cases.) Each case is
+reconstructed with K forward samples, and its features (reprojection consistency,
+uncertainty, input statistics) and actual PSNR fit the score's regression, a
 split-conformal interval at --level and the out-of-distribution threshold; fewer cases than
 that needs (37 at the default levels) are refused. The calibration records the dataset's
 fingerprint and the case ids, so that jobs/evaluate.py leaves those cases out of the

@@ -462,7 +462,8 @@ def calibrate_registered(job: TrainJob, run: tracking.RunLogger, generator,
 
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``jobs/train.py``: train -> Table I on the test split -> registered model ->
-    calibrated on the run's hold-out (``train.calibration_cases``), in one MLflow run (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
+    calibrated on the run's hold-out (``train.calibration_cases``), in one MLflow run
+    (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
 
     Returns ``{"model_uri", "version", "run_id", "table" (Markdown or None), "rows",
     "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
