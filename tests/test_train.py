@@ -197,7 +197,7 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
 
 @pytest.mark.ray
 def test_training_calibrates_the_version_on_its_held_out_patients(tmp_path, real_ct_paths,
-                                                                   capsys):
+                                                                   ray_local, capsys):
     """77 train-split cases: 37 held out (the fewest a calibration takes), 36 validated
     (cheap: forwards only), 4 trained on for one epoch; the job ends with a calibrated
     version, and jobs/calibrate.py treats the hold-out as held out."""

@@ -562,7 +562,7 @@ def _register_best(sweep: SweepJob, best: dict[str, Any], log: Callable[[str], A
     registered = register(child, generator, trial_job, dataset, test_row or None,
                           alias=sweep.alias)
     child.client.set_tag(best["run_id"], "cvaa.tune.best", "true")
-    calibrate_registered(trial_job, child, generator, dataset, registered,
+    calibrate_registered(trial_job, child, checkpoint, dataset, registered,
                          lambda line: log(f"[tune] {line}"))
     return registered
 

@@ -9,9 +9,8 @@ workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.
         result = train(job, run)                                 # Ray Train DDP
         table = evaluate_on_workers(result, dataset, "test", cfg)  # Table I, Ray Data
         log_evaluation(run, table, result.epochs)
-        generator = result.generator(cfg)
-        registered = register(run, generator, job, dataset, table.rows[0])  # NAME@ALIAS
-        calibrate_registered(job, run, generator, dataset, registered)  # on its hold-out
+        registered = register(run, result.generator(cfg), job, dataset, table.rows[0])
+        calibrate_registered(job, run, result.checkpoint, dataset, registered)  # hold-out
 
 A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
@@ -411,17 +410,20 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
 
 # --------------------------------------------------------------------------- step 4: calibrate
 
-def calibrate_registered(job: TrainJob, run: tracking.RunLogger, generator,
+def calibrate_registered(job: TrainJob, run: tracking.RunLogger, checkpoint,
                          dataset: PreparedDataset, registered: Mapping[str, Any],
                          log: Callable[[str], None] = print) -> str | None:
     """Calibrate the version :func:`register` made on the run's calibration hold-out
     (``train.calibration_cases``), as ``jobs/calibrate.py`` would: ``train.calibration_k``
-    forward samples per case with the final ``generator``, in this process, then
-    :func:`cvaa.tracking.attach_calibration` and :func:`cvaa.tracking.log_calibration_run`.
-    A hold-out below :func:`cvaa.reliability.minimum_cases` leaves the version
-    ``uncalibrated``, said in one line. Returns the calibration (JSON) or ``None``.
+    forward samples per case with the generator of ``checkpoint`` (the run's last), in one
+    cluster task with a training worker's resources (its GPU with ``train.use_gpu``), the
+    fit here, then :func:`cvaa.tracking.attach_calibration` and
+    :func:`cvaa.tracking.log_calibration_run`. A hold-out below
+    :func:`cvaa.reliability.minimum_cases` leaves the version ``uncalibrated``, said in one
+    line. Returns the calibration (JSON) or ``None``.
     """
     from cvaa import reliability
+    from cvaa.distributed.evaluate import ModelSpec, measure_on_cluster
 
     t = job.cfg.train
     held_out = dataset_splits(dataset, job.cfg).get("calibration", ("", []))[1]
@@ -439,8 +441,9 @@ def calibrate_registered(job: TrainJob, run: tracking.RunLogger, generator,
             f"at least {need}; calibrate it later with jobs/calibrate.py")
         return None
     tick = time.perf_counter()
-    rows, psnr, xrays = reliability.measure_cases(
-        generator, (dataset.arrays(c) for c in held_out), job.cfg, t.calibration_k)
+    rows, psnr, xrays = measure_on_cluster(ModelSpec(checkpoint=checkpoint), dataset.root,
+                                           held_out, job.cfg, t.calibration_k, t.use_gpu,
+                                           t.cpus_per_worker)
     calibration = reliability.ReliabilityCalibration.fit(
         rows, psnr, k=t.calibration_k, dataset=dataset.fingerprint, case_ids=held_out,
         xrays=xrays, info={"data": job.data, "split": "calibration",
@@ -517,7 +520,7 @@ def _evaluate_and_register(job: TrainJob, run: tracking.RunLogger, result: Train
                        model_id=registered["logged_uri"].removeprefix("models:/"),
                        dataset=test)
         run.set_description(describe_run(job, dataset_splits(dataset, job.cfg), table))
-    calibrate_registered(job, run, generator, dataset, registered, log)
+    calibrate_registered(job, run, result.checkpoint, dataset, registered, log)
     return table, registered
 
 
