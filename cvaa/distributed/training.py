@@ -447,8 +447,8 @@ def calibrate_registered(job: TrainJob, run: tracking.RunLogger, checkpoint,
     calibration = reliability.ReliabilityCalibration.fit(
         rows, psnr, k=t.calibration_k, dataset=dataset.fingerprint, case_ids=held_out,
         xrays=xrays, info={"data": job.data, "split": "calibration",
-                           "held_out_by": f"jobs/train.py run {run.run_id} "
-                                          f"(train.calibration_cases={t.calibration_cases})"})
+                           "source": f"held out of training by MLflow run {run.run_id} "
+                                     f"(train.calibration_cases={t.calibration_cases})"})
     text = calibration.to_json()
     model_uri = f"models:/{job.register_name}/{registered['version']}"
     tracking.attach_calibration(model_uri, text, job.mlflow_uri)
