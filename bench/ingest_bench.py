@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the SeaweedFS launcher the tests use
 
 from cvaa.config import PRESETS, load_config  # noqa: E402
 from cvaa.data import store  # noqa: E402
-from cvaa.data.dataset import PreparedDataset, list_inputs, validation_split  # noqa: E402
+from cvaa.data.dataset import PreparedDataset, list_inputs  # noqa: E402
 
 WARMUP = 2
 
@@ -64,7 +64,7 @@ def _batches(loader: str, data: str, rank: int, world: int, batch: int, seed: in
     from cvaa.data.stream import CaseStream, epoch_plan
 
     dataset = PreparedDataset(data)
-    train_ids, _ = validation_split(dataset, 0.0, seed)
+    train_ids = dataset.split("train")
     if loader in ("stream", "augment"):
         plan = epoch_plan(train_ids, seed=seed, epoch=0, rank=rank, world=world, batch=batch)
         load = dataset.arrays

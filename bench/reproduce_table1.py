@@ -206,7 +206,9 @@ def run_seed(args, seed: int, result_path: Path) -> None:
                  "--set", f"optim.constant_epochs={half}",
                  "--set", f"optim.decay_epochs={args.epochs - half}",
                  "--set", f"train.figure_every={args.epochs}",
-                 "--set", f"train.cpus_per_worker={args.threads}"]
+                 "--set", f"train.cpus_per_worker={args.threads}",
+                 # the protocol trains on the whole train split (no calibration hold-out)
+                 "--set", "train.calibration_cases=0"]
     env = {**os.environ, "CVAA_HOME": str(work / "home"), "PYTHONUNBUFFERED": "1"}
     log: list[str] = []
 

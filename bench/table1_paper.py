@@ -71,7 +71,8 @@ def base_config(args, seed: int):
 
     return load_config(args.preset, overrides=[
         f"data.n_phantoms={args.n}", f"data.seed={seed}", f"train.seed={seed}",
-        f"data.test_fraction={args.test_cases / args.n!r}", *args.set])
+        f"data.test_fraction={args.test_cases / args.n!r}",
+        "train.calibration_cases=0", *args.set])  # the protocol trains on the whole split
 
 
 def model_config(base, model: str, epochs: int, lr: float):
@@ -108,7 +109,7 @@ def run_seed(args, seed: int, result_path: Path, started: float, device) -> bool
     model is written at once. Returns False when the budget stopped it."""
     import torch
 
-    from cvaa.data.dataset import PreparedDataset, validation_split
+    from cvaa.data.dataset import PreparedDataset, training_split
     from cvaa.gan import per_worker_batch
     from cvaa.local import prepare_inputs, prepare_phantoms, train_local
     from cvaa.models import generator_from_state
@@ -128,7 +129,7 @@ def run_seed(args, seed: int, result_path: Path, started: float, device) -> bool
         prepare_inputs(args.real, base, real, processes=args.processes, log=log)
     prep_s = time.perf_counter() - tick
     ds = PreparedDataset(prepared)
-    train_ids, val_ids = validation_split(ds, base.train.val_fraction, base.train.seed)
+    train_ids, val_ids, _ = training_split(ds, base.train)
     batch = per_worker_batch(base)
     steps_per_epoch = math.ceil(len(train_ids) / batch)
     epochs = max(1, math.ceil(args.steps / steps_per_epoch))

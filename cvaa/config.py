@@ -305,6 +305,18 @@ class TrainConfig:
         seed: seeds initialisation, shuffling and the validation split.
         val_fraction: fraction of the training *patients* held out for per-epoch
             validation (at least one case); the test split is kept for the final table.
+        calibration_cases: number of *cases* held out of the train split, by patient,
+            for the reliability calibration (``cvaa.reliability``): whole patients, in an
+            order seeded by ``seed``, until the hold-out has at least this many cases
+            (:func:`cvaa.data.dataset.training_split`). They are never trained or validated
+            on; at the end of ``jobs/train.py`` the registered version is calibrated on them
+            when they are at least ``cvaa.reliability.minimum_cases()`` (30 at level 0.9),
+            else it stays ``uncalibrated`` and the job says why. The hold-out never takes
+            more than half the train split: with fewer than ``2 * calibration_cases``
+            train-split cases nothing is held out. ``0``: no hold-out (calibrate later with
+            ``jobs/calibrate.py``).
+        calibration_k: forward samples per case of that calibration (the ``K`` of
+            ``jobs/calibrate.py --k``; reconstructions with reliability then use it too).
         figure_every: log a slice figure (and the checkpoint as an MLflow artifact) every K
             epochs, and at the last.
         num_workers: Ray Train workers (DDP ranks).
@@ -379,6 +391,8 @@ class TrainConfig:
     batch_size: int = 4
     seed: int = 0
     val_fraction: float = 0.1
+    calibration_cases: int = 0
+    calibration_k: int = 8
     figure_every: int = 10
     num_workers: int = 1
     use_gpu: bool = False
@@ -449,6 +463,9 @@ class Config:
             raise ConfigError(f"{source}: train.batch_size={t.batch_size} is the global batch "
                               f"and must be a positive multiple of train.num_workers="
                               f"{t.num_workers} (each worker steps on an equal share)")
+        if t.calibration_cases < 0 or t.calibration_k < 1:
+            raise ConfigError(f"{source}: train.calibration_cases={t.calibration_cases} must "
+                              f"be >= 0 and train.calibration_k={t.calibration_k} >= 1")
         if t.prefetch_batches < 1 or t.io_threads < 1:
             raise ConfigError(f"{source}: train.prefetch_batches={t.prefetch_batches} and "
                               f"train.io_threads={t.io_threads} must be >= 1")
@@ -547,7 +564,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # A CPU run takes a few hundred steps, not the paper's ~10k: a 5x larger step
         # (measured in docs/results.md: 2e-4 stays below the mean volume at this budget).
         "optim": {"lr_g": 1e-3, "lr_d": 1e-3, "constant_epochs": 8, "decay_epochs": 8},
-        "train": {"epochs": 16, "batch_size": 4, "figure_every": 4},
+        "train": {"epochs": 16, "batch_size": 4, "figure_every": 4,
+                  # The embedded default ends with a calibrated version: 40 phantoms (the
+                  # fewest a calibration takes is 30) held out of 112, so that training
+                  # keeps about the 46 cases it had with 64 phantoms and no hold-out.
+                  "calibration_cases": 40},
+        "data": {"n_phantoms": 112},
     },
 }
 # The same with train-time X-ray randomisation (cvaa.data.augment) on.

@@ -31,7 +31,7 @@ from torch import nn
 
 from cvaa.config import Config
 from cvaa.data.augment import Randomizer, renders_on_device
-from cvaa.data.dataset import PreparedDataset, validation_split
+from cvaa.data.dataset import PreparedDataset, training_split
 from cvaa.data.stream import CaseStream, chunks, epoch_plan
 from cvaa.gan import (GANTrainer, NonFiniteLossError, branch_device, compiled_graphs,
                       per_worker_batch, unwrap)
@@ -116,7 +116,7 @@ def setup(cfg: Config, data: str, device: torch.device, *, rank: int = 0, world:
     # Streamed, never cached: each epoch this rank reads its share of a seeded permutation
     # (every case once over the ranks), prefetched in threads (cvaa.data.stream).
     dataset = PreparedDataset(data)
-    train_ids, val_ids = validation_split(dataset, cfg.train.val_fraction, cfg.train.seed)
+    train_ids, val_ids, _ = training_split(dataset, cfg.train)  # calibration cases: never
     if not train_ids:
         raise ValueError(f"{dataset.root}: no training cases after the validation split")
     stream_options = dict(prefetch=cfg.train.prefetch_batches, threads=cfg.train.io_threads,

@@ -3,17 +3,19 @@ calibration with that version (cvaa/reliability/).
 
     python jobs/calibrate.py --model models:/cvaa-gan@candidate --data runs/calib-prepared
     python jobs/calibrate.py --model models:/cvaa-gan/3 --data runs/prepared --split test
-        # a split it did not train on, if it holds at least 26 cases
+        # a split it did not train on, if it holds at least 30 cases
 
 The cases must be ones the model never trained on (another prepared dataset, or a split of
-its own dataset it did not see), with their CT. Cases of the split the version trained and
-validated on (the dataset its ``data`` tag names, split ``train``: the same case id or the
-same source CT) are refused, and so is a version whose training data cannot be read to
-check. Each case is reconstructed with K forward samples, and its features (reprojection
-consistency, uncertainty, input statistics) and actual PSNR fit the score's regression, a
-jackknife+ interval at --level (wider for inputs further from these cases) and the
-out-of-distribution threshold; fewer cases than that needs (26 at the default levels) are
-refused. The calibration records the dataset's
+its own dataset it did not see), with their CT. Cases the version trained and validated on
+(the split ``train`` of the dataset its ``data`` tag names, less the calibration hold-out
+of ``train.calibration_cases``: the same case id or the same source CT) are refused, and
+so is a version whose training data cannot be read to check. (jobs/train.py calibrates
+the version on that hold-out itself when it has enough cases.) Each case is
+reconstructed with K forward samples, and its features (reprojection consistency,
+uncertainty, input statistics, how clearly each view reads as given) and actual PSNR fit
+the score's regression, a jackknife+ interval at --level (wider for inputs further from
+these cases) and the out-of-distribution threshold; fewer cases than that needs (30 at
+the default levels) are refused. The calibration records the dataset's
 fingerprint and the case ids, so that jobs/evaluate.py leaves those cases out of the
 calibration's quality. It is a JSON file stored in the version's logged model (next to
 MLmodel), so it travels with the version; the version gets reliability/* tags.
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         data = PreparedDataset(args.data)
         case_ids = data.split(args.split)
         _refuse_training_cases(args, data, case_ids, tracking.model_version_tags(args.model,
-                                                                                 uri))
+                                                                                 uri), cfg)
         need = reliability.minimum_cases(args.level)
         if len(case_ids) < need:
             raise ValueError(f"{args.data} ({args.split}): {len(case_ids)} cases, but a "
@@ -88,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _refuse_training_cases(args, data, case_ids: list[str], tags: dict[str, str]) -> None:
+def _refuse_training_cases(args, data, case_ids: list[str], tags: dict[str, str],
+                           cfg) -> None:
     """Raise ``ValueError`` if any of ``case_ids`` is a case the version trained or
-    validated on (the ``train`` split of the dataset its ``data`` tag names), or if that
-    cannot be checked."""
-    from cvaa.data.dataset import PreparedDataset
+    validated on (the ``train`` split of the dataset its ``data`` tag names, less the
+    calibration hold-out its config ``cfg`` makes of it), or if that cannot be checked."""
+    from cvaa.data.dataset import PreparedDataset, training_split
+    from cvaa.tracking.datasets import PreparedSplit
 
     trained_on = tags.get("data")
     if not trained_on:
@@ -105,7 +109,16 @@ def _refuse_training_cases(args, data, case_ids: list[str], tags: dict[str, str]
         raise ValueError(f"{args.model} trained on {trained_on} (its 'data' tag), which "
                          f"cannot be read to check that the calibration cases are held "
                          f"out: {exc}") from exc
-    seen = data.shared_cases(case_ids, training, training.split("train"))
+    split = training_split(training, cfg.train)
+    if split.calibration:  # recomputed from the config: it must be the one registered
+        digest = PreparedSplit(training.root, training.manifest, "calibration",
+                               split.calibration).digest
+        if not tags.get("dataset.calibration", "").endswith(f"@{digest}"):
+            raise ValueError(f"{args.model}: its calibration hold-out of {trained_on} "
+                             f"(train.calibration_cases={cfg.train.calibration_cases}) does "
+                             f"not match its 'dataset.calibration' tag, so the cases it "
+                             f"trained on cannot be told apart from held-out ones")
+    seen = data.shared_cases(case_ids, training, split.train + split.validation)
     if seen:
         raise ValueError(f"{len(seen)} of the {len(case_ids)} cases of {args.data} "
                          f"({args.split}) are cases {args.model} trained or validated on "

@@ -11,21 +11,24 @@ export CVAA_HOME="${CVAA_HOME:-$HOME/.cvaa/robustness}"
 mkdir -p "$CVAA_HOME"
 MLFLOW="sqlite:///$CVAA_HOME/mlflow.db"
 # The first training prepares the embedded phantoms under $CVAA_HOME (prepared-<config hash>).
-python jobs/train.py --preset cpu --mlflow-uri "$MLFLOW" \
+# The recorded protocol: 64 phantoms, every train-split case trained or validated on (the
+# cpu preset now holds 40 of 112 out for a calibration).
+PROTOCOL=(--set data.n_phantoms=64 --set train.calibration_cases=0)
+python jobs/train.py --preset cpu "${PROTOCOL[@]}" --mlflow-uri "$MLFLOW" \
     --run-name fixed --register-name robust-fixed "$@"
 PREPARED="$(ls -d "$CVAA_HOME"/prepared-* | head -n 1)"
 python jobs/preprocess.py --preset cpu --input ../shared/data/ct --keep-names \
     --output "$CVAA_HOME/real-cpu"
-python jobs/train.py --preset cpu-augment --data "$PREPARED" --mlflow-uri "$MLFLOW" \
+python jobs/train.py --preset cpu-augment "${PROTOCOL[@]}" --data "$PREPARED" --mlflow-uri "$MLFLOW" \
     --run-name randomised --register-name robust-random "$@"
 GEOMETRY_ONLY=(--set augment.mu_frac=0 --set augment.bone_frac=0 --set augment.scatter_max=0
     --set augment.photons_max=0 --set augment.blur_max_px=0 --set augment.gamma_frac=0
     --set augment.window_prob=0 --set augment.unsharp_max=0)
 APPEARANCE_ONLY=(--set augment.rotation_deg=0 --set augment.shift_mm=0
     --set augment.distance_frac=0 --set augment.zoom_frac=0)
-python jobs/train.py --preset cpu-augment "${GEOMETRY_ONLY[@]}" --data "$PREPARED" \
+python jobs/train.py --preset cpu-augment "${PROTOCOL[@]}" "${GEOMETRY_ONLY[@]}" --data "$PREPARED" \
     --mlflow-uri "$MLFLOW" --run-name geometry --register-name robust-geo "$@"
-python jobs/train.py --preset cpu-augment "${APPEARANCE_ONLY[@]}" --data "$PREPARED" \
+python jobs/train.py --preset cpu-augment "${PROTOCOL[@]}" "${APPEARANCE_ONLY[@]}" --data "$PREPARED" \
     --mlflow-uri "$MLFLOW" --run-name appearance --register-name robust-app "$@"
 python bench/robustness.py --data "$PREPARED" --extra-data "$CVAA_HOME/real-cpu" \
     --model fixed=models:/robust-fixed@candidate \

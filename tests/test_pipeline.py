@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from cvaa.config import load_config
 from cvaa.data.dataset import (CaseInput, PreparedDataset, case_id_for, list_inputs,
-                               split_by_patient)
+                               split_by_patient, training_split, write_manifest)
 from cvaa.distributed import pipeline
 from cvaa.distributed.pipeline import (DATA_CONTEXT_SETTINGS, TASK_RETRIES, Progress,
                                        cases_per_task, ensure_phantoms, run_pipeline)
@@ -308,6 +308,41 @@ def test_split_by_patient_is_seeded_and_disjoint():
     test_patients = {f"p{int(c[1:]) // 2}" for c in a["test"]}
     train_patients = {f"p{int(c[1:]) // 2}" for c in a["train"]}
     assert not test_patients & train_patients
+
+
+def test_training_split_holds_out_calibration_patients_seeded_and_disjoint(tmp_path):
+    from dataclasses import replace
+
+    # 60 patients of 1 to 3 cases; 20 % of them are the test split
+    records = [{"case_id": f"c{p:02d}-{k}", "patient_id": f"p{p:02d}"}
+               for p in range(60) for k in range(1 + p % 3)]
+    write_manifest(str(tmp_path), {"prepared": records,
+                                   "split": split_by_patient(records, 0.2, seed=0)})
+    ds = PreparedDataset(str(tmp_path))
+    patient = {r["case_id"]: r["patient_id"] for r in records}
+    cfg = load_config("cpu", overrides=["train.calibration_cases=30", "train.seed=5"]).train
+    split = training_split(ds, cfg)
+    assert split == training_split(ds, cfg)                           # deterministic
+    assert split.calibration != training_split(ds, replace(cfg, seed=6)).calibration
+    # at least 30 cases, whole patients: one patient fewer would not reach 30
+    assert 30 <= len(split.calibration) < 30 + 3
+    parts = [split.train, split.validation, split.calibration, ds.split("test")]
+    owners = [{patient[c] for c in part} for part in parts]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not owners[i] & owners[j], (i, j)                  # no patient twice
+    assert sorted(split.train + split.validation + split.calibration) == ds.split("train")
+    assert split.validation and split.train
+    # no hold-out: the train/validation split of before; a train split below twice the
+    # hold-out: nothing held out
+    plain = training_split(ds, replace(cfg, calibration_cases=0))
+    before = split_by_patient([r for r in records if r["case_id"] in ds.split("train")],
+                              cfg.val_fraction, cfg.seed + 1)
+    assert (plain.train, plain.validation, plain.calibration) == (before["train"],
+                                                                  before["test"], [])
+    n_train = len(ds.split("train"))
+    assert not training_split(ds, replace(cfg, calibration_cases=n_train // 2 + 1)).calibration
+    assert training_split(ds, replace(cfg, calibration_cases=n_train // 2)).calibration
 
 
 @pytest.mark.slow

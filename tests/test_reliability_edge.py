@@ -13,7 +13,7 @@ import pytest
 from cvaa import inference, reliability, tracking
 from cvaa.config import load_config
 from cvaa.data.io import read_ct
-from tiny_models import register_tiny_models
+from tiny_models import register_tiny_models, write_perturbed_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_config("cpu")
@@ -206,24 +206,9 @@ def tiny_prepared(tmp_path_factory, real_ct_paths):
     """A 48-case prepared dataset written directly (no Ray): the real abdomen CT's DRRs
     and cube under 48 perturbed copies of its X-rays (each its own patient and source);
     3 cases are the test split, 5 the train split, 40 a calibration split."""
-    import torch
-
-    from cvaa.data.dataset import encode_case, write_manifest
-    xrays, prepared = inference.xrays_from_ct(str(real_ct_paths["abdomen"]), CFG)
-    root = tmp_path_factory.mktemp("tiny-prepared")
-    (root / "cases").mkdir()
-    copies = reliability.sample_xrays(torch.from_numpy(xrays), CFG, 48, seed=9).numpy()
-    records = []
-    for i, x in enumerate(copies):
-        path = f"cases/c{i}.npz"
-        (root / path).write_bytes(encode_case(prepared.normalized, x, {}))
-        records.append({"case_id": f"c{i}", "path": path, "patient_id": f"p{i}",
-                        "source_uri": f"/archive/ct{i}.nii.gz"})
-    ids = [r["case_id"] for r in records]
-    write_manifest(str(root), {"config": CFG.to_dict(), "prepared": records,
-                               "split": {"test": ids[:3], "train": ids[3:8],
-                                         "calibration": ids[8:]}})
-    return str(root)
+    return write_perturbed_dataset(
+        tmp_path_factory.mktemp("tiny-prepared"), str(real_ct_paths["abdomen"]), 48,
+        {"test": slice(0, 3), "train": slice(3, 8), "calibration": slice(8, None)})
 
 
 def test_evaluate_adds_the_calibration_to_table_i_and_logs_the_figures(

@@ -137,11 +137,18 @@ def test_table_i_on_cluster_workers_equals_in_process_scoring(prepared_cpu, work
 
 @pytest.mark.ray
 def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
+    # 3 of the 6 train-split cases held out for a calibration: too few to fit one
     job = _job(tmp_path, prepared_cpu, ["train.num_workers=2", "train.epochs=2",
-                                        "train.system_metrics_s=1"], alias="candidate")
+                                        "train.system_metrics_s=1",
+                                        "train.calibration_cases=3"], alias="candidate")
     lines = []
     out = run_training(job, log=lines.append)
     assert out["epochs"] == 2
+    # the job finishes, and says in one line why the version stays uncalibrated
+    (why,) = [line for line in lines if line.startswith("calibration:")]
+    assert why.startswith("calibration: the version stays uncalibrated: 3 cases held out "
+                          "(train.calibration_cases=3), and a calibration needs at least 30")
+    assert tracking.load_model("models:/tiny@candidate", job.mlflow_uri).calibration is None
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
     assert all("val PSNR" in line and "s/epoch" in line for line in epoch_lines)
@@ -154,9 +161,9 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
     assert len(client.get_metric_history(out["run_id"], "loss_g")) == 2
     assert len(client.get_metric_history(out["run_id"], "val/ssim")) == 2
     # streamed ingest: every training case once per epoch over the two ranks
-    from cvaa.data.dataset import PreparedDataset, validation_split
-    train_ids, _ = validation_split(PreparedDataset(prepared_cpu), job.cfg.train.val_fraction,
-                                    job.cfg.train.seed)
+    from cvaa.data.dataset import PreparedDataset, training_split
+    train_ids = training_split(PreparedDataset(prepared_cpu), job.cfg.train).train
+    assert len(train_ids) == 2
     seen = client.get_metric_history(out["run_id"], "epoch_cases")
     assert [m.value for m in seen] == [len(train_ids)] * 2
     assert all(0 <= m.value <= 1 for m in
@@ -188,6 +195,67 @@ def test_ddp_two_workers_logs_and_registers(tmp_path, prepared_cpu):
             torch.testing.assert_close(model(x), trained(x))
 
 
+@pytest.mark.ray
+def test_training_calibrates_the_version_on_its_held_out_patients(tmp_path, real_ct_paths,
+                                                                   ray_local, capsys):
+    """77 train-split cases: 37 held out (more than the 30 a calibration takes), 36 validated
+    (cheap: forwards only), 4 trained on for one epoch; the job ends with a calibrated
+    version, and jobs/calibrate.py treats the hold-out as held out."""
+    import importlib.util
+
+    import numpy as np
+
+    from tiny_models import write_perturbed_dataset
+
+    data = write_perturbed_dataset(tmp_path / "prepared", str(real_ct_paths["abdomen"]), 80,
+                                   {"test": slice(0, 3), "train": slice(3, None)})
+    job = _job(tmp_path, data, ["train.epochs=1", "train.calibration_cases=37",
+                                "train.calibration_k=1", "train.val_fraction=0.9"])
+    lines = []
+    out = run_training(job, log=lines.append)
+    (done,) = [line for line in lines if line.startswith("calibrated on ")]
+    assert re.fullmatch(r"calibrated on 37 held-out cases \(K = 1\) in \d+ s: predicted PSNR "
+                        r"\+-\d+\.\d\d dB at 90 %", done), done
+    model = tracking.load_model(out["model_uri"], job.mlflow_uri)
+    from cvaa.data.dataset import PreparedDataset, training_split
+    from cvaa.reliability import ReliabilityCalibration
+    dataset = PreparedDataset(data)
+    split = training_split(dataset, job.cfg.train)
+    calibration = ReliabilityCalibration.from_json(model.calibration)
+    assert calibration.k == 1 and calibration.case_ids == tuple(split.calibration)
+    assert calibration.dataset == dataset.fingerprint
+    assert calibration.info["source"].startswith(f"held out of training by MLflow run "
+                                                 f"{out['run_id']}")
+    client = mlflow.MlflowClient(job.mlflow_uri)
+    version = client.get_model_version_by_alias("tiny", "candidate")
+    assert version.tags["reliability/cases"] == "37" and version.tags["reliability/run_id"]
+    mlflow.set_tracking_uri(job.mlflow_uri)
+    x = dataset.arrays(dataset.split("test")[0])[0][None].astype(np.float32)
+    verdict = mlflow.pyfunc.load_model(out["model_uri"]).predict(
+        x, params={"reliability": True})["verdict"]
+    assert list(verdict) != ["uncalibrated"] and verdict[0] in ("ok", "check",
+                                                                "out of distribution")
+
+    # jobs/calibrate.py: the train split is refused for its 40 trained and validated cases
+    # only, and the hold-out is accepted as held out
+    spec = importlib.util.spec_from_file_location("calibrate_job", ROOT / "jobs" / "calibrate.py")
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    capsys.readouterr()
+    assert calibrate.main(["--model", out["model_uri"], "--data", data, "--split", "train",
+                           "--mlflow-uri", job.mlflow_uri]) == 2
+    assert "40 of the 77 cases" in capsys.readouterr().err
+    args = calibrate.build_parser().parse_args(["--model", out["model_uri"], "--data", data])
+    tags = tracking.model_version_tags(out["model_uri"], job.mlflow_uri)
+    calibrate._refuse_training_cases(args, dataset, split.calibration, tags, job.cfg)
+    with pytest.raises(ValueError, match="1 of the 38 cases"):
+        calibrate._refuse_training_cases(args, dataset, split.calibration + split.train[:1],
+                                         tags, job.cfg)
+    other = job.cfg.override({"train.seed": 1})       # another hold-out than the registered
+    with pytest.raises(ValueError, match="does not match its 'dataset.calibration' tag"):
+        calibrate._refuse_training_cases(args, dataset, split.calibration, tags, other)
+
+
 def _check_mlflow_lineage(client, out, version, job, prepared):
     """What an MLflow user looks for on a training run: its datasets, system metrics,
     source and description, and the registered version's link to its training data."""
@@ -197,13 +265,14 @@ def _check_mlflow_lineage(client, out, version, job, prepared):
     run = client.get_run(out["run_id"])
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
               for d in run.inputs.dataset_inputs}
-    assert set(inputs) == {"training", "validation", "test"}
+    assert set(inputs) == {"training", "validation", "test", "calibration"}
     data = PreparedDataset(prepared)
     test = PreparedSplit(data.root, data.manifest, "test", data.split("test"))
     assert inputs["test"].digest == test.digest and len(test.digest) == 10
     assert inputs["test"].source_type == "local" and prepared in inputs["test"].source
     profile = json.loads(inputs["training"].profile)
-    assert profile["num_cases"] + json.loads(inputs["validation"].profile)["num_cases"] \
+    assert profile["num_cases"] + sum(json.loads(inputs[c].profile)["num_cases"]
+                                      for c in ("validation", "calibration")) \
         == len(data.split("train"))
     assert "case-" not in inputs["training"].profile     # counts, never case ids
     system = [k for k in run.data.metrics if k.startswith("system/")]
@@ -219,6 +288,9 @@ def _check_mlflow_lineage(client, out, version, job, prepared):
     training = inputs["training"]
     assert version.tags["dataset.training"] == f"{training.name}@{training.digest}"
     assert version.tags["dataset.test"] == f"{test.name}@{test.digest}"
+    held_out = inputs["calibration"]
+    assert version.tags["dataset.calibration"] == f"{held_out.name}@{held_out.digest}"
+    assert version.tags["data.calibration_cases"] == str(job.cfg.train.calibration_cases)
     logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
     assert logged.tags["dataset.training"] == version.tags["dataset.training"]
     assert logged.source_run_id == out["run_id"]
@@ -244,14 +316,13 @@ def test_compiled_cuda_shaped_ddp_survives_a_killed_worker_without_recompiling(
     resumes from the epoch-2 checkpoint in the same MLflow run. Each process compiles in
     its first epoch (training steps, the short last batch padded to the full size, and
     validation) and never again: dynamo's count of new graphs is 0 in every later epoch."""
-    from cvaa.data.dataset import PreparedDataset, validation_split
+    from cvaa.data.dataset import PreparedDataset, training_split
 
     marker = tmp_path / "killed"
     job = _job(tmp_path, prepared_cpu, ["train.epochs=4", "train.max_failures=2",
                                         "train.num_workers=2", *CUDA_SHAPED_DDP],
                run_name="killed-run")
-    train_ids, _ = validation_split(PreparedDataset(prepared_cpu), job.cfg.train.val_fraction,
-                                    job.cfg.train.seed)
+    train_ids = training_split(PreparedDataset(prepared_cpu), job.cfg.train).train
     assert len(train_ids) % job.cfg.train.batch_size, "no short batch to pad"
     lines = []
     with tracking.open_run(job.mlflow_uri, job.run_name) as run:

@@ -253,7 +253,12 @@ def test_sweep_stops_the_loser_early_and_registers_the_winner(tmp_path, prepared
 
     sweep = _sweep(tmp_path, prepared_cpu, {"optim.lr_g": {"grid": [1e-3, 0.0]}},
                    ["train.epochs=2"], metric="val/psnr", mode="max", max_concurrent=1)
-    out = tune_sweep(sweep, log=lambda *_: None)
+    lines = []
+    out = tune_sweep(sweep, log=lines.append)
+    # the cpu preset's hold-out (40 cases) does not fit in the 6 train-split cases
+    assert ("[tune] calibration: the version stays uncalibrated: no cases held out (the "
+            "train split's 6 cases are fewer than twice train.calibration_cases=40)") in "\n".join(
+        lines)
 
     rows = {r["optim.lr_g"]: r for r in out["leaderboard"]}
     assert set(rows) == {1e-3, 0.0}

@@ -30,11 +30,11 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from cvaa.config import Config
+from cvaa.config import Config, TrainConfig
 from cvaa.data import store
 from cvaa.data.io import (VOLUME_SUFFIXES, InvalidVolumeError, VolumeNotFoundError, is_s3,
                           read_ct, read_dicom_files)
@@ -471,10 +471,41 @@ class CaseDataset:
         return (*self._memory[index], index)
 
 
-def validation_split(dataset: PreparedDataset, fraction: float, seed: int
-                     ) -> tuple[list[str], list[str]]:
-    """Split the train split into (train, validation) by patient, seeded; the validation
-    part has at least one case when there are two or more patients."""
+class TrainingSplit(NamedTuple):
+    """What a training run makes of a prepared dataset's train split: case ids of the
+    cases it trains on, validates on each epoch, and holds out for the reliability
+    calibration (never trained or validated on). No patient is in two of them, nor in
+    the test split."""
+
+    train: list[str]
+    validation: list[str]
+    calibration: list[str]
+
+
+def training_split(dataset: PreparedDataset, train: TrainConfig) -> TrainingSplit:
+    """Split the train split by patient, seeded by ``train.seed``: first the calibration
+    hold-out (``train.calibration_cases``: whole patients in a seeded order until it has
+    that many cases; nothing when the train split has fewer than twice that many), then
+    the validation part of the rest (``train.val_fraction`` of its patients, at least one
+    case when there are two or more patients). Every rank and the driver get the same.
+
+    Example:
+        >>> training_split(PreparedDataset("runs/prepared"), cfg.train).calibration[:2]
+        ['case-0a1b...', 'case-3c4d...']                                  # doctest: +SKIP
+    """
     records = [dataset.records[c] for c in dataset.split("train")]
-    parts = split_by_patient(records, fraction, seed + 1)
-    return parts["train"], parts["test"]
+    n = train.calibration_cases
+    held_out: set[str] = set()
+    if n and len(records) >= 2 * n:
+        patients = sorted({r["patient_id"] for r in records})
+        cases: dict[str, list[str]] = {}
+        for r in records:
+            cases.setdefault(r["patient_id"], []).append(r["case_id"])
+        for i in np.random.default_rng(train.seed + 2).permutation(len(patients)):
+            if len(held_out) >= n:
+                break
+            held_out.update(cases[patients[i]])
+    rest = [r for r in records if r["case_id"] not in held_out]
+    parts = split_by_patient(rest, train.val_fraction, train.seed + 1)
+    return TrainingSplit(parts["train"], parts["test"],
+                         [c for c in dataset.split("train") if c in held_out])

@@ -374,16 +374,42 @@ def reliability_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str],
                            calibration_json: str, figure_ids: Sequence[str], use_gpu: bool,
                            threads: float = 1) -> dict[str, Any]:
     """:func:`_reliability_cases` as one cluster task."""
+    return _one_task(_reliability_cases, use_gpu, threads, model, data, list(case_ids),
+                     calibration_json, list(figure_ids), use_gpu, threads)
+
+
+def _measure_cases(model: ModelSpec, data: str, case_ids: Sequence[str],
+                   cfg: dict[str, Any], k: int, use_gpu: bool, threads: float):
+    """:func:`cvaa.reliability.measure_cases` of the model on cases of ``data`` (what a
+    calibration is fitted on): run on a cluster worker."""
+    from cvaa import reliability
+    from cvaa.config import Config
+
+    device = _device(use_gpu, threads)
+    dataset = PreparedDataset(data)
+    generator = model.load().to(device)
+    return reliability.measure_cases(generator, (dataset.arrays(c) for c in case_ids),
+                                     Config.from_dict(cfg), k)
+
+
+def measure_on_cluster(model: ModelSpec, data: str, case_ids: Sequence[str], cfg,
+                       k: int, use_gpu: bool, threads: float = 1):
+    """:func:`_measure_cases` as one cluster task (with a GPU when ``use_gpu``): the
+    ``(rows, psnr, xrays)`` that :meth:`ReliabilityCalibration.fit` takes."""
+    return _one_task(_measure_cases, use_gpu, threads, model, data, list(case_ids),
+                     cfg.to_dict(), k, use_gpu, threads)
+
+
+def _one_task(fn, use_gpu: bool, threads: float, *args):
+    """``fn(*args)`` as one Ray task with a worker's resources, and its result."""
     import ray
 
     from cvaa.distributed.cluster import forwarded_env
 
     env = forwarded_env()
-    task = ray.remote(_reliability_cases).options(
-        **_worker_resources(use_gpu, threads),
-        runtime_env={"env_vars": env} if env else None)
-    return ray.get(task.remote(model, data, list(case_ids), calibration_json,
-                               list(figure_ids), use_gpu, threads))
+    task = ray.remote(fn).options(**_worker_resources(use_gpu, threads),
+                                  runtime_env={"env_vars": env} if env else None)
+    return ray.get(task.remote(*args))
 
 
 def calibration_held_out(calibration_json: str, dataset: PreparedDataset,

@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import ray.train
@@ -45,9 +45,9 @@ from cvaa.data.dataset import PreparedDataset
 from cvaa.distributed import compat
 from cvaa.distributed.storage import ray_storage, storage_filesystem
 from cvaa.distributed.checkpoints import load_checkpoint_generator
-from cvaa.distributed.training import (TrainJob, dataset_splits, describe_run,
-                                       evaluate_split, log_curves, log_evaluation, register,
-                                       train)
+from cvaa.distributed.training import (TrainJob, calibrate_registered, dataset_splits,
+                                       describe_run, evaluate_split, log_curves,
+                                       log_evaluation, register, train)
 from cvaa.loop import VAL_METRICS
 from cvaa.gan import NonFiniteLossError
 from cvaa.tune_space import SearchSpace
@@ -281,7 +281,7 @@ def tune_sweep(sweep: SweepJob, log=print, *, callbacks: Sequence[tune.Callback]
             errors = "; ".join(f"{r['trial']}: {r['status']}" for r in rows)
             raise SweepError(f"no trial of sweep {sweep.name} produced a model ({errors}); "
                              "fix the cause and rerun with --resume")
-        registered = _register_best(sweep, best)
+        registered = _register_best(sweep, best, log)
         parent.client.set_tag(parent.run_id, "cvaa.tune.best_trial", best["trial"])
         parent.client.set_tag(parent.run_id, "cvaa.tune.best_run_id", best["run_id"])
         parent.log_metrics({f"best/{sweep.metric}": best[f"{sweep.metric} last"],
@@ -541,9 +541,11 @@ def _finish_children(uri: str, rows: list[dict[str, Any]]) -> None:
             client.set_terminated(row["run_id"], "FAILED")
 
 
-def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
+def _register_best(sweep: SweepJob, best: dict[str, Any], log: Callable[[str], Any]
+                   ) -> dict[str, Any]:
     """Log the best trial's last checkpoint into its child run and register it, with the
-    test metrics its trial logged."""
+    test metrics its trial logged, then calibrate it on the trial's hold-out
+    (``train.calibration_cases``), as ``jobs/train.py`` does."""
     job = sweep.train
     checkpoint = ray.train.Checkpoint(best["checkpoint"],
                                       filesystem=storage_filesystem(
@@ -556,9 +558,12 @@ def _register_best(sweep: SweepJob, best: dict[str, Any]) -> dict[str, Any]:
     child = tracking.RunLogger(job.mlflow_uri, best["run_id"])
     metrics = child.client.get_run(best["run_id"]).data.metrics
     test_row = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
-    registered = register(child, generator, trial_job, PreparedDataset(job.data),
-                          test_row or None, alias=sweep.alias)
+    dataset = PreparedDataset(job.data)
+    registered = register(child, generator, trial_job, dataset, test_row or None,
+                          alias=sweep.alias)
     child.client.set_tag(best["run_id"], "cvaa.tune.best", "true")
+    calibrate_registered(trial_job, child, checkpoint, dataset, registered,
+                         lambda line: log(f"[tune] {line}"))
     return registered
 
 

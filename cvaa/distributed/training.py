@@ -9,7 +9,8 @@ workers run :func:`cvaa.distributed.worker.train_loop_per_worker`. ``jobs/train.
         result = train(job, run)                                 # Ray Train DDP
         table = evaluate_on_workers(result, dataset, "test", cfg)  # Table I, Ray Data
         log_evaluation(run, table, result.epochs)
-        register(run, result.generator(cfg), job, dataset, table.rows[0])  # NAME@ALIAS
+        registered = register(run, result.generator(cfg), job, dataset, table.rows[0])
+        calibrate_registered(job, run, result.checkpoint, dataset, registered)  # hold-out
 
 A Tune trial (:mod:`cvaa.distributed.sweep`) composes the same steps differently.
 """
@@ -32,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from cvaa import tracking
 from cvaa.config import Config
 from cvaa.data import store
-from cvaa.data.dataset import CaseDataset, PreparedDataset, validation_split
+from cvaa.data.dataset import CaseDataset, PreparedDataset, training_split
 from cvaa.distributed.checkpoints import CorruptCheckpointError, load_checkpoint_state
 from cvaa.distributed.cluster import forwarded_env
 from cvaa.distributed.storage import ray_storage
@@ -221,11 +222,15 @@ def _send_kept_entries(job: TrainJob, run: tracking.RunLogger, checkpoint, pendi
 def dataset_splits(dataset: PreparedDataset, cfg: Config
                    ) -> dict[str, tuple[str, list[str]]]:
     """What a training run reads, by MLflow dataset context: the train split less the
-    validation patients (``train.val_fraction``, as every rank splits it), the validation
-    part, and the test split (Table I)."""
-    train_ids, val_ids = validation_split(dataset, cfg.train.val_fraction, cfg.train.seed)
-    return {"training": ("train", train_ids), "validation": ("validation", val_ids),
-            "test": ("test", dataset.split("test"))}
+    calibration hold-out and the validation patients (:func:`training_split`, as every rank
+    splits it), the validation part, the test split (Table I) and, when there is one, the
+    calibration hold-out (its cases only measured, with the final generator)."""
+    train_ids, val_ids, calibration_ids = training_split(dataset, cfg.train)
+    splits = {"training": ("train", train_ids), "validation": ("validation", val_ids),
+              "test": ("test", dataset.split("test"))}
+    if calibration_ids:
+        splits["calibration"] = ("calibration", calibration_ids)
+    return splits
 
 
 def describe_run(job: TrainJob, splits: Mapping[str, tuple[str, Sequence[str]]],
@@ -370,8 +375,13 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
             "data": job.data, "data.config_hash": str(dataset.manifest.get("config_hash", "")),
             "data.train_cases": str(len(dataset.split("train"))),
             "data.test_cases": str(len(dataset.split("test"))), "source_run_id": run.run_id}
+    parts = dataset_splits(dataset, cfg)
+    # The calibration hold-out is named by its count and digest (dataset.calibration),
+    # never by its case ids (only digests leave the data store); jobs/calibrate.py
+    # recomputes it from the version's config and checks the digest.
+    tags["data.calibration_cases"] = str(len(parts.get("calibration", ("", []))[1]))
     splits = {context: PreparedSplit(dataset.root, dataset.manifest, split, ids)
-              for context, (split, ids) in dataset_splits(dataset, cfg).items() if ids}
+              for context, (split, ids) in parts.items() if ids}
     for context, ds in splits.items():
         tags[f"dataset.{context}"] = f"{ds.name}@{ds.digest}"
     if test_row:
@@ -398,11 +408,65 @@ def register(run: tracking.RunLogger, generator, job: TrainJob, dataset: Prepare
     return out
 
 
+# --------------------------------------------------------------------------- step 4: calibrate
+
+def calibrate_registered(job: TrainJob, run: tracking.RunLogger, checkpoint,
+                         dataset: PreparedDataset, registered: Mapping[str, Any],
+                         log: Callable[[str], None] = print) -> str | None:
+    """Calibrate the version :func:`register` made on the run's calibration hold-out
+    (``train.calibration_cases``), as ``jobs/calibrate.py`` would: ``train.calibration_k``
+    forward samples per case with the generator of ``checkpoint`` (the run's last), in one
+    cluster task with a training worker's resources (its GPU with ``train.use_gpu``), the
+    fit here, then :func:`cvaa.tracking.attach_calibration` and
+    :func:`cvaa.tracking.log_calibration_run`. A hold-out below
+    :func:`cvaa.reliability.minimum_cases` leaves the version ``uncalibrated``, said in one
+    line. Returns the calibration (JSON) or ``None``.
+    """
+    from cvaa import reliability
+    from cvaa.distributed.evaluate import ModelSpec, measure_on_cluster
+
+    t = job.cfg.train
+    held_out = dataset_splits(dataset, job.cfg).get("calibration", ("", []))[1]
+    need = reliability.minimum_cases()
+    if len(held_out) < need:
+        n_train = len(dataset.split("train"))
+        if held_out:
+            why = f"{len(held_out)} cases held out (train.calibration_cases={t.calibration_cases})"
+        elif not t.calibration_cases:
+            why = "no cases held out (train.calibration_cases=0)"
+        else:
+            why = (f"no cases held out (the train split's {n_train} cases are fewer than "
+                   f"twice train.calibration_cases={t.calibration_cases})")
+        log(f"calibration: the version stays uncalibrated: {why}, and a calibration needs "
+            f"at least {need}; calibrate it later with jobs/calibrate.py")
+        return None
+    tick = time.perf_counter()
+    rows, psnr, xrays = measure_on_cluster(ModelSpec(checkpoint=checkpoint), dataset.root,
+                                           held_out, job.cfg, t.calibration_k, t.use_gpu,
+                                           t.cpus_per_worker)
+    calibration = reliability.ReliabilityCalibration.fit(
+        rows, psnr, k=t.calibration_k, dataset=dataset.fingerprint, case_ids=held_out,
+        xrays=xrays, info={"data": job.data, "split": "calibration",
+                           "source": f"held out of training by MLflow run {run.run_id} "
+                                     f"(train.calibration_cases={t.calibration_cases})"})
+    text = calibration.to_json()
+    model_uri = f"models:/{job.register_name}/{registered['version']}"
+    tracking.attach_calibration(model_uri, text, job.mlflow_uri)
+    tracking.log_calibration_run(model_uri, job.mlflow_uri, job.data, dataset.manifest,
+                                 "calibration", held_out, text)
+    run.log_metrics({"calibration_seconds": time.perf_counter() - tick}, 0)
+    log(f"calibrated on {len(held_out)} held-out cases (K = {calibration.k}) in "
+        f"{time.perf_counter() - tick:.0f} s: predicted PSNR +-{calibration.halfwidth:.2f} dB "
+        f"at {100 * calibration.level:.0f} %")
+    return text
+
+
 # --------------------------------------------------------------------------- the job
 
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``jobs/train.py``: train -> Table I on the test split -> registered model, in one
-    MLflow run (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
+    """``jobs/train.py``: train -> Table I on the test split -> registered model ->
+    calibrated on the run's hold-out (``train.calibration_cases``), in one MLflow run
+    (resumed by name) that is closed FINISHED, FAILED or KILLED on every path.
 
     Returns ``{"model_uri", "version", "run_id", "table" (Markdown or None), "rows",
     "metrics", "checkpoint", "wall_seconds", "epochs", "history"}``.
@@ -456,6 +520,7 @@ def _evaluate_and_register(job: TrainJob, run: tracking.RunLogger, result: Train
                        model_id=registered["logged_uri"].removeprefix("models:/"),
                        dataset=test)
         run.set_description(describe_run(job, dataset_splits(dataset, job.cfg), table))
+    calibrate_registered(job, run, result.checkpoint, dataset, registered, log)
     return table, registered
 
 

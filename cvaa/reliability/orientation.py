@@ -55,7 +55,8 @@ NO_MARGIN = 10.0
 
 def thumbnail(view: np.ndarray, size: int) -> np.ndarray:
     """``(P, P)`` -> ``(size, size)`` area-averaged, zero mean, unit norm (zeros if flat)."""
-    x = torch.as_tensor(np.ascontiguousarray(view), dtype=torch.float32)[None, None]
+    # a copy: the view may be read-only (an array a Ray task returned), which torch warns of
+    x = torch.tensor(np.asarray(view), dtype=torch.float32)[None, None]
     small = F.adaptive_avg_pool2d(x, size)[0, 0].double().numpy()
     small = small - small.mean()
     norm = float(np.sqrt((small ** 2).sum()))
