@@ -14,10 +14,14 @@ the fit, fewer than 95 % of them on the right side: e.g. a symmetric PA mirrored
 asked about: the anatomy cannot reveal it.
 
 A discriminant replaced the mean template (one correlation per reading) after measurement:
-on 64 calibration and 40 held-out phantoms the template read 3 of 64 laterals as mirrored
-and let 2 of 24 mirrored laterals through, while the discriminants at 8 x 8 pixels put
-every calibration case (left out) and every held-out case on the right side and flagged
-every mirror, rotation, swap, duplicate and polarity error (docs/reliability-score.md).
+the template read 3 of 64 calibration laterals as mirrored and let 2 of 24 mirrored
+laterals through, while the discriminants at 8 x 8 pixels put every calibration case (left
+out) and every one of 64 held-out cases on the right side and flagged every mirror,
+rotation, swap, duplicate and polarity error of them (docs/reliability-score.md).
+
+:meth:`OrientationCheck.margins` (the smallest discriminant value per view) also measures
+how clearly a view reads as given: the calibration's distance reads it, so a patient
+turned 5-10 degrees, whose views read less clearly, is more often out of distribution.
 
 Plain torch/numpy; the discriminants are a few thousand floats, stored in the
 calibration's JSON.
@@ -143,7 +147,7 @@ class OrientationCheck:
         """:meth:`fit`, and each case's :meth:`margins` with that case left out of the fit
         ``(n, 2)``: what a new, correctly oriented pair's margins look like."""
         if len(xrays) < 2:
-            raise ValueError(f"need at least 2 X-ray pairs for the templates, got {len(xrays)}")
+            raise ValueError(f"need at least 2 X-ray pairs for the discriminants, got {len(xrays)}")
         thumbs = [np.stack([thumbnail(np.asarray(x)[v], size) for x in xrays]) for v in range(2)]
         n = len(xrays)
         readings, weights, margins = [], [], []
