@@ -272,16 +272,22 @@ def read_measurements(folder: Path, name: str) -> tuple[dict, dict]:
         return rows, {key: z[key].astype(np.float32) for key in z.files}
 
 
+def operating_point_calibration(folder: Path):
+    """The calibration fitted on the calibration cases kept in ``folder``."""
+    header = json.loads((folder / "measurements.json").read_text())
+    rows, xrays = read_measurements(folder, "calibration")
+    ids = list(rows)
+    return reliability.ReliabilityCalibration.fit(
+        [rows[c]["features"] for c in ids], [rows[c]["psnr"] for c in ids], k=header["k"],
+        dataset=header["calibration_dataset"], case_ids=ids, xrays=[xrays[c] for c in ids])
+
+
 def operating_point(folder: Path) -> dict:
     """The verdict as a user meets it, from :func:`measure_operating_point`'s
     measurements: calibrate on every calibration case (with the orientation check), then
     judge every measured input with that calibration."""
     header = json.loads((folder / "measurements.json").read_text())
-    rows, xrays = read_measurements(folder, "calibration")
-    ids = list(rows)
-    cal = reliability.ReliabilityCalibration.fit(
-        [rows[c]["features"] for c in ids], [rows[c]["psnr"] for c in ids], k=header["k"],
-        dataset=header["calibration_dataset"], case_ids=ids, xrays=[xrays[c] for c in ids])
+    cal = operating_point_calibration(folder)
     families: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("case-*.json")) + sorted(folder.glob("real-*.json")):
         name = path.stem
@@ -619,12 +625,13 @@ def cost_by_k(model, data: PreparedDataset, ks=(1, 4, 8, 16), repeats: int = 15)
     return interleaved_medians(calls, repeats)
 
 
-def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: int = 15
-                    ) -> dict:
+def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: int = 15,
+                    calibration=None) -> dict:
     """What jobs/reconstruct.py pays after loading the model, median seconds, interleaved:
     ``plain`` (forward pass + NIfTI written, ``--no-reliability``), ``reused`` (the batched
     pass of K whose sample 0 is written, + the uncertainty volume: the job now) and
-    ``twice`` (the plain reconstruction, then the batched pass: the job before)."""
+    ``twice`` (the plain reconstruction, then the batched pass: the job before); with
+    ``calibration``, the verdict (orientation check, distance, interval) is in both."""
     from cvaa.inference import reconstruct_to_file, volume_from_prediction, write_volume
 
     cfg = Config.from_dict(model.config)
@@ -633,10 +640,10 @@ def cost_of_the_job(model, data: PreparedDataset, k: int, out: Path, repeats: in
     out.mkdir(parents=True, exist_ok=True)
 
     def with_reliability(reuse: bool) -> None:
-        rel = reliability.assess(g, x, cfg, k=k) if reuse else None
+        rel = reliability.assess(g, x, cfg, calibration, k=k) if reuse else None
         reconstruct_to_file(g, cfg, x, str(out / "ct.nii.gz"),
                             normalized=rel.estimate if reuse else None)
-        rel = rel or reliability.assess(g, x, cfg, k=k)
+        rel = rel or reliability.assess(g, x, cfg, calibration, k=k)
         write_volume(volume_from_prediction(rel.uncertainty, cfg), str(out / "u.nii.gz"))
 
     calls = {"plain": lambda: reconstruct_to_file(g, cfg, x, str(out / "ct.nii.gz")),
@@ -755,8 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cost_only:
         label, _, model_uri = args.model[0].partition("=")
         model = tracking.load_model(model_uri, uri)
+        calibration = None
+        if args.cache and (Path(args.cache) / "calibration.json").is_file():
+            calibration = operating_point_calibration(Path(args.cache))
+            print(f"| calibration | fitted on the {calibration.n_cases} cases kept in "
+                  f"{args.cache}: the verdict is in the timed job |")
         job = cost_of_the_job(model, data, args.k, Path(args.out).parent / "cost-tmp",
-                              repeats=args.repeats)
+                              repeats=args.repeats, calibration=calibration)
         print(f"| {label} job, K = {args.k} | " + " | ".join(
             f"{k}: {v['ms']:.0f} ms ({v['ratio']:.2f}x)" for k, v in job.items()) + " |")
         costs = cost_by_k(model, data, repeats=args.repeats)
