@@ -103,8 +103,10 @@ TURNS = {"mirrored": lambda a: a[:, ::-1], "rotated 90": lambda a: np.rot90(a, 1
 ORIENTATION_ERRORS = [f"{view} {turn}" for view in ("PA", "lateral") for turn in TURNS] + \
     ["swapped views", "PA twice", "lateral twice", "polarity inverted"]
 # Physical shifts of bench/robustness.py at several strengths.
-SHIFT_LADDER = [("rotation", 5.0), ("rotation", 10.0), ("distance", 0.1), ("distance", 0.2),
-                ("LUT", 0.3), ("scatter", 0.3), ("dose", 5e3)]
+SHIFT_LADDER = [("rotation", 2.0), ("rotation", 5.0), ("rotation", 10.0), ("distance", 0.05),
+                ("distance", 0.1), ("distance", 0.2), ("LUT", 0.15), ("LUT", 0.3),
+                ("scatter", 0.1), ("scatter", 0.3), ("dose", 2e4), ("dose", 5e3),
+                ("dose", 1e3)]
 
 
 def altered_input(kind: str, clean: np.ndarray) -> np.ndarray:
@@ -212,7 +214,8 @@ def measure_operating_point(model, calib: PreparedDataset, held: PreparedDataset
     ``cases`` cases of ``held`` (a data seed neither the model nor the calibration saw),
     every input family and strength, each input's features, X-rays and actual PSNR (none
     for non-radiographs); with ``extra``, its cases (real CTs) as one more family.
-    Written to ``folder`` case by case (a stopped run resumes where it stopped), so that
+    Written to ``folder`` case by case (a stopped run resumes where it stopped, and a
+    family added later is measured alone into the kept cases), so that
     :func:`operating_point` can refit and judge them with the current code in seconds.
     ``only``: measure these families alone (e.g. clean and the physical shifts, what
     :func:`select_settings` needs)."""
@@ -228,10 +231,15 @@ def measure_operating_point(model, calib: PreparedDataset, held: PreparedDataset
     head.write_text(json.dumps(header, indent=1))
 
     def measure(name: str, inputs: dict) -> None:
-        if (folder / f"{name}.json").is_file():
-            return
         rows, arrays = {}, {}
+        if (folder / f"{name}.json").is_file():        # kept: measure what it lacks
+            rows, arrays = read_measurements(folder, name)
+            arrays = {key: value.astype(np.float16) for key, value in arrays.items()}
+            if set(inputs) <= set(rows):
+                return
         for key, (x, truth) in inputs.items():
+            if key in rows:
+                continue
             rel = reliability.assess(g, x, cfg, None, k=k)
             rows[key] = {"features": rel.features}
             if truth is not None:
@@ -298,6 +306,9 @@ def operating_point(folder: Path) -> dict:
             if "psnr" in row:
                 out["psnr"] = row["psnr"]
             families.setdefault(key, []).append(out)
+    order = ["clean", *ORIENTATION_ERRORS, *(f"{f} {v:g}" for f, v in SHIFT_LADDER), *FOREIGN]
+    families = dict(sorted(families.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order))))
     return {"model": header["model"], "k": header["k"],
             "calibration": json.loads(cal.to_json()), "families": families}
 
