@@ -107,6 +107,9 @@ SHIFT_LADDER = [("rotation", 2.0), ("rotation", 5.0), ("rotation", 10.0), ("dist
                 ("distance", 0.1), ("distance", 0.2), ("LUT", 0.15), ("LUT", 0.3),
                 ("scatter", 0.1), ("scatter", 0.3), ("dose", 2e4), ("dose", 5e3),
                 ("dose", 1e3)]
+SHIFT_NAMES = [f"{family} {strength:g}" for family, strength in SHIFT_LADDER]
+# Every input family of --verdicts, in the order the tables give them.
+FAMILIES = ["clean", *ORIENTATION_ERRORS, *SHIFT_NAMES, *FOREIGN]
 
 
 def altered_input(kind: str, clean: np.ndarray) -> np.ndarray:
@@ -232,14 +235,10 @@ def measure_operating_point(model, calib: PreparedDataset, held: PreparedDataset
 
     def measure(name: str, inputs: dict) -> None:
         rows, arrays = {}, {}
-        if (folder / f"{name}.json").is_file():        # kept: measure what it lacks
+        if (folder / f"{name}.json").is_file():        # kept: add what it lacked
             rows, arrays = read_measurements(folder, name)
             arrays = {key: value.astype(np.float16) for key, value in arrays.items()}
-            if set(inputs) <= set(rows):
-                return
         for key, (x, truth) in inputs.items():
-            if key in rows:
-                continue
             rel = reliability.assess(g, x, cfg, None, k=k)
             rows[key] = {"features": rel.features}
             if truth is not None:
@@ -250,26 +249,36 @@ def measure_operating_point(model, calib: PreparedDataset, held: PreparedDataset
         (folder / f"{name}.json").write_text(json.dumps(rows))   # last: marks it complete
 
     tick = time.perf_counter()
-    measure("calibration", {c: calib.arrays(c) for c in calib.split("all")})
+    if not (folder / "calibration.json").is_file():
+        measure("calibration", {c: calib.arrays(c) for c in calib.split("all")})
     log(f"calibration cases measured ({time.perf_counter() - tick:.0f} s)")
     mr = mr_pairs(mr_path, 8, cfg)
+    shifts = dict(zip(SHIFT_NAMES, SHIFT_LADDER))
     for i, case_id in enumerate(held.split("all")[:cases]):
-        fixed, ct = held.arrays(case_id)
-        context = held.context(case_id)
-        inputs = {"clean": (fixed, ct)}
-        inputs.update({kind: (altered_input(kind, fixed), ct) for kind in ORIENTATION_ERRORS})
-        for family, strength in SHIFT_LADDER:
-            inputs[f"{family} {strength:g}"] = (
-                render_setting(family, strength, case_id, context, fixed, cfg, None), ct)
-        inputs.update({kind: (foreign_input(kind, fixed, i, mr), None) for kind in FOREIGN})
-        if only:
-            inputs = {name: value for name, value in inputs.items() if name in only}
-        measure(f"case-{case_id}", inputs)
-        log(f"case {i + 1}/{cases} {case_id}: {len(inputs)} inputs, "
+        kept = folder / f"case-{case_id}.json"
+        kept = set(json.loads(kept.read_text())) if kept.is_file() else set()
+        missing = [name for name in FAMILIES if name not in kept and (not only or name in only)]
+        if missing:                                    # render only what is not kept
+            fixed, ct = held.arrays(case_id)
+            context = held.context(case_id)
+
+            def make(name):
+                if name == "clean":
+                    return fixed, ct
+                if name in shifts:
+                    return render_setting(*shifts[name], case_id, context, fixed, cfg,
+                                          None), ct
+                if name in FOREIGN:
+                    return foreign_input(name, fixed, i, mr), None
+                return altered_input(name, fixed), ct
+
+            measure(f"case-{case_id}", {name: make(name) for name in missing})
+        log(f"case {i + 1}/{cases} {case_id}: {len(missing)} inputs measured, "
             f"{time.perf_counter() - tick:.0f} s")
     if extra is not None:
         for case_id in extra.split("all"):
-            measure(f"real-{case_id}", {"real CT": extra.arrays(case_id)})
+            if not (folder / f"real-{case_id}.json").is_file():
+                measure(f"real-{case_id}", {"real CT": extra.arrays(case_id)})
         log(f"{len(extra.split('all'))} real CTs measured")
     return folder
 
@@ -306,9 +315,8 @@ def operating_point(folder: Path) -> dict:
             if "psnr" in row:
                 out["psnr"] = row["psnr"]
             families.setdefault(key, []).append(out)
-    order = ["clean", *ORIENTATION_ERRORS, *(f"{f} {v:g}" for f, v in SHIFT_LADDER), *FOREIGN]
     families = dict(sorted(families.items(), key=lambda item: (
-        order.index(item[0]) if item[0] in order else len(order))))
+        FAMILIES.index(item[0]) if item[0] in FAMILIES else len(FAMILIES))))
     return {"model": header["model"], "k": header["k"],
             "calibration": json.loads(cal.to_json()), "families": families}
 
@@ -765,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             measure_operating_point(tracking.load_model(model_uri, uri), calib,
                                     PreparedDataset(args.verdicts), args.cases, args.mr,
                                     args.k, folder, extra=extra,
-                                    only=({"clean", *(f"{f} {v:g}" for f, v in SHIFT_LADDER)}
-                                          if args.shifts_only else None),
+                                    only=({"clean", *SHIFT_NAMES} if args.shifts_only
+                                          else None),
                                     log=lambda line: print(f"[verdicts] {line}"))
         print(save(operating_point(folder)))
         return 0

@@ -307,8 +307,8 @@ class ReliabilityCalibration:
             if xrays is None:
                 raise ValueError("this calibration reads the X-rays' anatomy: pass xrays")
             check = OrientationCheck.from_dict(self.orientation)
-            problems = check.problems(xrays)
-            row = dict(row, **dict(zip(MARGIN_FEATURES, check.margins(xrays))))
+            problems, margins = check.read(xrays)
+            row = dict(row, **dict(zip(MARGIN_FEATURES, margins)))
         score = self.score(row)
         distance = self.ood_distance(row)
         width = self.width_distance(row)

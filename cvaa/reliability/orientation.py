@@ -29,7 +29,6 @@ calibration's JSON.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -119,20 +118,17 @@ class OrientationCheck:
 
     Attributes:
         size: the thumbnails' side, pixels.
-        readings: per view, the checked competing readings (:func:`competing` names): those
-            whose discriminant told the calibration cases from their mistaken reading
-            in at least :data:`CHECKED_SHARE` of them, each case left out of its own fit.
+        checked: per view, the competing readings asked about (:func:`competing` names):
+            those whose discriminant told the calibration cases from their mistaken
+            reading in at least :data:`CHECKED_SHARE` of them, each case left out of its
+            own fit.
         weights: per view, per checked reading, the discriminant's ``w`` (row-major
             ``size x size``) followed by its offset ``b``.
-        loo_margin: per view, the smallest left-out discriminant value of a calibration
-            case over the checked readings (how far the calibration cases sat on the right
-            side; the check flags an input below 0).
     """
 
     size: int
-    readings: tuple[tuple[str, ...], tuple[str, ...]]
+    checked: tuple[tuple[str, ...], tuple[str, ...]]
     weights: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]
-    loo_margin: tuple[float, float]
 
     @classmethod
     def fit(cls, xrays: Sequence[np.ndarray], size: int = 8, shrinkage: float = 0.1
@@ -150,7 +146,7 @@ class OrientationCheck:
             raise ValueError(f"need at least 2 X-ray pairs for the discriminants, got {len(xrays)}")
         thumbs = [np.stack([thumbnail(np.asarray(x)[v], size) for x in xrays]) for v in range(2)]
         n = len(xrays)
-        readings, weights, margins = [], [], []
+        readings, weights = [], []
         case_margins = np.full((n, 2), np.inf)
         for v in range(2):
             given = thumbs[v].reshape(n, -1)
@@ -168,48 +164,42 @@ class OrientationCheck:
                     case_margins[:, v] = np.minimum(case_margins[:, v], left_out)
             readings.append(tuple(names))
             weights.append(tuple(kept))
-            low = float(case_margins[:, v].min())
-            margins.append(low if math.isfinite(low) else 0.0)
         case_margins[~np.isfinite(case_margins)] = NO_MARGIN
-        return (cls(int(size), (readings[0], readings[1]), (weights[0], weights[1]),
-                    (margins[0], margins[1])), case_margins)
+        return (cls(int(size), (readings[0], readings[1]), (weights[0], weights[1])),
+                case_margins)
 
     def margins(self, xrays: np.ndarray) -> tuple[float, float]:
         """Per view, the smallest discriminant value over its checked readings: how
         clearly the view reads as given (below 0: a mistake; small: an unusual view,
         e.g. a patient turned; :data:`NO_MARGIN` for a view with nothing checked)."""
-        x = np.asarray(xrays, np.float64)
-        out = []
-        for v in range(2):
-            values = self._values(v, thumbnail(x[v], self.size))
-            out.append(min(values.values()) if values else NO_MARGIN)
-        return out[0], out[1]
-
-    @property
-    def checked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Per view, the competing readings asked about."""
-        return self.readings
+        return self.read(xrays)[1]
 
     def problems(self, xrays: np.ndarray) -> list[str]:
-        """What is wrong with the pair's orientation, in words; empty if nothing.
+        """What is wrong with the pair's orientation, in words; empty if nothing
+        (:meth:`read`)."""
+        return self.read(xrays)[0]
+
+    def read(self, xrays: np.ndarray) -> tuple[list[str], tuple[float, float]]:
+        """:meth:`problems` and :meth:`margins` of one pair, its thumbnails made once.
 
         A view on the wrong side of a discriminant is named with the first mistake (most
-        wrong first) whose undoing gives a view every discriminant accepts (a mirrored lateral mirrored
-        back is a lateral); otherwise its anatomy fits no reading, and it is named as
-        unlike the calibration cases' views (a thorax shown to a model of the lumbar
-        spine is not "upside down").
+        wrong first) whose undoing gives a view every discriminant accepts (a mirrored
+        lateral mirrored back is a lateral); otherwise its anatomy fits no reading, and
+        it is named as unlike the calibration cases' views (a thorax shown to a model of
+        the lumbar spine is not "upside down").
 
         Args:
             xrays: ``(2, P, P)``, channel 0 the PA.
         """
         x = np.asarray(xrays, np.float64)
-        out = []
+        out, margins = [], []
         for v in range(2):
             z = thumbnail(x[v], self.size)
+            values = self._values(v, z)
+            margins.append(min(values.values()) if values else NO_MARGIN)
             if not np.any(z):
                 out.append(f"the {VIEWS[v]} is blank")
                 continue
-            values = self._values(v, z)
             wrong = {name: value for name, value in values.items() if value < 0}
             if not wrong:
                 continue
@@ -219,29 +209,27 @@ class OrientationCheck:
             out.append(f"the {VIEWS[v]} {fits[0]}" if fits
                        else f"the {VIEWS[v]} is unlike the calibration cases' {VIEWS[v]} "
                             "views (no orientation of it fits)")
-        return out
+        return out, (margins[0], margins[1])
 
     def _values(self, v: int, z: np.ndarray) -> dict[str, float]:
         """Each checked discriminant of view ``v`` at thumbnail ``z`` (> 0: as given)."""
         flat = z.ravel()
         return {name: float(flat @ np.asarray(wb[:-1]) + wb[-1])
-                for name, wb in zip(self.readings[v], self.weights[v])}
+                for name, wb in zip(self.checked[v], self.weights[v])}
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "readings": [list(r) for r in self.readings],
-                "weights": [[list(w) for w in ws] for ws in self.weights],
-                "loo_margin": list(self.loo_margin)}
+        return {"size": self.size, "checked": [list(r) for r in self.checked],
+                "weights": [[list(w) for w in ws] for ws in self.weights]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "OrientationCheck":
-        unknown = sorted(set(data) - {"size", "readings", "weights", "loo_margin"})
+        unknown = sorted(set(data) - {"size", "checked", "weights"})
         if unknown:
             raise ValueError(f"orientation check: unknown field(s) {unknown} (a calibration "
                              "of an older cvaa: run jobs/calibrate.py again)")
-        return cls(int(data["size"]), tuple(tuple(r) for r in data["readings"]),
+        return cls(int(data["size"]), tuple(tuple(r) for r in data["checked"]),
                    tuple(tuple(tuple(float(a) for a in w) for w in ws)
-                         for ws in data["weights"]),
-                   tuple(float(m) for m in data["loo_margin"]))
+                         for ws in data["weights"]))
 
 
 __all__ = ["VIEWS", "ORIENTATIONS", "CHECKED_SHARE", "NO_MARGIN", "thumbnail", "competing",
